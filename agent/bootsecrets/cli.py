@@ -1,0 +1,164 @@
+"""Command line: parse, run one command, map the outcome to an exit code (here only)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn, TextIO
+
+from bootsecrets import __version__
+from bootsecrets.errors import BootsecretsError, ImageCheckFindings, UsageError
+from bootsecrets.paths import Paths
+
+EPILOG = """\
+commands:
+  bootstrap     first boot: unwrap the secret-id from user-data, log in to Vault, render
+                env files into the memory-only store and start the units (run by
+                bootsecrets.service)
+  refresh       re-read secrets and restart only the units whose values changed; with
+                `--wrapped-secret-id -` re-provision from a new wrapped secret-id on stdin
+  status        per unit: generation, secret paths and versions, active state; token TTL
+  image-check   scan an image tree for secrets and unclean state before snapshotting
+
+exit codes: 0 ok, 2 usage, 10 config, 11 bootstrap/user-data, 12 store, 13 template,
+  14 value cannot be encoded, 15 lock busy, 20 Vault error, 21 Vault unreachable,
+  22 wrapped secret-id unknown/expired, 23 wrapping creation path mismatch (tampering),
+  24 wrapped secret-id already unwrapped (interception), 25 login denied,
+  26 permission denied on a path, 27 secret or key missing, 28 token revoked/expired,
+  29 not provisioned, 30 systemctl failed, 31 unit failed after restart (rolled back),
+  32 answer to unwrap/login lost, 40 image-check findings, 41 image tree unreadable,
+  130/143 interrupted. See README.md.
+"""
+
+
+class Interrupted(BootsecretsError):
+    exit_code = 143
+    hint = "nothing half-written was left behind; run the command again"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                        help="treat DIR as / for every host path (tests, image trees)")
+    common.add_argument("--debug", action="store_true",
+                        help="log debug messages and show tracebacks")
+    parser = argparse.ArgumentParser(
+        prog="bootsecrets",
+        description="Secrets from Vault/OpenBao into systemd units of a secret-free image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bootsecrets {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("bootstrap", parents=[common], help="first-boot bootstrap",
+                        description="Log in with the wrapped secret-id from "
+                        "/run/bootsecrets/bootstrap.yaml (or the kept token), render and "
+                        "start the units.")
+    refresh = commands.add_parser("refresh", parents=[common],
+                                  help="apply rotated secrets",
+                                  description="Re-read secrets; restart only changed units.")
+    refresh.add_argument("--wrapped-secret-id", metavar="-", dest="wrapped",
+                         help="read a new wrapped secret-id (or a bootstrap document) from "
+                         "standard input and re-provision; only `-` is accepted")
+    status = commands.add_parser("status", parents=[common], help="show what runs with what")
+    status.add_argument("--json", action="store_true", help="stable JSON (docs/status.md)")
+    check = commands.add_parser("image-check", parents=[common],
+                                help="scan an image tree for secrets and unclean state")
+    check.add_argument("--json", action="store_true", help="findings as JSON")
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    # Raised inside whatever is running, so its cleanup (temporary generation, lock) runs.
+    raise Interrupted("stopped by SIGTERM")
+
+
+def _read_stdin(stdin: TextIO) -> str:
+    if stdin.isatty():
+        print("paste the wrapped secret-id, then press Ctrl-D:", file=sys.stderr)
+    return stdin.read(64 * 1024)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    context: object | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Run the CLI. `context` (an agent.Context) replaces systemctl/Vault hooks in tests."""
+    out = stdout or sys.stdout
+    args = _parser().parse_args(argv)
+    from bootsecrets import logs  # noqa: PLC0415
+
+    logs.setup(debug=args.debug)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    os.umask(0o077)
+    try:
+        return _dispatch(args, context, stdin or sys.stdin, out)
+    except BootsecretsError as err:
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        if args.command in ("bootstrap", "refresh"):
+            from bootsecrets.agent import Context, record_failure  # noqa: PLC0415
+
+            ctx = context if isinstance(context, Context) else Context(paths=Paths(args.root))
+            record_failure(ctx, args.command, err)
+        print(f"bootsecrets: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"bootsecrets: what to do: {err.hint}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("bootsecrets: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"bootsecrets: internal error ({type(err).__name__}); run with --debug and "
+              "report it", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
+              out: TextIO) -> int:
+    if args.command == "image-check":
+        from bootsecrets import imagecheck  # noqa: PLC0415
+
+        findings = imagecheck.scan(args.root)
+        print(imagecheck.format_json(findings) if args.json
+              else imagecheck.format_text(findings), file=out)
+        if findings:
+            raise ImageCheckFindings(f"{len(findings)} finding(s) in {args.root}")
+        return 0
+
+    from bootsecrets import agent  # noqa: PLC0415 (hvac and jinja2 only when needed)
+
+    ctx = context if isinstance(context, agent.Context) else agent.Context(paths=Paths(args.root))
+    if args.command == "bootstrap":
+        agent.bootstrap(ctx)
+    elif args.command == "refresh":
+        wrapped = None
+        if args.wrapped is not None:
+            if args.wrapped != "-":
+                raise UsageError("--wrapped-secret-id takes only `-`: pipe the token on "
+                                 "standard input, never on the command line")
+            wrapped = _read_stdin(stdin)
+        agent.refresh(ctx, wrapped_secret_id=wrapped)
+    elif args.command == "status":
+        from bootsecrets import status  # noqa: PLC0415
+
+        report = status.collect(ctx)
+        print(status.format_json(report) if args.json else status.format_text(report), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""Image config and bootstrap: YAML (safe loader) into frozen dataclasses, validated once.
+
+Errors name the file, the line and the field path, never a value: a value that fails
+validation is described by its type or by what it should look like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import yaml
+
+from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.paths import DEFAULT_STORE
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# systemd unit names we manage: services only (EnvironmentFile=/LoadCredential= are [Service]).
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service\Z")
+CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+PATH_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
+TOKEN_SHAPE = re.compile(r"[\x21-\x7e]{1,1024}\Z")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class Engine(enum.Enum):
+    KV2 = "kv-v2"
+    KV1 = "kv-v1"
+    #: A plain read (dynamic, leased secrets such as database/creds/<role>).
+    GENERIC = "generic"
+
+
+class OnChange(enum.Enum):
+    RESTART = "restart"
+    RELOAD = "reload"
+    NONE = "none"
+
+
+class RebootPolicy(enum.Enum):
+    REPROVISION = "reprovision"
+    PERSIST_TOKEN = "persist-token"  # noqa: S105 (a policy name, not a password)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretRef:
+    """One named secret: `<mount>/<path>` on a mount whose engine the config declares."""
+
+    name: str
+    mount: str
+    path: str
+    engine: Engine
+
+    @property
+    def full_path(self) -> str:
+        """The path as the operator writes it (and as logs and status show it)."""
+        return f"{self.mount}/{self.path}"
+
+    @property
+    def api_path(self) -> str:
+        if self.engine is Engine.KV2:
+            return f"{self.mount}/data/{self.path}"
+        return self.full_path
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvFrom:
+    """Every key of one secret as a variable: `<prefix><KEY>`."""
+
+    secret: str
+    prefix: str = ""
+    uppercase: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A Jinja2 template from the config, with the secrets it refers to (found statically)."""
+
+    name: str
+    source: str
+    secrets: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    unit: str
+    environment: tuple[Template, ...] = ()
+    environment_from: tuple[EnvFrom, ...] = ()
+    credentials: tuple[Template, ...] = ()
+    user: str = "root"
+    group: str = "root"
+    mode: int = 0o600
+    on_change: OnChange = OnChange.RESTART
+    required: bool = True
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        used: set[str] = {e.secret for e in self.environment_from}
+        for template in (*self.environment, *self.credentials):
+            used |= template.secrets
+        return frozenset(used)
+
+    @property
+    def uses_environment(self) -> bool:
+        return bool(self.environment or self.environment_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class VaultSettings:
+    addresses: tuple[str, ...]
+    ca_cert: Path | None = None
+    namespace: str | None = None
+    request_timeout: float = 10.0
+    boot_deadline: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    source: str
+    vault: VaultSettings
+    approle_mount: str
+    role: str
+    reboot_policy: RebootPolicy
+    secrets: Mapping[str, SecretRef]
+    services: tuple[Service, ...]
+    store: Path = DEFAULT_STORE
+    restart_timeout: float = 30.0
+
+    @property
+    def wrapping_creation_path(self) -> str:
+        return f"auth/{self.approle_mount}/role/{self.role}/secret-id"
+
+    def service(self, unit: str) -> Service:
+        for service in self.services:
+            if service.unit == unit:
+                return service
+        raise KeyError(unit)
+
+    def used_secrets(self) -> tuple[SecretRef, ...]:
+        """Secrets some service uses, each once, in config order."""
+        used = set().union(*(s.secrets for s in self.services))
+        return tuple(ref for name, ref in self.secrets.items() if name in used)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+    """What user-data delivers. `repr` hides the wrapped secret-id."""
+
+    role_id: str = dataclasses.field(repr=False)
+    wrapped_secret_id: str = dataclasses.field(repr=False)
+    vault_addr: str | None = None
+
+
+# --- YAML walking with positions ------------------------------------------------------------
+
+_T = TypeVar("_T")
+_constructor = yaml.constructor.SafeConstructor()
+
+
+@dataclasses.dataclass(frozen=True)
+class _At:
+    """A YAML node with where it is: file, field path, line."""
+
+    source: str
+    node: yaml.Node
+    field: str
+    error_type: type[ConfigError] = ConfigError
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    def error(self, problem: str) -> ConfigError:
+        return self.error_type(self.source, self.line, self.field, problem)
+
+    def child(self, node: yaml.Node, key: str) -> _At:
+        field = f"{self.field}.{key}" if self.field else key
+        return dataclasses.replace(self, node=node, field=field)
+
+    def kind(self) -> str:
+        if isinstance(self.node, yaml.MappingNode):
+            return "a mapping"
+        if isinstance(self.node, yaml.SequenceNode):
+            return "a list"
+        tag = str(self.node.tag).rsplit(":", 1)[-1]
+        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+                "null": "nothing (null)"}.get(tag, f"a {tag}")
+
+    def mapping(
+        self, required: frozenset[str] = frozenset(), optional: frozenset[str] | None = None
+    ) -> dict[str, _At]:
+        """Children by key; unknown, duplicate and missing keys are errors."""
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error(f"expected a mapping, got {self.kind()}")
+        children: dict[str, _At] = {}
+        for key_node, value_node in self.node.value:
+            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":str")):
+                raise dataclasses.replace(self, node=key_node).error("keys must be strings")
+            key = str(key_node.value)
+            child = self.child(value_node, key)
+            if key in children:
+                raise dataclasses.replace(child, node=key_node).error("duplicate key")
+            if optional is not None and key not in required and key not in optional:
+                raise dataclasses.replace(child, node=key_node).error("unknown key")
+            children[key] = child
+        missing = sorted(required - children.keys())
+        if missing:
+            raise self.child(self.node, missing[0]).error("missing required field")
+        return children
+
+    def sequence(self) -> list[_At]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error(f"expected a list, got {self.kind()}")
+        return [dataclasses.replace(self, node=node, field=f"{self.field}[{i}]")
+                for i, node in enumerate(self.node.value)]
+
+    def scalar(self, kind: type[_T], what: str) -> _T:
+        if isinstance(self.node, yaml.ScalarNode):
+            value = _constructor.construct_object(self.node)
+            # bool is an int subclass; a float field takes ints.
+            if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                return value
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)  # type: ignore[return-value]
+        raise self.error(f"expected {what}, got {self.kind()}")
+
+    def string(self) -> str:
+        value = self.scalar(str, "a string")
+        if not value:
+            raise self.error("must not be empty")
+        return value
+
+    def matching(self, pattern: re.Pattern[str], what: str) -> str:
+        value = self.string()
+        if not pattern.match(value):
+            raise self.error(f"must be {what}")
+        return value
+
+    def choice(self, enum_type: type[_E]) -> _E:
+        value = self.string()
+        try:
+            return enum_type(value)
+        except ValueError:
+            allowed = ", ".join(str(m.value) for m in enum_type)
+            raise self.error(f"must be one of: {allowed}") from None
+
+    def seconds(self) -> float:
+        value = self.scalar(float, "a number of seconds")
+        if not 0 <= value <= 86400:
+            raise self.error("must be between 0 and 86400 seconds")
+        return value
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _read_document(path: Path, error_type: type[ConfigError]) -> _At:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise error_type(source, None, "", "is a directory, expected a file") from None
+    except FileNotFoundError:
+        raise error_type(source, None, "", "does not exist") from None
+    except OSError as err:
+        raise error_type(source, None, "", f"cannot read: {err.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise error_type(source, None, "", "larger than 1 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error_type(source, line, "", "not valid UTF-8") from None
+    if "\x00" in text:
+        raise error_type(source, text[: text.index("\x00")].count("\n") + 1, "", "contains NUL")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        # Only the problem and its position: the YAML library's snippet would echo the line.
+        mark = err.problem_mark or err.context_mark
+        where = int(mark.line) + 1 if mark is not None else None
+        raise error_type(source, where, "", f"invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError:
+        raise error_type(source, None, "", "invalid YAML") from None
+    if node is None:
+        raise error_type(source, None, "", "empty file, expected a mapping")
+    return _At(source, node, "", error_type)
+
+
+# --- bootstrap ----------------------------------------------------------------------------
+
+BOOTSTRAP_FIELDS = frozenset({"role_id", "wrapped_secret_id"})
+
+
+def parse_address(at: _At) -> str:
+    value = at.string()
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        port = parsed.port
+    except ValueError:
+        raise at.error("must be a URL like https://vault.example.com:8200") from None
+    if parsed.scheme not in ("https", "http"):
+        raise at.error("must start with https:// (or http:// for a loopback test server)")
+    if not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise at.error("must be scheme://host[:port] with no path")
+    if parsed.username or parsed.password:
+        raise at.error("must not carry credentials")
+    del port
+    return value.rstrip("/")
+
+
+def load_bootstrap(path: Path) -> Bootstrap:
+    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr."""
+    doc = _read_document(path, BootstrapError)
+    fields = doc.mapping(BOOTSTRAP_FIELDS, frozenset({"vault_addr"}))
+    tokens = {
+        key: fields[key].matching(TOKEN_SHAPE, "a token: printable ASCII, no spaces, <= 1024 bytes")
+        for key in sorted(BOOTSTRAP_FIELDS)
+    }
+    addr = parse_address(fields["vault_addr"]) if "vault_addr" in fields else None
+    return Bootstrap(tokens["role_id"], tokens["wrapped_secret_id"], addr)
+
+
+def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
+    """A wrapped secret-id given on standard input (one line, surrounding space ignored)."""
+    token = text.strip()
+    if not TOKEN_SHAPE.match(token):
+        raise BootstrapError(source, None, "wrapped_secret_id",
+                             "must be one token: printable ASCII, no spaces, <= 1024 bytes")
+    return token
+
+
+# --- image config -------------------------------------------------------------------------
+
+CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
+CONFIG_OPTIONAL = frozenset({"store", "restart_timeout"})
+
+
+def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate the image config. `env` supplies VAULT_* overrides (os.environ)."""
+    doc = _read_document(path, ConfigError)
+    top = doc.mapping(CONFIG_FIELDS, CONFIG_OPTIONAL)
+    vault = _vault_settings(top["vault"], env or {})
+    approle = top["approle"].mapping(frozenset({"role"}), frozenset({"mount"}))
+    approle_mount = (
+        _mount_name(approle["mount"], approle["mount"].string()) if "mount" in approle
+        else "approle"
+    )
+    role = approle["role"].matching(PATH_COMPONENT, "an AppRole role name")
+    mounts = {
+        _mount_name(at, name): at.choice(Engine) for name, at in top["mounts"].mapping().items()
+    }
+    if not mounts:
+        raise top["mounts"].error("declare at least one mount, e.g. `secret: kv-v2`")
+    secrets = {
+        name: _secret_ref(at, name, mounts) for name, at in top["secrets"].mapping().items()
+    }
+    for name, at in top["secrets"].mapping().items():
+        if not SECRET_NAME.match(name):
+            raise at.error("secret names must be identifiers ([A-Za-z_][A-Za-z0-9_]*)")
+    services = tuple(
+        _service(at, unit, secrets) for unit, at in top["services"].mapping().items()
+    )
+    if not services:
+        raise top["services"].error("declare at least one service")
+    store = DEFAULT_STORE
+    if "store" in top:
+        store = _absolute_path(top["store"])
+        if not store.is_relative_to("/run") or store == Path("/run"):
+            raise top["store"].error("must be a directory under /run (memory-only)")
+    return Config(
+        source=str(path),
+        vault=vault,
+        approle_mount=approle_mount,
+        role=role,
+        reboot_policy=top["reboot_policy"].choice(RebootPolicy),
+        secrets=secrets,
+        services=services,
+        store=store,
+        restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
+    )
+
+
+def _mount_name(at: _At, value: str) -> str:
+    parts = value.split("/")
+    if not all(PATH_COMPONENT.match(p) and p not in (".", "..") for p in parts):
+        raise at.error("must be a mount path like `secret` or `kv/team`")
+    return value
+
+
+def _absolute_path(at: _At) -> Path:
+    value = at.string()
+    path = PurePosixPath(value)
+    if not path.is_absolute() or ".." in path.parts:
+        raise at.error("must be an absolute path without `..`")
+    return Path(value)
+
+
+def _vault_settings(at: _At, env: Mapping[str, str]) -> VaultSettings:
+    fields = at.mapping(
+        frozenset(),
+        frozenset({"address", "addresses", "ca_cert", "namespace", "request_timeout",
+                   "boot_deadline"}),
+    )
+    addresses: tuple[str, ...]
+    if "address" in fields and "addresses" in fields:
+        raise fields["addresses"].error("give either `address` or `addresses`, not both")
+    if "address" in fields:
+        addresses = (parse_address(fields["address"]),)
+    elif "addresses" in fields:
+        addresses = tuple(parse_address(a) for a in fields["addresses"].sequence())
+        if not addresses:
+            raise fields["addresses"].error("must list at least one address")
+    else:
+        addresses = ()
+    override = env.get("VAULT_ADDR") or env.get("BAO_ADDR")
+    if override:
+        addresses = (_env_address(override, "VAULT_ADDR" if env.get("VAULT_ADDR") else "BAO_ADDR"),)
+    ca_cert = _absolute_path(fields["ca_cert"]) if "ca_cert" in fields else None
+    if env.get("VAULT_CACERT"):
+        ca_cert = Path(env["VAULT_CACERT"])
+    namespace = fields["namespace"].string() if "namespace" in fields else None
+    if env.get("VAULT_NAMESPACE"):
+        namespace = env["VAULT_NAMESPACE"]
+    return VaultSettings(
+        addresses=addresses,
+        ca_cert=ca_cert,
+        namespace=namespace,
+        request_timeout=(
+            fields["request_timeout"].seconds() if "request_timeout" in fields else 10.0
+        ),
+        boot_deadline=fields["boot_deadline"].seconds() if "boot_deadline" in fields else 300.0,
+    )
+
+
+def _env_address(value: str, variable: str) -> str:
+    node = yaml.ScalarNode("tag:yaml.org,2002:str", value)
+    node.start_mark = yaml.Mark(variable, 0, -1, 0, None, None)  # type: ignore[arg-type]
+    return parse_address(_At("environment", node, variable))
+
+
+def _secret_ref(at: _At, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
+    value = at.string()
+    parts = value.split("/")
+    if not all(PATH_COMPONENT.match(p) for p in parts) or {".", ".."} & set(parts):
+        raise at.error("must be a path like `secret/app/db` (no empty parts, `.` or `..`)")
+    # Longest declared mount that prefixes the path.
+    for cut in range(len(parts) - 1, 0, -1):
+        mount = "/".join(parts[:cut])
+        if mount in mounts:
+            engine = mounts[mount]
+            rest = "/".join(parts[cut:])
+            if engine is Engine.KV2 and rest.split("/", 1)[0] in ("data", "metadata"):
+                raise at.error("give the KV v2 path without `data/` (it is added for you)")
+            return SecretRef(name, mount, rest, engine)
+    raise at.error("must start with a mount declared under `mounts`")
+
+
+SERVICE_FIELDS = frozenset({
+    "environment", "environment_from", "credentials", "user", "group", "mode", "on_change",
+    "required",
+})
+
+
+def _service(at: _At, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
+    if not UNIT_NAME.match(unit) or len(unit) > 255:
+        raise at.error("must be a systemd service unit name like `app.service`")
+    fields = at.mapping(frozenset(), SERVICE_FIELDS)
+    environment = tuple(
+        _template(child, name, secrets, ENV_NAME, "a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        for name, child in (fields["environment"].mapping().items() if "environment" in fields
+                            else ())
+    )
+    environment_from = tuple(
+        _env_from(child, secrets) for child in
+        (fields["environment_from"].sequence() if "environment_from" in fields else ())
+    )
+    credentials = tuple(
+        _template(child, name, secrets, CREDENTIAL_NAME, "a credential name ([A-Za-z0-9_.-])")
+        for name, child in (fields["credentials"].mapping().items() if "credentials" in fields
+                            else ())
+    )
+    if not (environment or environment_from or credentials):
+        raise at.error("gets no secrets: give `environment`, `environment_from` or `credentials`")
+    prefixes = [e.prefix for e in environment_from]
+    if len(environment_from) > 1 and "" in prefixes:
+        raise fields["environment_from"].error(
+            "several secrets without a prefix would collide; give each a `prefix`")
+    mode = 0o400 if credentials and not (environment or environment_from) else 0o600
+    if "mode" in fields:
+        mode = _file_mode(fields["mode"])
+    return Service(
+        unit=unit,
+        environment=environment,
+        environment_from=environment_from,
+        credentials=credentials,
+        user=fields["user"].matching(USER_NAME, "a user name or uid") if "user" in fields
+        else "root",
+        group=fields["group"].matching(USER_NAME, "a group name or gid") if "group" in fields
+        else "root",
+        mode=mode,
+        on_change=fields["on_change"].choice(OnChange) if "on_change" in fields
+        else OnChange.RESTART,
+        required=fields["required"].scalar(bool, "true or false") if "required" in fields
+        else True,
+    )
+
+
+def _file_mode(at: _At) -> int:
+    node = at.node
+    if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":str", ":int")):
+        text = str(node.value)
+        if re.fullmatch(r"0?[0-7]{3}", text):
+            mode = int(text, 8)
+            if mode & 0o077 & ~0o040:
+                raise at.error("must not give write or any access to others (at most 0640)")
+            if not mode & 0o400:
+                raise at.error("must let the owner read (0400 or 0600)")
+            return mode
+    raise at.error('must be an octal file mode such as "0600" or "0400"')
+
+
+def _env_from(at: _At, secrets: Mapping[str, SecretRef]) -> EnvFrom:
+    fields = at.mapping(frozenset({"secret"}), frozenset({"prefix", "uppercase"}))
+    name = fields["secret"].string()
+    if name not in secrets:
+        raise fields["secret"].error("refers to a secret not declared under `secrets`")
+    prefix = fields["prefix"].scalar(str, "a string") if "prefix" in fields else ""
+    if prefix and not ENV_NAME.match(prefix):
+        raise fields["prefix"].error("must start a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    return EnvFrom(
+        secret=name,
+        prefix=prefix,
+        uppercase=fields["uppercase"].scalar(bool, "true or false") if "uppercase" in fields
+        else False,
+    )
+
+
+def _template(
+    at: _At, name: str, secrets: Mapping[str, SecretRef], pattern: re.Pattern[str], what: str,
+) -> Template:
+    if not pattern.match(name) or len(name) > 255:
+        raise at.error(f"must be {what}")
+    source = at.scalar(str, "a template string")
+    # Imported here because render imports this module for its dataclasses.
+    from bootsecrets.render import TemplateProblem, analyze  # noqa: PLC0415
+
+    try:
+        used = analyze(source)
+    except TemplateProblem as problem:
+        line = at.line + (problem.line - 1 if problem.line else 0)
+        raise at.error_type(at.source, line, at.field, problem.message) from None
+    unknown = sorted(used - secrets.keys())
+    if unknown:
+        raise at.error(f"refers to secrets.{unknown[0]}, which is not declared under `secrets`")
+    return Template(name, source, used)

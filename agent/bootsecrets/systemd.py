@@ -1,0 +1,175 @@
+"""The systemd edge: one `run()` for subprocesses, runtime drop-ins, systemctl verbs.
+
+`systemctl` is only ever given unit names and verbs: secrets reach units through files the
+manager reads (EnvironmentFile=, LoadCredential=), never through argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from bootsecrets.errors import CommandFailed
+from bootsecrets.paths import Paths
+from bootsecrets.store import write_private
+
+log = logging.getLogger(__name__)
+
+AGENT_UNIT = "bootsecrets.service"
+
+
+@dataclasses.dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str = ""
+    stderr: str = ""
+
+
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], *, check: bool = True) -> Completed: ...
+
+
+def run(argv: Sequence[str], *, check: bool = True) -> Completed:
+    """Run a command: no shell, stdin closed, output captured, failure raised with argv."""
+    command = tuple(argv)
+    log.debug("running %s", shlex.join(command))
+    proc = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+    )
+    result = Completed(command, proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise CommandFailed(command, proc.returncode, proc.stderr)
+    return result
+
+
+@dataclasses.dataclass
+class RecordingRunner:
+    """A stand-in for systemctl: records every argv, answers from a table.
+
+    `answers` maps an argv tuple to (returncode, stdout); `unit_states` gives what
+    `is-active UNIT` prints (default "active").
+    """
+
+    answers: dict[tuple[str, ...], tuple[int, str]] = dataclasses.field(default_factory=dict)
+    unit_states: dict[str, str] = dataclasses.field(default_factory=dict)
+    calls: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    on_call: Callable[[tuple[str, ...]], None] | None = None
+
+    def __call__(self, argv: Sequence[str], *, check: bool = True) -> Completed:
+        command = tuple(argv)
+        self.calls.append(command)
+        log.debug("running %s (recorded)", shlex.join(command))
+        if self.on_call is not None:
+            self.on_call(command)
+        code, out = self.answers.get(command, (0, ""))
+        if len(command) >= 3 and command[1] == "is-active":
+            state = self.unit_states.get(command[-1], "active")
+            code, out = (0 if state == "active" else 3), state + "\n"
+        if check and code != 0:
+            raise CommandFailed(command, code, "")
+        return Completed(command, code, out, "")
+
+    def verbs(self) -> list[tuple[str, ...]]:
+        """The recorded calls without the `systemctl` program name."""
+        return [call[1:] for call in self.calls]
+
+
+def dropin_text(
+    unit: str,
+    paths: Paths,
+    *,
+    env_file: bool,
+    credentials: Iterable[str] = (),
+) -> str:
+    base = paths.current_host
+    lines = [
+        "# Written by bootsecrets at runtime; gone at reboot, so the unit never starts",
+        "# without its secrets. Do not edit.",
+        "[Unit]",
+        f"After={AGENT_UNIT}",
+        f"Requires={AGENT_UNIT}",
+        "",
+        "[Service]",
+    ]
+    if env_file:
+        lines.append(f"EnvironmentFile={base}/env/{unit}.env")
+    for name in credentials:
+        lines.append(f"LoadCredential={name}:{base}/credentials/{unit}/{name}")
+    return "\n".join(lines) + "\n"
+
+
+def write_dropins(paths: Paths, texts: Mapping[str, str]) -> list[str]:
+    """Write each unit's runtime drop-in (atomically); return the units whose text changed."""
+    changed = []
+    for unit, text in texts.items():
+        path = paths.dropin(unit)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            if path.read_text() == text:
+                continue
+        except FileNotFoundError:
+            pass
+        write_private(path, text.encode(), 0o644)
+        changed.append(unit)
+    return changed
+
+
+def remove_dropin(paths: Paths, unit: str) -> None:
+    path = paths.dropin(unit)
+    path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other drop-ins may live there
+        path.parent.rmdir()
+
+
+class Systemctl:
+    def __init__(self, runner: Runner = run, program: str = "systemctl") -> None:
+        self._run = runner
+        self._program = program
+
+    def __call__(self, *args: str, check: bool = True) -> Completed:
+        return self._run((self._program, *args), check=check)
+
+    def daemon_reload(self) -> None:
+        self("daemon-reload")
+
+    def start_no_block(self, units: Sequence[str]) -> None:
+        """Queue start jobs. --no-block: the units are ordered after bootsecrets.service,
+        which is still starting while we run, so waiting here would deadlock."""
+        if units:
+            self("start", "--no-block", "--", *units)
+
+    def try_restart(self, unit: str, *, reload: bool = False) -> None:
+        self("try-reload-or-restart" if reload else "try-restart", "--", unit)
+
+    def restart(self, unit: str) -> None:
+        self("restart", "--", unit)
+
+    def is_active(self, unit: str) -> str:
+        return self("is-active", "--", unit, check=False).stdout.strip() or "unknown"
+
+    def wait_active(
+        self, unit: str, timeout: float, *, sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> str:
+        """Poll until `unit` is active (returns "active") or failed/timeout (returns state)."""
+        give_up = clock() + timeout
+        while True:
+            state = self.is_active(unit)
+            if state == "active":
+                return state
+            if state in ("failed", "inactive") or clock() >= give_up:
+                return state
+            sleep(0.5)
+
+
+def running_under_systemd() -> bool:
+    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()

@@ -1,0 +1,381 @@
+"""The Vault/OpenBao edge: hvac over one pooled requests session.
+
+Every call goes through `Vault._call`, which fails over between the configured addresses and
+retries what is safe to retry (connection errors, timeouts, 429, 500/502/503, sealed or
+standby answers) with exponential backoff and full jitter until the deadline. Requests that
+consume something (unwrap, AppRole login with a single-use secret-id) are retried only when
+the server cannot have acted on them; a lost answer is reported, never repeated blindly.
+
+Nothing here puts a token, secret-id or value into a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions
+import requests
+import requests.adapters
+
+from bootsecrets.config import Engine, SecretRef, VaultSettings
+from bootsecrets.errors import (
+    BootsecretsError,
+    ConfigError,
+    LoginDenied,
+    PermissionDenied,
+    ResponseLost,
+    SecretMissing,
+    TokenInvalid,
+    VaultError,
+    VaultUnreachable,
+    WrappingPathMismatch,
+    WrappingTokenAlreadyUsed,
+    WrappingTokenInvalid,
+)
+from bootsecrets.render import SecretData
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Server answers after which the request was certainly not acted on.
+_NOT_PROCESSED = (hvac.exceptions.VaultDown, hvac.exceptions.RateLimitExceeded)
+#: Server answers worth retrying for idempotent requests.
+_RETRYABLE_STATUS = (
+    *_NOT_PROCESSED, hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway,
+)
+
+#: Answers that mean something specific at each call site, which maps them.
+_CALLER_MAPS = (
+    hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden,
+    hvac.exceptions.InvalidPath,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapInfo:
+    creation_path: str
+    creation_ttl: int
+    creation_time: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """A Vault token and what is known about it. `repr` hides the token."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str
+    ttl: int
+    renewable: bool
+    policies: tuple[str, ...] = ()
+    #: The TTL the token was created (or last renewed) with; renewal is due at half of it.
+    creation_ttl: int = 0
+
+
+def _reason(err: BaseException) -> str:
+    """A short, value-free reason for a transport or server failure."""
+    if isinstance(err, hvac.exceptions.VaultError):
+        status = getattr(err, "status_code", None) or "error"
+        if isinstance(err, hvac.exceptions.VaultDown):
+            return f"HTTP {status} (sealed or standby)"
+        return f"HTTP {status}"
+    if isinstance(err, requests.exceptions.SSLError):
+        return "TLS verification failed"
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return "connect timeout"
+    if isinstance(err, requests.exceptions.Timeout):
+        return "timeout"
+    if isinstance(err, requests.exceptions.ConnectionError):
+        return "connection failed"
+    return type(err).__name__
+
+
+def _never_sent(err: BaseException) -> bool:
+    """True when the request cannot have reached the server (it is safe to send again)."""
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(err, requests.exceptions.SSLError | requests.exceptions.ProxyError):
+        return True
+    if isinstance(err, requests.exceptions.ConnectionError):
+        text = repr(err.args[0]) if err.args else ""
+        return "NewConnectionError" in text or "NameResolutionError" in text
+    return isinstance(err, _NOT_PROCESSED)
+
+
+def _vault_errors(err: hvac.exceptions.VaultError) -> str:
+    errors = [str(e) for e in (getattr(err, "errors", None) or []) if e]
+    return "; ".join(errors)[:200] or "no details"
+
+
+class Vault:
+    """One agent run's view of Vault. Not thread-safe for login; reads run concurrently."""
+
+    def __init__(
+        self,
+        settings: VaultSettings,
+        *,
+        addresses: Sequence[str] | None = None,
+        deadline: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        config_root: Path = Path("/"),
+    ) -> None:
+        self.addresses = tuple(addresses or settings.addresses)
+        if not self.addresses:
+            raise ConfigError("config", None, "vault.address",
+                              "no Vault address: set it in the image config or user-data")
+        self._sleep = sleep
+        self._clock = clock
+        self._deadline = clock() + (settings.boot_deadline if deadline is None else deadline)
+        verify: bool | str = True
+        if settings.ca_cert is not None:
+            verify = str(_check_ca_bundle(settings.ca_cert, config_root))
+        session = requests.Session()
+        pool = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+        session.mount("https://", pool)
+        session.mount("http://", pool)
+        session.trust_env = False  # no proxies or netrc credentials picked up from the env
+        self._session = session
+        self._clients = [
+            hvac.Client(url=address, token="", verify=verify, timeout=settings.request_timeout,  # type: ignore[arg-type]
+                        namespace=settings.namespace, session=session)
+            for address in self.addresses
+        ]
+        self._preferred = 0
+        self.token: TokenInfo | None = None
+        self.requests_made = 0
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transport ------------------------------------------------------------------------
+
+    def _call(
+        self, what: str, request: Callable[[hvac.Client], _T], *, idempotent: bool = True
+    ) -> _T:
+        """Run `request` against the preferred address, failing over and retrying.
+
+        A non-idempotent request is retried only if the server cannot have acted on it;
+        otherwise ResponseLost is raised. Other Vault answers (400/403/404) propagate as
+        hvac exceptions for the caller to map.
+        """
+        attempt = 0
+        last = "no attempt"
+        while True:
+            for offset in range(len(self._clients)):
+                index = (self._preferred + offset) % len(self._clients)
+                self.requests_made += 1
+                try:
+                    result = request(self._clients[index])
+                except (requests.exceptions.RequestException, *_RETRYABLE_STATUS) as err:
+                    last = f"{self.addresses[index]}: {_reason(err)}"
+                    if not idempotent and not _never_sent(err):
+                        raise ResponseLost(what, _reason(err)) from None
+                    log.debug("%s failed (%s), trying next", what, last)
+                    continue
+                except hvac.exceptions.VaultError as err:
+                    if isinstance(err, _CALLER_MAPS):
+                        raise
+                    raise VaultError(f"{what}: {_reason(err)}: {_vault_errors(err)}") from None
+                self._preferred = index
+                return result
+            attempt += 1
+            remaining = self._deadline - self._clock()
+            if remaining <= 0:
+                raise VaultUnreachable(
+                    f"Vault did not answer {what} before the deadline (last: {last})"
+                )
+            delay = min(remaining, random.uniform(0, min(10.0, 0.25 * 2**attempt)))  # noqa: S311
+            log.info("Vault not answering %s (%s); retrying in %.1fs", what, last, delay)
+            self._sleep(delay)
+
+    def _headers(self, token: str) -> dict[str, str]:
+        return {"X-Vault-Token": token}
+
+    # --- wrapped secret-id ------------------------------------------------------------------
+
+    def lookup_wrapping(self, wrapping_token: str) -> WrapInfo:
+        try:
+            response = self._call("sys/wrapping/lookup", lambda c: c.adapter.post(
+                "/v1/sys/wrapping/lookup", json={"token": wrapping_token}))
+        except _CALLER_MAPS:
+            raise WrappingTokenInvalid(
+                "the wrapped secret-id is unknown to Vault: expired, already unwrapped, "
+                "or never issued"
+            ) from None
+        data = _data(response, "sys/wrapping/lookup")
+        return WrapInfo(
+            creation_path=str(data.get("creation_path", "")),
+            creation_ttl=int(data.get("creation_ttl") or 0),
+            creation_time=str(data.get("creation_time", "")),
+        )
+
+    def unwrap_secret_id(self, wrapping_token: str) -> tuple[str, str]:
+        """Unwrap once. Returns (secret_id, secret_id_accessor)."""
+        try:
+            response = self._call(
+                "sys/wrapping/unwrap",
+                lambda c: c.adapter.post("/v1/sys/wrapping/unwrap",
+                                         headers=self._headers(wrapping_token)),
+                idempotent=False,
+            )
+        except _CALLER_MAPS:
+            raise WrappingTokenAlreadyUsed(
+                "Vault refused to unwrap a wrapped secret-id it had just looked up: "
+                "it was unwrapped by someone else in between"
+            ) from None
+        data = _data(response, "sys/wrapping/unwrap")
+        secret_id = data.get("secret_id")
+        if not isinstance(secret_id, str) or not secret_id:
+            raise WrappingPathMismatch("the unwrapped response holds no AppRole secret_id")
+        return secret_id, str(data.get("secret_id_accessor", ""))
+
+    def login_approle(self, mount: str, role_id: str, secret_id: str) -> TokenInfo:
+        try:
+            response = self._call(
+                f"auth/{mount}/login",
+                lambda c: c.auth.approle.login(role_id=role_id, secret_id=secret_id,
+                                               mount_point=mount, use_token=False),
+                idempotent=False,
+            )
+        except _CALLER_MAPS as err:
+            raise LoginDenied(
+                f"AppRole login at auth/{mount} refused: {_vault_errors(err)}"
+            ) from None
+        self.token = _token_info(response.get("auth") if isinstance(response, dict) else None)
+        return self.token
+
+    # --- token ----------------------------------------------------------------------------
+
+    def use_token(self, token: str) -> TokenInfo:
+        """Adopt a stored token after checking it is still valid (lookup-self)."""
+        try:
+            response = self._call("auth/token/lookup-self", lambda c: c.adapter.get(
+                "/v1/auth/token/lookup-self", headers=self._headers(token)))
+        except _CALLER_MAPS:
+            raise TokenInvalid("the stored Vault token was revoked or has expired") from None
+        data = _data(response, "auth/token/lookup-self")
+        self.token = TokenInfo(
+            token=token,
+            accessor=str(data.get("accessor", "")),
+            ttl=int(data.get("ttl") or 0),
+            renewable=bool(data.get("renewable")),
+            policies=tuple(str(p) for p in data.get("policies") or ()),
+            creation_ttl=int(data.get("creation_ttl") or 0),
+        )
+        return self.token
+
+    def renew_self(self) -> TokenInfo:
+        token = self._require_token()
+        try:
+            response = self._call("auth/token/renew-self", lambda c: c.adapter.post(
+                "/v1/auth/token/renew-self", headers=self._headers(token.token)))
+        except _CALLER_MAPS:
+            raise TokenInvalid("the Vault token can no longer be renewed") from None
+        self.token = _token_info(response.get("auth") if isinstance(response, dict) else None)
+        return self.token
+
+    def _require_token(self) -> TokenInfo:
+        if self.token is None:
+            raise BootsecretsError("internal: no Vault token")
+        return self.token
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def read(self, ref: SecretRef) -> SecretData:
+        token = self._require_token().token
+        try:
+            response = self._call(f"read {ref.full_path}", lambda c: c.adapter.get(
+                f"/v1/{ref.api_path}", headers=self._headers(token)))
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+            raise PermissionDenied(ref.full_path) from None
+        except hvac.exceptions.InvalidPath:
+            raise SecretMissing(ref.full_path) from None
+        except hvac.exceptions.InvalidRequest as err:
+            raise VaultError(f"reading {ref.full_path}: {_vault_errors(err)}") from None
+        payload = response if isinstance(response, dict) else {}
+        data = _data(response, ref.full_path)
+        version = None
+        if ref.engine is Engine.KV2:
+            metadata = data.get("metadata") or {}
+            inner = data.get("data")
+            if not isinstance(inner, dict):
+                raise SecretMissing(ref.full_path)  # deleted or destroyed version
+            data = inner
+            version = int(metadata.get("version") or 0) or None
+        if not all(isinstance(k, str) for k in data):
+            raise VaultError(f"reading {ref.full_path}: keys are not strings")
+        return SecretData(
+            name=ref.name,
+            path=ref.full_path,
+            data=data,
+            version=version,
+            lease_id=str(payload.get("lease_id") or "") or None,
+            lease_duration=int(payload.get("lease_duration") or 0) or None,
+        )
+
+    def read_all(
+        self, refs: Sequence[SecretRef]
+    ) -> dict[str, SecretData | BootsecretsError]:
+        """Read each distinct path once, concurrently over the pooled connections.
+
+        Per secret name: its data, or the error reading it (callers decide whether the units
+        that need it are required).
+        """
+        if not refs:
+            return {}
+
+        def one(ref: SecretRef) -> SecretData | BootsecretsError:
+            try:
+                return self.read(ref)
+            except (PermissionDenied, SecretMissing) as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=min(8, len(refs))) as pool:
+            results = list(pool.map(one, refs))
+        return {ref.name: result for ref, result in zip(refs, results, strict=True)}
+
+
+def _data(response: object, what: str) -> dict[str, Any]:
+    data = response.get("data") if isinstance(response, dict) else None
+    if not isinstance(data, dict):
+        raise VaultError(f"{what}: Vault's answer has no data")
+    return data
+
+
+def _token_info(auth: Mapping[str, Any] | None) -> TokenInfo:
+    if not auth or not isinstance(auth.get("client_token"), str):
+        raise VaultError("Vault's login answer has no token")
+    return TokenInfo(
+        token=auth["client_token"],
+        accessor=str(auth.get("accessor", "")),
+        ttl=int(auth.get("lease_duration") or 0),
+        renewable=bool(auth.get("renewable")),
+        policies=tuple(str(p) for p in auth.get("token_policies") or auth.get("policies") or ()),
+        creation_ttl=int(auth.get("lease_duration") or 0),
+    )
+
+
+def _check_ca_bundle(ca_cert: Path, root: Path) -> Path:
+    path = root / ca_cert.relative_to("/") if ca_cert.is_absolute() else ca_cert
+    try:
+        head = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(str(path), None, "vault.ca_cert",
+                          f"cannot read the CA bundle: {err.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise ConfigError(str(path), None, "vault.ca_cert", "is not a PEM certificate bundle")
+    return path
