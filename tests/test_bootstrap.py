@@ -110,7 +110,7 @@ def test_happy_path_two_units_kv2_and_kv1(world: World, openbao: OpenBao) -> Non
     paths = [r["path"] for r in openbao.audited_requests(offset)]
     assert paths.count(f"secret/data/{world.unique}/db") == 1
     assert sorted(paths) == sorted(["sys/wrapping/lookup", "sys/wrapping/unwrap",
-                                    f"auth/approle/login", *world.policy_paths])
+                                    "auth/approle/login", *world.policy_paths])
     # systemd: one daemon-reload, then the units started without blocking.
     assert sandbox.runner.verbs() == [
         ("daemon-reload",), ("start", "--no-block", "--", "app.service", "worker.service")]

@@ -58,6 +58,8 @@ class Context:
 
     paths: Paths = dataclasses.field(default_factory=Paths)
     runner: Runner = run
+    #: The systemctl program; a sandbox can point this at a stand-in.
+    systemctl_program: str = "systemctl"
     env: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(os.environ))
     make_vault: Callable[..., Vault] = Vault
     #: Called between the wrapping lookup and the unwrap (tests produce a race there).
@@ -69,6 +71,9 @@ class Context:
         store = Store(paths)
         store.prepare(shared=_shared(config))
         return config, paths, store
+
+    def systemctl(self) -> Systemctl:
+        return Systemctl(self.runner, self.systemctl_program)
 
     def vault(self, config: Config, address: str | None = None) -> Vault:
         addresses = (address,) if address and not _env_address(self.env) else None
@@ -361,7 +366,7 @@ def _deploy_fresh(
     number = store.write_generation(rendered.units, _specs(config), shared=_shared(config))
     store.switch(number)
     store.remove_generations(keep=frozenset({number}))
-    systemctl = Systemctl(ctx.runner)
+    systemctl = ctx.systemctl()
     write_dropins(paths, _dropins(config, paths, rendered.units))
     systemctl.daemon_reload()
     systemctl.start_no_block(list(rendered.units))
@@ -443,7 +448,7 @@ def _apply_changes(
 ) -> None:
     state_units = store.load_state().get("units") or {}
     changed = _changed_units(store, previous, rendered)
-    systemctl = Systemctl(ctx.runner)
+    systemctl = ctx.systemctl()
     dropins_changed = write_dropins(paths, _dropins(config, paths, rendered.units))
     if dropins_changed:
         systemctl.daemon_reload()

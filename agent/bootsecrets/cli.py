@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="treat DIR as / for every host path (tests, image trees)")
     common.add_argument("--debug", action="store_true",
                         help="log debug messages and show tracebacks")
+    common.add_argument("--systemctl", default="systemctl", metavar="PROGRAM",
+                        help="run PROGRAM instead of systemctl (a stand-in for sandboxes)")
     parser = argparse.ArgumentParser(
         prog="bootsecrets",
         description="Secrets from Vault/OpenBao into systemd units of a secret-free image.",
@@ -141,7 +143,8 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
 
     from bootsecrets import agent  # noqa: PLC0415 (hvac and jinja2 only when needed)
 
-    ctx = context if isinstance(context, agent.Context) else agent.Context(paths=Paths(args.root))
+    ctx = context if isinstance(context, agent.Context) else agent.Context(
+        paths=Paths(args.root), systemctl_program=args.systemctl)
     if args.command == "bootstrap":
         agent.bootstrap(ctx)
     elif args.command == "refresh":

@@ -14,7 +14,6 @@ from typing import Any
 from bootsecrets.agent import Context, load_token
 from bootsecrets.config import RebootPolicy, load_config
 from bootsecrets.store import Store
-from bootsecrets.systemd import Systemctl
 
 STATUS_VERSION = 1
 
@@ -24,7 +23,7 @@ def collect(ctx: Context) -> dict[str, Any]:
     store = Store(ctx.paths.with_store(config.store))
     state = store.load_state() if store.paths.store.is_dir() else {}
     live = store.current_generation() if store.paths.store.is_dir() else None
-    systemctl = Systemctl(ctx.runner)
+    systemctl = ctx.systemctl()
     units = []
     recorded = state.get("units") or {}
     skipped = state.get("skipped") or {}
