@@ -21,6 +21,7 @@ from bootsecrets.agent import Context
 from bootsecrets.paths import Paths
 from bootsecrets.systemd import RecordingRunner
 from support.openbao import CANARIES, OpenBao, dev_server
+from support.world import World
 
 STORE_EXCLUDED = ("run/bootsecrets/", "var/lib/bootsecrets/")
 
@@ -172,3 +173,10 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def mode_of(path: Path) -> int:
     return os.stat(path).st_mode & 0o7777
+
+
+@pytest.fixture
+def world(openbao: OpenBao, sandbox: Sandbox, unique: str) -> World:
+    """A role and secrets on the shared server, and a sandbox configured to use them."""
+    sandbox.openbao = openbao
+    return World(openbao, sandbox, unique)

@@ -7,12 +7,13 @@ up with its new values; `status` reports without a single value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from bootsecrets import logs
@@ -29,6 +30,7 @@ from bootsecrets.config import (
 from bootsecrets.errors import (
     BootsecretsError,
     BootstrapError,
+    LockBusy,
     LoginDenied,
     NotProvisioned,
     ResponseLost,
@@ -61,6 +63,8 @@ class Context:
     #: The systemctl program; a sandbox can point this at a stand-in.
     systemctl_program: str = "systemctl"
     env: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(os.environ))
+    #: How long bootstrap/refresh wait for another run's lock before giving up.
+    lock_wait: float = 60.0
     make_vault: Callable[..., Vault] = Vault
     #: Called between the wrapping lookup and the unwrap (tests produce a race there).
     after_lookup: Callable[[], None] | None = None
@@ -296,8 +300,20 @@ def _record(
     store.save_state(state)
 
 
-def record_failure(ctx: Context, command: str, error: BootsecretsError) -> None:
-    """Note a failed run in the state file when there is a store to note it in."""
+@contextlib.contextmanager
+def _failures_recorded(ctx: Context, command: str) -> Iterator[None]:
+    """Note a failed run in the state file (for status), when there is a store to note it in.
+    A rollback records its own, fuller outcome."""
+    try:
+        yield
+    except (UnitFailed, LockBusy):  # recorded by the rollback / not ours to record
+        raise
+    except BootsecretsError as err:
+        _record_failure(ctx, command, err)
+        raise
+
+
+def _record_failure(ctx: Context, command: str, error: BootsecretsError) -> None:
     try:
         config = load_config(ctx.paths.config, env=ctx.env)
         store = Store(ctx.paths.with_store(config.store))
@@ -348,7 +364,7 @@ def _authenticate(
 def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, render, start the units."""
     config, paths, store = ctx.load()
-    with store.lock():
+    with _failures_recorded(ctx, "bootstrap"), store.lock(ctx.lock_wait):
         boot = load_bootstrap(paths.bootstrap) if paths.bootstrap.exists() else None
         vault, token, address = _authenticate(
             ctx, config, paths, boot, lambda: paths.bootstrap.unlink(missing_ok=True))
@@ -420,7 +436,7 @@ def _renew_if_due(vault: Vault, token: TokenInfo) -> TokenInfo:
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     config, paths, store = ctx.load()
-    with store.lock():
+    with _failures_recorded(ctx, "refresh"), store.lock(ctx.lock_wait):
         boot = _wrapped_from_stdin(wrapped_secret_id, paths) if wrapped_secret_id else None
         vault, token, address = _authenticate(ctx, config, paths, boot, lambda: None)
         with vault:

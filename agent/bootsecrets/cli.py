@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="log debug messages and show tracebacks")
     common.add_argument("--systemctl", default="systemctl", metavar="PROGRAM",
                         help="run PROGRAM instead of systemctl (a stand-in for sandboxes)")
+    locked = argparse.ArgumentParser(add_help=False)
+    locked.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="wait this long for another bootstrap/refresh to finish "
+                        "(default 60)")
     parser = argparse.ArgumentParser(
         prog="bootsecrets",
         description="Secrets from Vault/OpenBao into systemd units of a secret-free image.",
@@ -58,11 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bootsecrets {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("bootstrap", parents=[common], help="first-boot bootstrap",
+    commands.add_parser("bootstrap", parents=[common, locked], help="first-boot bootstrap",
                         description="Log in with the wrapped secret-id from "
                         "/run/bootsecrets/bootstrap.yaml (or the kept token), render and "
                         "start the units.")
-    refresh = commands.add_parser("refresh", parents=[common],
+    refresh = commands.add_parser("refresh", parents=[common, locked],
                                   help="apply rotated secrets",
                                   description="Re-read secrets; restart only changed units.")
     refresh.add_argument("--wrapped-secret-id", metavar="-", dest="wrapped",
@@ -107,11 +111,6 @@ def main(
     except BootsecretsError as err:
         if args.debug:
             traceback.print_exc(file=sys.stderr)
-        if args.command in ("bootstrap", "refresh"):
-            from bootsecrets.agent import Context, record_failure  # noqa: PLC0415
-
-            ctx = context if isinstance(context, Context) else Context(paths=Paths(args.root))
-            record_failure(ctx, args.command, err)
         print(f"bootsecrets: error: {err}", file=sys.stderr)
         if err.hint:
             print(f"bootsecrets: what to do: {err.hint}", file=sys.stderr)
@@ -145,6 +144,7 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
 
     ctx = context if isinstance(context, agent.Context) else agent.Context(
         paths=Paths(args.root), systemctl_program=args.systemctl)
+    ctx.lock_wait = getattr(args, "wait", ctx.lock_wait)
     if args.command == "bootstrap":
         agent.bootstrap(ctx)
     elif args.command == "refresh":
