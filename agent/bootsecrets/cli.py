@@ -140,7 +140,10 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
             raise ImageCheckFindings(f"{len(findings)} finding(s) in {args.root}")
         return 0
 
-    from bootsecrets import agent  # noqa: PLC0415 (hvac and jinja2 only when needed)
+    from bootsecrets import agent, process  # noqa: PLC0415 (hvac and jinja2 only when needed)
+
+    if args.command in ("bootstrap", "refresh"):
+        process.harden()  # secrets will be in this process's memory from here on
 
     ctx = context if isinstance(context, agent.Context) else agent.Context(
         paths=Paths(args.root), systemctl_program=args.systemctl)
