@@ -13,7 +13,7 @@ from types import FrameType
 from typing import NoReturn, TextIO
 
 from bootsecrets import __version__
-from bootsecrets.errors import BootsecretsError, ImageCheckFindings, UsageError
+from bootsecrets.errors import BootsecretsError, UsageError
 from bootsecrets.paths import Paths
 
 EPILOG = """\
@@ -134,10 +134,10 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         from bootsecrets import imagecheck  # noqa: PLC0415
 
         findings = imagecheck.scan(args.root)
-        print(imagecheck.format_json(findings) if args.json
-              else imagecheck.format_text(findings), file=out)
+        out.write(imagecheck.format_json(findings, args.root) if args.json
+                  else imagecheck.format_text(findings, args.root))
         if findings:
-            raise ImageCheckFindings(f"{len(findings)} finding(s) in {args.root}")
+            raise imagecheck.findings_error(findings, args.root)
         return 0
 
     from bootsecrets import agent, process  # noqa: PLC0415 (hvac and jinja2 only when needed)

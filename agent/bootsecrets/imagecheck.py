@@ -12,7 +12,8 @@ Rules
 -----
 
 Content (every regular file up to `MAX_CONTENT_BYTES`, except ELF objects, compressed
-archives and image formats recognised by their first bytes; one compiled regex over bytes):
+archives and image formats recognised by their first bytes; compiled regexes over bytes, each
+starting with a literal and run only on files holding its anchor substring):
 
 =========================  ===========================================================
 vault-token                Vault/OpenBao token: `hvs.`/`hvb.`/`hvr.` tokens, legacy `s.` +
@@ -93,6 +94,17 @@ Also not findings (documented exceptions): `/var/log/journal/` (journald writes 
 continuously on a live build droplet; the cleanup script vacuums it; its files are over the
 content limit anyway), and the login records `wtmp`, `btmp`, `lastlog`, `faillog` (binary,
 written by the build's own SSH session, no secrets).
+
+Packaged files
+--------------
+
+A file byte-identical to what its Debian package shipped (its MD5 in dpkg's `md5sums` or
+conffile list matches) is public, the same on every machine with that package: its content
+matches are dropped. cloud-init's documentation, for one, ships example private keys (and
+its compiled `__pycache__/*.pyc` too: a `.pyc` counts as packaged when its `.py` does). A
+package's file that was edited, and any file no package owns (such as the ssl-cert
+snakeoil key or SSH host keys, made at install time), is scanned as usual. This trusts the
+image's dpkg database; it is a scan for leftovers, not for an adversary who rewrites it.
 
 Walking
 -------

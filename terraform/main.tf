@@ -1,0 +1,70 @@
+# Example: one droplet from the secret-free golden image, with first-boot secrets from Vault.
+#
+# Vault side: a read-only policy, an AppRole role whose secret-ids are single-use, and one
+# secret-id minted response-wrapped (only the wrapping token reaches the droplet, in its
+# user-data). DigitalOcean side: the droplet, from the snapshot, with that user-data.
+
+resource "vault_policy" "droplet" {
+  name = "bootsecrets-${var.name}"
+  policy = join("\n", [
+    for path in var.secret_paths : "path \"${path}\" {\n  capabilities = [\"read\"]\n}\n"
+  ])
+}
+
+resource "vault_approle_auth_backend_role" "droplet" {
+  backend        = var.approle_mount
+  role_name      = "bootsecrets-${var.name}"
+  token_policies = [vault_policy.droplet.name]
+
+  # One login per secret-id: a copy of the user-data read later (cloud-init keeps one on
+  # the droplet, the metadata service serves it for the droplet's life) is worthless.
+  secret_id_num_uses = 1
+  secret_id_ttl      = var.secret_id_ttl
+
+  # A periodic token: renewed by the agent, never expires while renewed, revocable.
+  token_period      = var.token_period
+  token_bound_cidrs = length(var.token_bound_cidrs) > 0 ? var.token_bound_cidrs : null
+}
+
+resource "vault_approle_auth_backend_role_secret_id" "droplet" {
+  backend   = var.approle_mount
+  role_name = vault_approle_auth_backend_role.droplet.role_name
+
+  # Response-wrapped: Terraform (and its state) only ever holds the wrapping token, which can
+  # be unwrapped exactly once, within wrapping_ttl. The agent checks its creation path and
+  # reports a token that was already unwrapped (possible interception).
+  wrapping_ttl = var.wrapping_ttl
+
+  metadata = jsonencode({
+    droplet = var.name
+  })
+}
+
+module "user_data" {
+  source = "./modules/user-data"
+
+  vault_addr          = var.vault_addr
+  role_id             = vault_approle_auth_backend_role.droplet.role_id
+  wrapped_secret_id   = vault_approle_auth_backend_role_secret_id.droplet.wrapping_token
+  ssh_authorized_keys = var.ssh_authorized_keys
+}
+
+resource "digitalocean_droplet" "app" {
+  name     = var.name
+  image    = var.snapshot_id
+  region   = var.region
+  size     = var.size
+  vpc_uuid = var.vpc_uuid
+  ssh_keys = var.ssh_key_ids
+  tags     = var.tags
+
+  user_data = module.user_data.user_data
+
+  lifecycle {
+    # The wrapped secret-id is single-use. Once the droplet has unwrapped it, the vault
+    # provider sees the wrapping token gone and mints a new secret-id, which changes the
+    # rendered user-data; DigitalOcean cannot change user-data in place, so without this
+    # every later plan would destroy and re-create the droplet. See README.md.
+    ignore_changes = [user_data]
+  }
+}

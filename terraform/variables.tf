@@ -1,0 +1,85 @@
+variable "name" {
+  description = "Droplet name; also names the AppRole role and its policy."
+  type        = string
+}
+
+variable "snapshot_id" {
+  description = "ID of the golden-image snapshot built by packer/ (numeric, as a string)."
+  type        = string
+}
+
+variable "region" {
+  description = "DigitalOcean region slug, e.g. fra1."
+  type        = string
+}
+
+variable "size" {
+  description = "Droplet size slug."
+  type        = string
+  default     = "s-1vcpu-1gb"
+}
+
+variable "vpc_uuid" {
+  description = "VPC to place the droplet in (null: the region's default VPC)."
+  type        = string
+  default     = null
+}
+
+variable "ssh_key_ids" {
+  description = "IDs or fingerprints of SSH keys registered with DigitalOcean."
+  type        = list(string)
+  default     = []
+}
+
+variable "ssh_authorized_keys" {
+  description = "Extra SSH public keys delivered through user-data (prefer ssh_key_ids)."
+  type        = list(string)
+  default     = []
+}
+
+variable "tags" {
+  description = "Droplet tags."
+  type        = list(string)
+  default     = []
+}
+
+variable "vault_addr" {
+  description = "Vault/OpenBao address as the droplet reaches it (written to the bootstrap). Null: the image config's address."
+  type        = string
+  default     = null
+}
+
+variable "approle_mount" {
+  description = "Path of the AppRole auth method (already enabled in Vault)."
+  type        = string
+  default     = "approle"
+}
+
+variable "secret_paths" {
+  description = "Vault API paths the droplet may read, e.g. [\"secret/data/app/*\"] for KV v2 or [\"database/creds/app\"]."
+  type        = list(string)
+}
+
+variable "secret_id_ttl" {
+  description = "Seconds a (single-use) secret-id stays valid once unwrapped. It is used within seconds of the unwrap at first boot."
+  type        = number
+  default     = 3600
+}
+
+variable "wrapping_ttl" {
+  description = "How long the wrapped secret-id can be unwrapped: long enough for the droplet to be created and boot. After it, the agent reports it expired and a new one must be minted."
+  type        = string
+  default     = "30m"
+}
+
+variable "token_period" {
+  description = "Period (seconds) of the droplet's Vault token: renewable forever while renewed within it, revocable at any time. Used by the persist-token reboot policy."
+  type        = number
+  default     = 86400
+}
+
+variable "token_bound_cidrs" {
+  description = "CIDRs the droplet's token (and its login) may be used from, e.g. the VPC's range or the droplet's NAT egress. Empty: not bound."
+  type        = list(string)
+  default     = []
+}
