@@ -68,6 +68,8 @@ class Context:
     make_vault: Callable[..., Vault] = Vault
     #: Called between the wrapping lookup and the unwrap (tests produce a race there).
     after_lookup: Callable[[], None] | None = None
+    #: Called between the login and the reads (tests fail a Vault node over there).
+    after_login: Callable[[], None] | None = None
 
     def load(self) -> tuple[Config, Paths, Store]:
         config = load_config(self.paths.config, env=self.env)
@@ -368,6 +370,8 @@ def bootstrap(ctx: Context) -> None:
         boot = load_bootstrap(paths.bootstrap) if paths.bootstrap.exists() else None
         vault, token, address = _authenticate(
             ctx, config, paths, boot, lambda: paths.bootstrap.unlink(missing_ok=True))
+        if ctx.after_login is not None:
+            ctx.after_login()
         with vault:
             rendered = read_and_render(config, vault)
         _deploy_fresh(ctx, config, paths, store, rendered, token, address, command="bootstrap")

@@ -105,7 +105,7 @@ def main(
 
     logs.setup(debug=args.debug)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    os.umask(0o077)
+    previous_umask = os.umask(0o077)
     try:
         return _dispatch(args, context, stdin or sys.stdin, out)
     except BootsecretsError as err:
@@ -126,6 +126,7 @@ def main(
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        os.umask(previous_umask)
 
 
 def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,

@@ -198,7 +198,8 @@ class Vault:
                 raise VaultUnreachable(
                     f"Vault did not answer {what} before the deadline (last: {last})"
                 )
-            delay = min(remaining, random.uniform(0, min(10.0, 0.25 * 2**attempt)))  # noqa: S311
+            # Full jitter, capped so a server that comes back is used within ~4 s.
+            delay = min(remaining, random.uniform(0, min(4.0, 0.25 * 2**attempt)))  # noqa: S311
             log.info("Vault not answering %s (%s); retrying in %.1fs", what, last, delay)
             self._sleep(delay)
 
