@@ -90,6 +90,7 @@ class Sandbox:
         captured.roots.append(root)
         self.env: dict[str, str] = {}
         self.after_lookup: Any = None
+        self.after_login: Any = None
 
     @property
     def paths(self) -> Paths:
@@ -119,7 +120,7 @@ class Sandbox:
 
     def context(self) -> Context:
         return Context(paths=self.paths, runner=self.runner, env=dict(self.env),
-                       after_lookup=self.after_lookup)
+                       after_lookup=self.after_lookup, after_login=self.after_login)
 
     def run(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
