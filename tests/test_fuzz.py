@@ -1,0 +1,119 @@
+"""Fuzzing the parsers: any input either parses or is rejected with the documented error
+class (ConfigError/BootstrapError) — never another exception, never a value in the message."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bootsecrets.config import Config, load_bootstrap, load_config
+from bootsecrets.errors import BootstrapError, ConfigError
+
+VALID: dict[str, Any] = {
+    "vault": {"address": "https://vault.example:8200", "boot_deadline": 5},
+    "approle": {"role": "web"},
+    "reboot_policy": "reprovision",
+    "mounts": {"secret": "kv-v2", "kv": "kv-v1"},
+    "secrets": {"db": "secret/app/db", "api": "kv/app/api"},
+    "services": {
+        "app.service": {
+            "environment": {"URL": "x://{{ secrets.db.user }}:{{ secrets.db.password }}@h"},
+            "environment_from": [{"secret": "api", "prefix": "API_"}],
+            "on_change": "reload", "mode": "0600",
+        },
+        "tls.service": {"credentials": {"key.pem": "{{ secrets.api.key }}"}},
+    },
+}
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                    st.text(max_size=40), st.sampled_from(["{{", "}}", "{% for %}", "../x",
+                                                           "secret/", "0777", "kv-v2"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)),
+    max_leaves=8)
+
+
+def parse(path: Path, data: bytes) -> Config | ConfigError:
+    path.write_bytes(data)
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        return err
+
+
+def paths_in(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found.extend(paths_in(value, (*prefix, key)))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            found.extend(paths_in(value, (*prefix, index)))
+    return found
+
+
+@st.composite
+def mutated_configs(draw: st.DrawFn) -> dict[str, Any]:
+    config = copy.deepcopy(VALID)
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(paths_in(config)[1:]))
+        parent: Any = config
+        for step in where[:-1]:
+            parent = parent[step]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[where[-1]] = draw(VALUES)
+        elif action == "delete" and isinstance(parent, dict):
+            del parent[where[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(max_size=12))] = draw(VALUES)
+    return config
+
+
+def test_the_valid_config_parses() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = parse(Path(tmp) / "c.yaml", yaml.safe_dump(VALID).encode())
+    assert isinstance(result, Config)
+    assert {s.unit for s in result.services} == {"app.service", "tls.service"}
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_configs())
+def test_mutated_configs_parse_or_fail_with_config_error(config: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = parse(Path(tmp) / "c.yaml", yaml.safe_dump(config).encode())
+    if isinstance(result, ConfigError):
+        assert result.field or result.line is None or result.problem
+        assert str(result).startswith(str(Path(tmp) / "c.yaml"))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_arbitrary_bytes_parse_or_fail_with_config_error(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        parse(Path(tmp) / "c.yaml", data)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(["role_id", "wrapped_secret_id", "vault_addr", "x"]),
+                       VALUES, max_size=4) | st.text(max_size=200))
+def test_bootstrap_parses_or_fails_with_bootstrap_error(doc: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bootstrap.yaml"
+        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+        try:
+            boot = load_bootstrap(path)
+        except BootstrapError as err:
+            # Never echo a value back: the message holds none of the document's strings
+            # longer than a field name.
+            for value in (doc.values() if isinstance(doc, dict) else []):
+                if isinstance(value, str) and len(value) > 24:
+                    assert value not in str(err)
+            return
+        assert boot.role_id and boot.wrapped_secret_id
