@@ -72,9 +72,14 @@ def leak_guard(
             rel = path.relative_to(root).as_posix()
             if path.is_file() and not path.is_symlink() and not rel.startswith(STORE_EXCLUDED):
                 places.append((f"file {rel}", path.read_bytes().decode("utf-8", "replace")))
-    leaks = [(where, canary[:4] + "…") for canary in CANARIES if len(canary) >= 6
-             for where, text in places if canary in text]
+    leaks = find_leaks(places, CANARIES)
     assert not leaks, f"secret material leaked into: {leaks}"
+
+
+def find_leaks(places: list[tuple[str, str]], canaries: set[str]) -> list[tuple[str, str]]:
+    """(where, first characters) for every canary found in a captured text."""
+    return [(where, canary[:4] + "…") for canary in canaries if len(canary) >= 6
+            for where, text in places if canary in text]
 
 
 class Sandbox:
