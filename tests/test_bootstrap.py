@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from bootsecrets import errors
 from bootsecrets.paths import DROPIN_NAME
 from conftest import Sandbox, mode_of, read_env_file
-from support.openbao import CANARIES, OpenBao
+from support.openbao import CANARIES, OpenBao, dev_server
 from support.world import World, policy
 
 
@@ -242,3 +244,53 @@ def assert_alert(caplog: pytest.LogCaptureFixture, kind: type[errors.Bootsecrets
     assert len(alerts) == 1, [r.getMessage() for r in caplog.records]
     assert alerts[0].PRIORITY == "1"  # type: ignore[attr-defined]
     return alerts[0]
+
+
+@pytest.fixture(scope="module")
+def tls_openbao() -> Iterator[OpenBao]:
+    with dev_server(tls=True) as server:
+        yield server
+
+
+def test_tls_is_verified_against_the_configured_ca(
+    tls_openbao: OpenBao, sandbox: Sandbox, unique: str
+) -> None:
+    assert tls_openbao.ca_cert is not None
+    ca = sandbox.root / "etc/bootsecrets/vault-ca.pem"
+    ca.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tls_openbao.ca_cert, ca)
+    world = World(tls_openbao, sandbox, unique)
+    world.provision(vault={"address": tls_openbao.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
+                           "boot_deadline": 5})
+    code, _, err = sandbox.run("bootstrap")
+    assert code == 0, err
+    assert read_env_file(sandbox.env_file("app.service"))["API_KEY"] == world.api_key
+
+
+def test_tls_with_the_wrong_ca_fails_at_once(
+    tls_openbao: OpenBao, sandbox: Sandbox, unique: str
+) -> None:
+    assert tls_openbao.ca_cert is not None
+    wrong = sandbox.root / "etc/bootsecrets/vault-ca.pem"
+    wrong.parent.mkdir(parents=True, exist_ok=True)
+    # A well-formed PEM that is not the server's CA: the server's own leaf certificate.
+    shutil.copy(tls_openbao.ca_cert.with_name("vault-cert.pem"), wrong)
+    world = World(tls_openbao, sandbox, unique)
+    world.provision(vault={"address": tls_openbao.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
+                           "boot_deadline": 30})
+    started = time.monotonic()
+    code, _, err = sandbox.run("bootstrap")
+    assert code == errors.VaultError.exit_code
+    assert "TLS verification" in err and "vault.ca_cert" in err
+    assert time.monotonic() - started < 10  # not retried until the 30 s deadline
+    assert_nothing_rendered(sandbox)
+
+
+@pytest.mark.parametrize("variable", ["VAULT_ADDR", "BAO_ADDR"])
+def test_environment_address_overrides_the_config(world: World, variable: str) -> None:
+    config = world.config()
+    config["vault"]["address"] = "https://vault.invalid:8200"
+    world.provision(vault=config["vault"])
+    world.sandbox.env[variable] = world.bao.addr
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err

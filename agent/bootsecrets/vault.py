@@ -142,6 +142,7 @@ class Vault:
         session.mount("https://", pool)
         session.mount("http://", pool)
         session.trust_env = False  # no proxies or netrc credentials picked up from the env
+        session.verify = verify  # hvac takes `verify` from a session it is given, not its arg
         self._session = session
         self._clients = [
             hvac.Client(url=address, token="", verify=verify, timeout=settings.request_timeout,  # type: ignore[arg-type]
@@ -180,6 +181,12 @@ class Vault:
                 self.requests_made += 1
                 try:
                     result = request(self._clients[index])
+                except requests.exceptions.SSLError:
+                    # Not transient: retrying a certificate that does not verify only hides it.
+                    raise VaultError(
+                        f"{what}: TLS verification of {self.addresses[index]} failed; check "
+                        "vault.ca_cert (or VAULT_CACERT)"
+                    ) from None
                 except (requests.exceptions.RequestException, *_RETRYABLE_STATUS) as err:
                     last = f"{self.addresses[index]}: {_reason(err)}"
                     if not idempotent and not _never_sent(err):

@@ -42,12 +42,14 @@ class OpenBao:
     """A running `bao server -dev`. `client` is a root hvac client for test set-up only."""
 
     def __init__(self, addr: str, root_token: str, process: subprocess.Popen[bytes],
-                 log_path: Path) -> None:
+                 log_path: Path, ca_cert: Path | None = None) -> None:
         self.addr = addr
         self.root_token = root_token
         self.process = process
         self.log_path = log_path
-        self.client = hvac.Client(url=addr, token=root_token)
+        self.ca_cert = ca_cert
+        self.client = hvac.Client(url=addr, token=root_token,
+                                  verify=str(ca_cert) if ca_cert else True)
         self._kv_mounts: set[str] = set()
         self.audit_path = log_path.with_name("audit.log")
 
@@ -110,7 +112,8 @@ class OpenBao:
 
     def unwrap(self, token: str) -> dict[str, Any]:
         response = requests.post(f"{self.addr}/v1/sys/wrapping/unwrap",
-                                 headers={"X-Vault-Token": token}, timeout=10)
+                                 headers={"X-Vault-Token": token}, timeout=10,
+                                 verify=str(self.ca_cert) if self.ca_cert else True)
         response.raise_for_status()
         data: dict[str, Any] = response.json()["data"]
         for value in data.values():
@@ -145,25 +148,28 @@ class OpenBao:
 
 
 def wait_healthy(addr: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, verify: str | bool = True) -> None:
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
         if process is not None and process.poll() is not None:
             log = log_path.read_text() if log_path else ""
             raise RuntimeError(f"bao exited with {process.returncode}:\n{log[-2000:]}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{addr}/v1/sys/health", timeout=1).status_code == 200:
+        with contextlib.suppress(requests.RequestException, OSError):  # CA not written yet
+            if requests.get(f"{addr}/v1/sys/health", timeout=1,
+                            verify=verify).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"OpenBao at {addr} did not become healthy in {timeout}s")
 
 
 @contextlib.contextmanager
-def dev_server(port: int | None = None) -> Iterator[OpenBao]:
+def dev_server(port: int | None = None, *, tls: bool = False) -> Iterator[OpenBao]:
+    """`bao server -dev`; with `tls`, HTTPS with a CA the server generates (`ca_cert`)."""
     port = port or free_port()
     root_token = "root-" + secrets.token_hex(16)
-    addr = f"http://127.0.0.1:{port}"
+    addr = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     workdir = Path(tempfile.mkdtemp(prefix="openbao-"))
+    tls_args = ["-dev-tls", f"-dev-tls-cert-dir={workdir}"] if tls else []
     log_path = workdir / "bao.log"
     audit_path = workdir / "audit.log"
     # OpenBao only takes audit devices from its config file (declarative); the file audit
@@ -177,14 +183,16 @@ def dev_server(port: int | None = None) -> Iterator[OpenBao]:
         process = subprocess.Popen(
             [bao_binary(), "server", "-dev", f"-dev-root-token-id={root_token}",
              f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token",
-             f"-config={config_path}"],
+             f"-config={config_path}", *tls_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=workdir,
         )
-    server = OpenBao(addr, root_token, process, log_path)
+    ca_cert = workdir / "vault-ca.pem"
+    server = OpenBao(addr, root_token, process, log_path, ca_cert=ca_cert if tls else None)
     server.audit_path = audit_path
     try:
-        wait_healthy(addr, process=process, log_path=log_path)
+        wait_healthy(addr, process=process, log_path=log_path,
+                     verify=str(ca_cert) if tls else True)
         yield server
     finally:
         server.stop()
