@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import fcntl
@@ -35,6 +34,7 @@ from typing import Any
 
 from bootsecrets.errors import LockBusy, StoreError
 from bootsecrets.paths import Paths
+from bootsecrets.process import libc
 from bootsecrets.render import RenderedUnit
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,8 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 
 def filesystem_type(path: Path) -> int:
     """statfs(2) f_type of the filesystem holding `path`."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if libc().statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise StoreError(f"cannot statfs {path}: {os.strerror(err)}")
     return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
