@@ -252,16 +252,22 @@ def tls_openbao() -> Iterator[OpenBao]:
         yield server
 
 
+def provision_tls(server: OpenBao, sandbox: Sandbox, unique: str, ca_source: Path,
+                  deadline: int) -> World:
+    ca = sandbox.root / "etc/bootsecrets/vault-ca.pem"
+    ca.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ca_source, ca)
+    world = World(server, sandbox, unique)
+    world.provision(vault={"address": server.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
+                           "boot_deadline": deadline})
+    return world
+
+
 def test_tls_is_verified_against_the_configured_ca(
     tls_openbao: OpenBao, sandbox: Sandbox, unique: str
 ) -> None:
     assert tls_openbao.ca_cert is not None
-    ca = sandbox.root / "etc/bootsecrets/vault-ca.pem"
-    ca.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tls_openbao.ca_cert, ca)
-    world = World(tls_openbao, sandbox, unique)
-    world.provision(vault={"address": tls_openbao.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
-                           "boot_deadline": 5})
+    world = provision_tls(tls_openbao, sandbox, unique, tls_openbao.ca_cert, 5)
     code, _, err = sandbox.run("bootstrap")
     assert code == 0, err
     assert read_env_file(sandbox.env_file("app.service"))["API_KEY"] == world.api_key
@@ -271,13 +277,9 @@ def test_tls_with_the_wrong_ca_fails_at_once(
     tls_openbao: OpenBao, sandbox: Sandbox, unique: str
 ) -> None:
     assert tls_openbao.ca_cert is not None
-    wrong = sandbox.root / "etc/bootsecrets/vault-ca.pem"
-    wrong.parent.mkdir(parents=True, exist_ok=True)
     # A well-formed PEM that is not the server's CA: the server's own leaf certificate.
-    shutil.copy(tls_openbao.ca_cert.with_name("vault-cert.pem"), wrong)
-    world = World(tls_openbao, sandbox, unique)
-    world.provision(vault={"address": tls_openbao.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
-                           "boot_deadline": 30})
+    provision_tls(tls_openbao, sandbox, unique, tls_openbao.ca_cert.with_name("vault-cert.pem"),
+                  30)
     started = time.monotonic()
     code, _, err = sandbox.run("bootstrap")
     assert code == errors.VaultError.exit_code

@@ -64,28 +64,27 @@ class StoreError(BootsecretsError):
     hint = "mount a tmpfs (or ramfs) at the store path; see systemd/run-bootsecrets.mount"
 
 
-class RenderError(BootsecretsError):
+class _UnitVariableError(BootsecretsError):
+    """A problem with one variable (or credential) of one unit."""
+
+    def __init__(self, unit: str, variable: str, problem: str) -> None:
+        self.unit = unit
+        self.variable = variable
+        super().__init__(f"unit {unit}, variable {variable}: {problem}")
+
+
+class RenderError(_UnitVariableError):
     """A template could not be rendered for a unit."""
 
     exit_code = 13
     hint = "fix the template in the image config"
 
-    def __init__(self, unit: str, variable: str, problem: str) -> None:
-        self.unit = unit
-        self.variable = variable
-        super().__init__(f"unit {unit}, variable {variable}: {problem}")
 
-
-class EncodeError(BootsecretsError):
+class EncodeError(_UnitVariableError):
     """A rendered value cannot be represented in the target file format."""
 
     exit_code = 14
     hint = "the secret value must be valid UTF-8 without NUL and at most 128 KiB"
-
-    def __init__(self, unit: str, variable: str, problem: str) -> None:
-        self.unit = unit
-        self.variable = variable
-        super().__init__(f"unit {unit}, variable {variable}: {problem}")
 
 
 class LockBusy(BootsecretsError):
