@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bootsecrets import errors
+from bootsecrets.config import load_config
 from bootsecrets.paths import DROPIN_NAME
 from conftest import Sandbox, mode_of, read_env_file
 from support.openbao import CANARIES, OpenBao, dev_server
@@ -294,5 +295,21 @@ def test_environment_address_overrides_the_config(world: World, variable: str) -
     config["vault"]["address"] = "https://vault.invalid:8200"
     world.provision(vault=config["vault"])
     world.sandbox.env[variable] = world.bao.addr
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err
+
+
+def test_user_data_address_goes_first_and_config_addresses_stay_as_fallbacks(
+    world: World,
+) -> None:
+    from support.openbao import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    world.sandbox.write_config(world.config(vault={"addresses": [world.bao.addr],
+                                                   "boot_deadline": 10}))
+    world.sandbox.write_bootstrap(world.role_id, world.bao.wrapped_secret_id(world.role), dead)
+    config = load_config(world.sandbox.root / "etc/bootsecrets/config.yaml")
+    vault = world.sandbox.context().vault(config, dead)
+    assert vault.addresses == (dead, world.bao.addr)
     code, _, err = world.sandbox.run("bootstrap")
     assert code == 0, err

@@ -181,3 +181,13 @@ def test_deadline_bounds_the_retries(mocked: responses.RequestsMock, fake_time: 
     assert fake_time.now <= 20
     assert all(s <= 4.0 for s in fake_time.sleeps)  # full jitter, capped
     assert len(fake_time.sleeps) >= 4
+
+
+def test_unwrap_during_a_leader_election_is_retried(
+    mocked: responses.RequestsMock, fake_time: FakeTime
+) -> None:
+    # What an OpenBao standby answers while no node is active: the request went nowhere.
+    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", status=500,
+               json={"errors": ["local node not active but active cluster node not found"]})
+    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", json=UNWRAP_OK)
+    assert vault(fake_time).unwrap_secret_id("wrap-123456") == ("sid-123456", "acc")

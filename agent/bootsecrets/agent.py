@@ -82,7 +82,11 @@ class Context:
         return Systemctl(self.runner, self.systemctl_program)
 
     def vault(self, config: Config, address: str | None = None) -> Vault:
-        addresses = (address,) if address and not _env_address(self.env) else None
+        """A Vault session. A user-data address goes first; the image config's addresses stay
+        as fallbacks (an environment override, applied by the config, replaces them all)."""
+        addresses = None
+        if address and not _env_address(self.env):
+            addresses = (address, *(a for a in config.vault.addresses if a != address))
         return self.make_vault(config.vault, addresses=addresses, config_root=self.paths.root)
 
 

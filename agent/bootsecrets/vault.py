@@ -106,6 +106,9 @@ def _never_sent(err: BaseException) -> bool:
     if isinstance(err, requests.exceptions.ConnectionError):
         text = repr(err.args[0]) if err.args else ""
         return "NewConnectionError" in text or "NameResolutionError" in text
+    if isinstance(err, hvac.exceptions.InternalServerError):
+        # A standby during a leader election: it had no active node to pass the request to.
+        return "active cluster node not found" in _vault_errors(err)
     return isinstance(err, _NOT_PROCESSED)
 
 
