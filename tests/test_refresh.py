@@ -302,3 +302,26 @@ def test_status_text_names_versions(booted: World) -> None:
     assert "reboot policy: reprovision" in out
 
 
+
+
+def test_optional_unit_keeps_its_values_when_its_secret_becomes_unreadable(
+    world: World, openbao: OpenBao
+) -> None:
+    sandbox = world.sandbox
+    config = three_units(world)
+    config["services"]["worker.service"]["required"] = False
+    world.provision(services=config["services"])
+    assert sandbox.run("bootstrap")[0] == 0
+    before = file_identity(sandbox)
+    sandbox.runner.calls.clear()
+    openbao.approle(world.role, policy(*world.policy_paths[:2]))  # legacy path revoked
+    openbao.put("secret", f"{world.unique}/api", {"key": "canary-next-" + os.urandom(4).hex()})
+
+    code, _, err = sandbox.run("refresh")
+
+    assert code == 0, err
+    assert "optional unit worker.service left out" in err
+    assert restarts(sandbox) == [("try-restart", "--", "api.service")]
+    assert file_identity(sandbox)["worker.service.env"] == before["worker.service.env"]
+    worker = unit(status(sandbox), "worker.service")
+    assert worker["left_out"] and worker["secrets"]  # still described by its last render

@@ -472,6 +472,9 @@ def _apply_changes(
 ) -> None:
     state_units = store.load_state().get("units") or {}
     changed = _changed_units(store, previous, rendered)
+    # An optional unit that could not be rendered this time keeps the values it runs with.
+    kept = {u: previous for u in rendered.skipped if store.read_unit(previous, u) != (None, {})}
+    kept_state = {u: state_units[u] for u in kept if u in state_units}
     systemctl = ctx.systemctl()
     dropins_changed = write_dropins(paths, _dropins(config, paths, rendered.units))
     if dropins_changed:
@@ -483,11 +486,11 @@ def _apply_changes(
             for s in config.services if s.unit in rendered.units
         }
         _record(store, config, command="refresh", outcome="ok", error=None, exit_code=0,
-                generation=previous, units=units, token=token, vault_addr=address,
-                skipped=rendered.skipped)
+                generation=previous, units={**kept_state, **units}, token=token,
+                vault_addr=address, skipped=rendered.skipped)
         log.info("refresh: nothing changed")
         return
-    unchanged = {u: previous for u in rendered.units if u not in changed}
+    unchanged = {u: previous for u in rendered.units if u not in changed} | kept
     number = store.write_generation(
         {u: rendered.units[u] for u in changed}, _specs(config), linked=unchanged,
         shared=_shared(config))
@@ -505,7 +508,7 @@ def _apply_changes(
         restarted.append(unit)
     failed = [u for u in restarted
               if systemctl.wait_active(u, config.restart_timeout) != "active"]
-    units = {
+    units = kept_state | {
         s.unit: _unit_state(s, rendered, number, state_units.get(s.unit),
                             changed=s.unit in changed, restarted=s.unit in restarted)
         for s in config.services if s.unit in rendered.units
@@ -517,7 +520,8 @@ def _apply_changes(
                 skipped=rendered.skipped)
         return
     rollback = store.write_generation(
-        {}, {}, linked={u: previous if u in failed else number for u in rendered.units},
+        {}, {}, linked={u: previous if u in failed else number
+                        for u in (*rendered.units, *kept)},
         shared=_shared(config))
     store.switch(rollback)
     for unit in failed:
