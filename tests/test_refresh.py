@@ -325,3 +325,19 @@ def test_optional_unit_keeps_its_values_when_its_secret_becomes_unreadable(
     assert file_identity(sandbox)["worker.service.env"] == before["worker.service.env"]
     worker = unit(status(sandbox), "worker.service")
     assert worker["left_out"] and worker["secrets"]  # still described by its last render
+
+
+def test_reprovision_with_a_whole_bootstrap_document_on_stdin(
+    world: World, openbao: OpenBao
+) -> None:
+    sandbox = world.sandbox
+    world.provision()
+    assert sandbox.run("bootstrap")[0] == 0
+    simulate_reboot(sandbox)
+    shutil.rmtree(sandbox.root / "var/lib/bootsecrets")  # no identity kept either
+    wrapped = openbao.wrapped_secret_id(world.role)
+    document = f"role_id: {world.role_id}\nwrapped_secret_id: {wrapped}\n"
+    code, _, err = sandbox.run("refresh", "--wrapped-secret-id", "-", stdin=document)
+    assert code == 0, err
+    assert sandbox.started_units() == ["app.service", "worker.service"]
+    assert not list(sandbox.store.glob(".stdin*"))

@@ -25,6 +25,7 @@ from bootsecrets.config import (
     Service,
     load_bootstrap,
     load_config,
+    parse_bootstrap,
     parse_wrapped_secret_id,
 )
 from bootsecrets.errors import (
@@ -413,13 +414,7 @@ def _wrapped_from_stdin(text: str, paths: Paths) -> Bootstrap:
     last bootstrap) or a whole bootstrap document."""
     stripped = text.strip()
     if stripped.startswith(("role_id", "wrapped_secret_id", "vault_addr", "{", "---")):
-        tmp = paths.store / f".stdin-bootstrap-{os.getpid()}.yaml"
-        write_private(tmp, stripped.encode(), 0o600)
-        try:
-            boot = load_bootstrap(tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return boot
+        return parse_bootstrap(stripped.encode())
     wrapped = parse_wrapped_secret_id(text)
     identity = load_identity(paths)
     role_id = identity.get("role_id")

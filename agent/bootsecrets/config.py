@@ -270,6 +270,10 @@ def _read_document(path: Path, error_type: type[ConfigError]) -> _At:
         raise error_type(source, None, "", "does not exist") from None
     except OSError as err:
         raise error_type(source, None, "", f"cannot read: {err.strerror}") from None
+    return _parse_document(data, source, error_type)
+
+
+def _parse_document(data: bytes, source: str, error_type: type[ConfigError]) -> _At:
     if len(data) > MAX_CONFIG_BYTES:
         raise error_type(source, None, "", "larger than 1 MiB")
     try:
@@ -317,7 +321,15 @@ def parse_address(at: _At) -> str:
 
 def load_bootstrap(path: Path) -> Bootstrap:
     """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr."""
-    doc = _read_document(path, BootstrapError)
+    return _bootstrap(_read_document(path, BootstrapError))
+
+
+def parse_bootstrap(data: bytes, source: str = "<stdin>") -> Bootstrap:
+    """A bootstrap document given on standard input (`refresh --wrapped-secret-id -`)."""
+    return _bootstrap(_parse_document(data, source, BootstrapError))
+
+
+def _bootstrap(doc: _At) -> Bootstrap:
     fields = doc.mapping(BOOTSTRAP_FIELDS, frozenset({"vault_addr"}))
     tokens = {
         key: fields[key].matching(TOKEN_SHAPE, "a token: printable ASCII, no spaces, <= 1024 bytes")

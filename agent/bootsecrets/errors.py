@@ -146,6 +146,7 @@ class ResponseLost(VaultError):
     was lost. Sending it again could not succeed and would hide what happened."""
 
     exit_code = 32
+    message_id = "6e8a0c2e4a6c4e8a0c2e4a6c8e0a2c08"
     hint = (
         "the wrapped secret-id (or the secret-id) may have been consumed by that request: "
         "re-provision with a new wrapped secret-id"
