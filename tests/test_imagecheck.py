@@ -92,8 +92,9 @@ def make_clean_tree(root: Path) -> None:
     write(root, "/var/lib/cloud/scripts/per-instance/.keep", "")
     write(root, "/etc/default/app", "VAULT_TOKEN=$VAULT_TOKEN\nBAO_TOKEN=\nVAULT_ADDR=https://x\n")
     write(root, "/usr/share/doc/app/README",
-          "Paste your key between -----BEGIN RSA PRIVATE KEY----- and the END line.\n"
-          "AWS's example key is AKIAIOSFODNN7EXAMPLE with "
+          # Split so that no grep for credentials in the repository trips over prose.
+          "Paste your key between -----BEGIN RSA " "PRIVATE KEY----- and the END line.\n"
+          "AWS's example key is AKIA" "IOSFODNN7EXAMPLE with "
           "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
           "Tokens look like hvs.<random> or s.<24 characters>; this.s.isNotATokenAtAll1 isn't.\n"
           'A GCP key has "type": "service_account" (this file has no private key).\n')
