@@ -453,22 +453,17 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
         _apply_changes(ctx, config, paths, store, rendered, token, address, previous)
 
 
-def _changed_units(store: Store, generation: int, rendered: Rendered) -> list[str]:
-    changed = []
-    for unit, out in rendered.units.items():
-        if store.read_unit(generation, unit) != (out.env_file, dict(out.credentials)):
-            changed.append(unit)
-    return changed
-
-
 def _apply_changes(
     ctx: Context, config: Config, paths: Paths, store: Store, rendered: Rendered,
     token: TokenInfo, address: str | None, previous: int,
 ) -> None:
     state_units = store.load_state().get("units") or {}
-    changed = _changed_units(store, previous, rendered)
+    # What each unit runs with now, read once; (None, {}) for a unit new to this host.
+    live = {u: store.read_unit(previous, u) for u in (*rendered.units, *rendered.skipped)}
+    changed = [u for u, out in rendered.units.items()
+               if live[u] != (out.env_file, dict(out.credentials))]
     # An optional unit that could not be rendered this time keeps the values it runs with.
-    kept = {u: previous for u in rendered.skipped if store.read_unit(previous, u) != (None, {})}
+    kept = {u: previous for u in rendered.skipped if live[u] != (None, {})}
     kept_state = {u: state_units[u] for u in kept if u in state_units}
     systemctl = ctx.systemctl()
     dropins_changed = write_dropins(paths, _dropins(config, paths, rendered.units))
@@ -494,7 +489,7 @@ def _apply_changes(
     restarted: list[str] = []
     for unit in changed:
         service = config.service(unit)
-        if store.read_unit(previous, unit) == (None, {}):
+        if live[unit] == (None, {}):
             systemctl.start_no_block([unit])  # a unit new to this host: start, not restart
         elif service.on_change is OnChange.NONE:
             continue
