@@ -308,29 +308,19 @@ def _record(
 
 
 @contextlib.contextmanager
-def _failures_recorded(ctx: Context, command: str) -> Iterator[None]:
-    """Note a failed run in the state file (for status), when there is a store to note it in.
-    A rollback records its own, fuller outcome."""
+def _failures_recorded(store: Store, config: Config, command: str) -> Iterator[None]:
+    """Note a failed run in the state file, for status. A rollback records its own, fuller
+    outcome; a run that never got the lock has nothing of its own to record."""
     try:
         yield
-    except (UnitFailed, LockBusy):  # recorded by the rollback / not ours to record
+    except (UnitFailed, LockBusy):
         raise
     except BootsecretsError as err:
-        _record_failure(ctx, command, err)
+        with contextlib.suppress(OSError):  # the original error matters more
+            _record(store, config, command=command, outcome="error", error=err,
+                    exit_code=err.exit_code, generation=None, units=None, token=None,
+                    vault_addr=None)
         raise
-
-
-def _record_failure(ctx: Context, command: str, error: BootsecretsError) -> None:
-    try:
-        config = load_config(ctx.paths.config, env=ctx.env)
-        store = Store(ctx.paths.with_store(config.store))
-        if not store.paths.store.is_dir():
-            return
-        _record(store, config, command=command, outcome="error", error=error,
-                exit_code=error.exit_code, generation=None, units=None, token=None,
-                vault_addr=None)
-    except (BootsecretsError, OSError):
-        pass
 
 
 # --- bootstrap --------------------------------------------------------------------------------
@@ -371,7 +361,7 @@ def _authenticate(
 def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, render, start the units."""
     config, paths, store = ctx.load()
-    with _failures_recorded(ctx, "bootstrap"), store.lock(ctx.lock_wait):
+    with _failures_recorded(store, config, "bootstrap"), store.lock(ctx.lock_wait):
         boot = load_bootstrap(paths.bootstrap) if paths.bootstrap.exists() else None
         vault, token, address = _authenticate(
             ctx, config, paths, boot, lambda: paths.bootstrap.unlink(missing_ok=True))
@@ -439,7 +429,7 @@ def _renew_if_due(vault: Vault, token: TokenInfo) -> TokenInfo:
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     config, paths, store = ctx.load()
-    with _failures_recorded(ctx, "refresh"), store.lock(ctx.lock_wait):
+    with _failures_recorded(store, config, "refresh"), store.lock(ctx.lock_wait):
         boot = _wrapped_from_stdin(wrapped_secret_id, paths) if wrapped_secret_id else None
         vault, token, address = _authenticate(ctx, config, paths, boot, lambda: None)
         with vault:

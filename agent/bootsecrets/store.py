@@ -276,9 +276,6 @@ class Store:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
 
-    def discard_generation(self, number: int) -> None:
-        shutil.rmtree(self.generation_dir(number), ignore_errors=True)
-
     # --- small files -----------------------------------------------------------------------
 
     def load_state(self) -> dict[str, Any]:

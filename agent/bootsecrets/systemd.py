@@ -6,15 +6,12 @@ manager reads (EnvironmentFile=, LoadCredential=), never through argv.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import shlex
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 from bootsecrets.errors import CommandFailed
@@ -123,13 +120,6 @@ def write_dropins(paths: Paths, texts: Mapping[str, str]) -> list[str]:
     return changed
 
 
-def remove_dropin(paths: Paths, unit: str) -> None:
-    path = paths.dropin(unit)
-    path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # other drop-ins may live there
-        path.parent.rmdir()
-
-
 class Systemctl:
     def __init__(self, runner: Runner = run, program: str = "systemctl") -> None:
         self._run = runner
@@ -150,9 +140,6 @@ class Systemctl:
     def try_restart(self, unit: str, *, reload: bool = False) -> None:
         self("try-reload-or-restart" if reload else "try-restart", "--", unit)
 
-    def restart(self, unit: str) -> None:
-        self("restart", "--", unit)
-
     def is_active(self, unit: str) -> str:
         return self("is-active", "--", unit, check=False).stdout.strip() or "unknown"
 
@@ -169,7 +156,3 @@ class Systemctl:
             if state in ("failed", "inactive") or clock() >= give_up:
                 return state
             sleep(0.5)
-
-
-def running_under_systemd() -> bool:
-    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()

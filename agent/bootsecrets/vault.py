@@ -154,7 +154,6 @@ class Vault:
         ]
         self._preferred = 0
         self.token: TokenInfo | None = None
-        self.requests_made = 0
 
     def close(self) -> None:
         self._session.close()
@@ -181,7 +180,6 @@ class Vault:
         while True:
             for offset in range(len(self._clients)):
                 index = (self._preferred + offset) % len(self._clients)
-                self.requests_made += 1
                 try:
                     result = request(self._clients[index])
                 except requests.exceptions.SSLError:
