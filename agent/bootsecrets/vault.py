@@ -12,11 +12,13 @@ Nothing here puts a token, secret-id or value into a message.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ import hvac
 import hvac.exceptions
 import requests
 import requests.adapters
+from urllib3.connectionpool import HTTPConnectionPool
 
 from bootsecrets.config import Engine, SecretRef, VaultSettings
 from bootsecrets.errors import (
@@ -44,6 +47,9 @@ from bootsecrets.render import SecretData
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+#: Reads in flight at once, and keep-alive connections kept for them.
+MAX_CONCURRENT_READS = 32
 
 #: Server answers after which the request was certainly not acted on.
 _NOT_PROCESSED = (hvac.exceptions.VaultDown, hvac.exceptions.RateLimitExceeded)
@@ -112,6 +118,44 @@ def _never_sent(err: BaseException) -> bool:
     return isinstance(err, _NOT_PROCESSED)
 
 
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, able to open keep-alive connections before requests need them."""
+
+    def preconnect(
+        self, url: str, verify: bool | str, timeout: float, count: int,
+        submit: Callable[[Callable[[], None]], Future[None]],
+    ) -> list[Future[None]]:
+        """Open `count` connections to `url` in this adapter's pool in the background (TCP
+        and, for https, TLS handshakes), so that the requests that take them later skip the
+        handshakes. A connection that fails is closed; the request that takes it connects
+        again and reports the error.
+
+        urllib3 has no public call for this; its pool's `_get_conn`/`_put_conn` pair (take a
+        slot, give it back) has been stable since urllib3 1.x. All slots are taken before any
+        is given back, so no two handshakes land on the same slot.
+        tests/test_vault_connections.py fails if the reads stop using these connections.
+        """
+        request = requests.Request("GET", url).prepare()
+        pool = self.get_connection_with_tls_context(request, verify, proxies={})
+        if not isinstance(pool, HTTPConnectionPool):
+            return []
+        conns = [pool._get_conn() for _ in range(count)]
+
+        def connect(conn: Any) -> None:
+            try:
+                if not conn.is_connected:
+                    conn.timeout = timeout
+                    conn.connect()
+            except Exception as err:  # only an optimisation: the request reports
+                conn.close()
+                log.debug("opening a connection to %s ahead of a read failed: %s", url,
+                          _reason(err))
+            finally:
+                pool._put_conn(conn)
+
+        return [submit(functools.partial(connect, conn)) for conn in conns]
+
+
 def _vault_errors(err: hvac.exceptions.VaultError) -> str:
     errors = [str(e) for e in (getattr(err, "errors", None) or []) if e]
     return "; ".join(errors)[:200] or "no details"
@@ -140,23 +184,45 @@ class Vault:
         verify: bool | str = True
         if settings.ca_cert is not None:
             verify = str(_check_ca_bundle(settings.ca_cert, config_root))
+        self._verify = verify
+        self._timeout = settings.request_timeout
+        # Two sessions, so that connections opened for the reads while the login is in flight
+        # (prepare_reads) never take the one the login is about to use.
+        self._session, self._clients = self._connect(settings, verify)
+        self._read_session, self._read_clients = self._connect(settings, verify)
+        self._workers: ThreadPoolExecutor | None = None
+        self._preconnects: list[Future[None]] = []
+        self._preferred = 0
+        self.token: TokenInfo | None = None
+
+    def _connect(
+        self, settings: VaultSettings, verify: bool | str
+    ) -> tuple[requests.Session, list[hvac.Client]]:
         session = requests.Session()
-        pool = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
-        session.mount("https://", pool)
-        session.mount("http://", pool)
+        adapter = _Adapter(pool_connections=4, pool_maxsize=MAX_CONCURRENT_READS, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         session.trust_env = False  # no proxies or netrc credentials picked up from the env
         session.verify = verify  # hvac takes `verify` from a session it is given, not its arg
-        self._session = session
-        self._clients = [
+        clients = [
             hvac.Client(url=address, token="", verify=verify, timeout=settings.request_timeout,  # type: ignore[arg-type]
                         namespace=settings.namespace, session=session)
             for address in self.addresses
         ]
-        self._preferred = 0
-        self.token: TokenInfo | None = None
+        return session, clients
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=True, cancel_futures=True)
+            self._workers = None
         self._session.close()
+        self._read_session.close()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_READS,
+                                               thread_name_prefix="vault")
+        return self._workers
 
     def __enter__(self) -> Vault:
         return self
@@ -167,7 +233,8 @@ class Vault:
     # --- transport ------------------------------------------------------------------------
 
     def _call(
-        self, what: str, request: Callable[[hvac.Client], _T], *, idempotent: bool = True
+        self, what: str, request: Callable[[hvac.Client], _T], *, idempotent: bool = True,
+        clients: Sequence[hvac.Client] | None = None,
     ) -> _T:
         """Run `request` against the preferred address, failing over and retrying.
 
@@ -175,13 +242,14 @@ class Vault:
         otherwise ResponseLost is raised. Other Vault answers (400/403/404) propagate as
         hvac exceptions for the caller to map.
         """
+        clients = self._clients if clients is None else clients
         attempt = 0
         last = "no attempt"
         while True:
-            for offset in range(len(self._clients)):
-                index = (self._preferred + offset) % len(self._clients)
+            for offset in range(len(clients)):
+                index = (self._preferred + offset) % len(clients)
                 try:
-                    result = request(self._clients[index])
+                    result = request(clients[index])
                 except requests.exceptions.SSLError:
                     # Not transient: retrying a certificate that does not verify only hides it.
                     raise VaultError(
@@ -304,11 +372,23 @@ class Vault:
 
     # --- reads ----------------------------------------------------------------------------
 
+    def prepare_reads(self, count: int) -> None:
+        """Open the connections `count` reads will use, in the background, to the address
+        that answered last; call it just before the login (or token check) whose round trip
+        it overlaps."""
+        address = self.addresses[self._preferred]
+        adapter = self._read_session.get_adapter(address)
+        if isinstance(adapter, _Adapter):
+            self._preconnects = adapter.preconnect(
+                address, self._verify, self._timeout, min(count, MAX_CONCURRENT_READS),
+                self._pool().submit)
+
     def read(self, ref: SecretRef) -> SecretData:
         token = self._require_token().token
         try:
             response = self._call(f"read {ref.full_path}", lambda c: c.adapter.get(
-                f"/v1/{ref.api_path}", headers=self._headers(token)))
+                f"/v1/{ref.api_path}", headers=self._headers(token)),
+                clients=self._read_clients)
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
             raise PermissionDenied(ref.full_path) from None
         except hvac.exceptions.InvalidPath:
@@ -353,10 +433,13 @@ class Vault:
             except (PermissionDenied, SecretMissing) as err:
                 return err
 
-        # One batch: every distinct path in flight at once (20 paths at 8 workers would cost
-        # three round trips more on a distant Vault).
-        with ThreadPoolExecutor(max_workers=min(32, len(refs))) as pool:
-            results = list(pool.map(one, refs))
+        # Connections being opened for these reads: let them finish rather than open more
+        # (each is bounded by the request timeout).
+        wait_for_futures(self._preconnects)
+        self._preconnects = []
+        # One batch: every distinct path in flight at once (20 paths read 8 at a time would
+        # cost three round trips more on a distant Vault).
+        results = list(self._pool().map(one, refs))
         return {ref.name: result for ref, result in zip(refs, results, strict=True)}
 
 

@@ -1,0 +1,174 @@
+"""The reads go out on connections opened while the login (or token check) was in flight.
+
+Over a link to a distant Vault every new connection costs a round trip (two or three with
+TLS) before its request can leave; the agent opens the read connections during the login
+round trip so that the reads do not pay it (issue 6, docs/performance.md). A recording proxy
+between the agent and a real OpenBao shows which connection carried which request and when
+each was opened. Answers are held 100 ms by the proxy, so "opened during the login" is not a
+race on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import Sandbox
+from support.openbao import OpenBao
+from support.world import World
+
+ANSWER_DELAY = 0.1
+
+
+@dataclasses.dataclass
+class Connection:
+    accepted: float
+    requests: list[str] = dataclasses.field(default_factory=list)
+    answered: list[float] = dataclasses.field(default_factory=list)
+
+
+class RecordingProxy:
+    """127.0.0.1:port -> OpenBao: records, per connection, when it was accepted, the request
+    line of each request and when each answer was passed back (held ANSWER_DELAY first)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[Connection] = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.stopping:
+                client.close()
+                return
+            conn = Connection(time.monotonic())
+            server = socket.create_connection(self.upstream, timeout=10)
+            with self.lock:
+                self.connections.append(conn)
+                self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, conn, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, conn, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, conn: Connection,
+              answers: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if answers:
+                    time.sleep(ANSWER_DELAY)
+                    with self.lock:
+                        conn.answered.append(time.monotonic())
+                else:
+                    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    if line.split(" ")[0] in ("GET", "POST", "PUT", "LIST"):
+                        with self.lock:
+                            conn.requests.append(line)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.stopping = True
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept/recv
+                sock.close()
+
+    def carrying(self, marker: str) -> list[Connection]:
+        with self.lock:
+            return [c for c in self.connections if any(marker in r for r in c.requests)]
+
+
+@pytest.fixture
+def proxy(openbao: OpenBao) -> Iterator[RecordingProxy]:
+    host, port = openbao.addr.removeprefix("http://").split(":")
+    recording = RecordingProxy((host, int(port)))
+    yield recording
+    recording.close()
+
+
+READS = ("/v1/secret/data/", "/v1/kv1/")
+
+
+def read_connections(proxy: RecordingProxy) -> list[Connection]:
+    return [c for c in proxy.connections if any(m in r for r in c.requests for m in READS)]
+
+
+def test_bootstrap_reads_on_connections_opened_during_the_login(
+    world: World, proxy: RecordingProxy
+) -> None:
+    sandbox: Sandbox = world.sandbox
+    world.provision(vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5})
+
+    code, _, err = sandbox.run("bootstrap")
+
+    assert code == 0, err
+    [auth] = proxy.carrying("/v1/auth/approle/login")
+    assert [r.split()[1] for r in auth.requests] == [
+        "/v1/sys/wrapping/lookup", "/v1/sys/wrapping/unwrap", "/v1/auth/approle/login"]
+    login_answered = auth.answered[2]
+    reads = read_connections(proxy)
+    # Three distinct paths: three connections, each opened before the login was answered,
+    # each carrying exactly one read, and nothing else opened.
+    assert len(reads) == 3
+    assert all(len(c.requests) == 1 for c in reads)
+    assert all(c.accepted < login_answered for c in reads), (
+        "a read opened its own connection after the login")
+    assert len(proxy.connections) == 1 + 3
+
+
+def test_refresh_reads_on_connections_opened_during_the_token_check(
+    world: World, proxy: RecordingProxy
+) -> None:
+    sandbox: Sandbox = world.sandbox
+    world.provision(vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5})
+    code, _, err = sandbox.run("bootstrap")
+    assert code == 0, err
+    with proxy.lock:
+        proxy.connections.clear()
+
+    code, _, err = sandbox.run("refresh")
+
+    assert code == 0, err
+    [check] = proxy.carrying("/v1/auth/token/lookup-self")
+    assert len(check.requests) == 1
+    reads = read_connections(proxy)
+    assert len(reads) == 3
+    assert all(len(c.requests) == 1 for c in reads)
+    assert all(c.accepted < check.answered[0] for c in reads), (
+        "a read opened its own connection after the token check")
+    assert len(proxy.connections) == 1 + 3
+
+
+def test_connections_that_cannot_be_opened_leave_the_error_to_the_reads(
+    world: World, proxy: RecordingProxy
+) -> None:
+    """Vault goes away between the login and the reads: the connections opened ahead are
+    dead, and the reads report Vault unreachable (exit 21) at the deadline, not a hang."""
+    sandbox: Sandbox = world.sandbox
+    world.provision(vault={"address": proxy.addr, "boot_deadline": 2, "request_timeout": 1})
+    sandbox.after_login = proxy.close
+
+    started = time.monotonic()
+    code, _, err = sandbox.run("bootstrap")
+
+    assert code == 21, err
+    assert "did not answer read " in err
+    assert time.monotonic() - started < 10
