@@ -1,4 +1,6 @@
-"""The reads go out on connections opened while the login (or token check) was in flight.
+"""Requests go out on connections opened ahead: the first one on the connection opened
+while hvac was being loaded, the reads on connections opened while the login (or token
+check) was in flight.
 
 Over a link to a distant Vault every new connection costs a round trip (two or three with
 TLS) before its request can leave; the agent opens the read connections during the login
@@ -19,6 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from bootsecrets.config import VaultSettings
+from bootsecrets.connect import EarlyConnection
+from bootsecrets.vault import Vault
 from conftest import Sandbox
 from support.openbao import OpenBao
 from support.world import World
@@ -172,3 +177,44 @@ def test_connections_that_cannot_be_opened_leave_the_error_to_the_reads(
     assert code == 21, err
     assert "did not answer read " in err
     assert time.monotonic() - started < 10
+
+
+def wait_for_connections(proxy: RecordingProxy, count: int) -> list[Connection]:
+    give_up = time.monotonic() + 10
+    while len(proxy.connections) < count and time.monotonic() < give_up:
+        time.sleep(0.01)
+    with proxy.lock:
+        assert len(proxy.connections) == count
+        return list(proxy.connections)
+
+
+def test_the_first_request_goes_out_on_the_early_connection(
+    world: World, proxy: RecordingProxy
+) -> None:
+    """connect.EarlyConnection is opened before hvac is loaded; the wrapping lookup, the
+    first request, must use it rather than open a connection of its own."""
+    early = EarlyConnection(proxy.addr, timeout=5)
+    [opened] = wait_for_connections(proxy, 1)
+
+    with Vault(VaultSettings(addresses=(proxy.addr,), request_timeout=5),
+               early=early) as vault:
+        info = vault.lookup_wrapping(world.bao.wrapped_secret_id(world.role))
+
+    assert info.creation_path == f"auth/approle/role/{world.role}/secret-id"
+    assert proxy.connections == [opened]
+    assert opened.requests == ["POST /v1/sys/wrapping/lookup HTTP/1.1"]
+
+
+def test_an_early_connection_to_another_address_is_closed_unused(
+    world: World, proxy: RecordingProxy, openbao: OpenBao
+) -> None:
+    early = EarlyConnection(proxy.addr, timeout=5)
+    [opened] = wait_for_connections(proxy, 1)
+
+    with Vault(VaultSettings(addresses=(openbao.addr,), request_timeout=5),
+               early=early) as vault:
+        vault.lookup_wrapping(world.bao.wrapped_secret_id(world.role))
+
+    assert proxy.connections == [opened]
+    assert opened.requests == []
+    assert early.take(early.host, early.port) is None

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootsecrets import logs
 from bootsecrets.config import (
@@ -28,6 +28,7 @@ from bootsecrets.config import (
     parse_bootstrap,
     parse_wrapped_secret_id,
 )
+from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import (
     BootsecretsError,
     BootstrapError,
@@ -45,10 +46,20 @@ from bootsecrets.paths import Paths
 from bootsecrets.render import RenderedUnit, SecretData, render_service
 from bootsecrets.store import FileSpec, Store, resolve_owner, write_private
 from bootsecrets.systemd import Runner, Systemctl, dropin_text, run, write_dropins
-from bootsecrets.vault import TokenInfo, Vault
+
+if TYPE_CHECKING:
+    from bootsecrets.vault import TokenInfo, Vault
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+
+
+def _new_vault(*args: Any, **kwargs: Any) -> Vault:
+    # Loaded on first use: hvac, requests and urllib3 take ~90 ms of CPU to import, which a
+    # TCP handshake with Vault (connect.EarlyConnection) can overlap; `status` never needs them.
+    from bootsecrets.vault import Vault  # noqa: PLC0415
+
+    return Vault(*args, **kwargs)
 
 
 def _now() -> str:
@@ -66,7 +77,7 @@ class Context:
     env: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(os.environ))
     #: How long bootstrap/refresh wait for another run's lock before giving up.
     lock_wait: float = 60.0
-    make_vault: Callable[..., Vault] = Vault
+    make_vault: Callable[..., Vault] = _new_vault
     #: Called between the wrapping lookup and the unwrap (tests produce a race there).
     after_lookup: Callable[[], None] | None = None
     #: Called between the login and the reads (tests fail a Vault node over there).
@@ -88,7 +99,15 @@ class Context:
         addresses = None
         if address and not _env_address(self.env):
             addresses = (address, *(a for a in config.vault.addresses if a != address))
-        return self.make_vault(config.vault, addresses=addresses, config_root=self.paths.root)
+        first = (addresses or config.vault.addresses or ("",))[0]
+        early = EarlyConnection(first, config.vault.request_timeout) if first else None
+        try:
+            return self.make_vault(config.vault, addresses=addresses,
+                                   config_root=self.paths.root, early=early)
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
 
 
 def _env_address(env: Mapping[str, str]) -> str | None:

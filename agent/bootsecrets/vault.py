@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,9 +27,11 @@ import hvac
 import hvac.exceptions
 import requests
 import requests.adapters
-from urllib3.connectionpool import HTTPConnectionPool
+import urllib3.connection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from bootsecrets.config import Engine, SecretRef, VaultSettings
+from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import (
     BootsecretsError,
     ConfigError,
@@ -118,8 +121,72 @@ def _never_sent(err: BaseException) -> bool:
     return isinstance(err, _NOT_PROCESSED)
 
 
+def _early_socket(conn: urllib3.connection.HTTPConnection,
+                  early: EarlyConnection | None) -> socket.socket | None:
+    sock = early.take(conn.host, conn.port) if early is not None else None
+    if sock is not None:
+        for option in conn.socket_options or ():
+            sock.setsockopt(*option)
+    return sock
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """urllib3's connection, which can start on a socket connect.EarlyConnection opened."""
+
+    early: EarlyConnection | None = None
+
+    def _new_conn(self) -> socket.socket:
+        early, self.early = self.early, None
+        return _early_socket(self, early) or super()._new_conn()
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    """The same for https: TLS is set up on the early socket as on any other."""
+
+    early: EarlyConnection | None = None
+
+    def _new_conn(self) -> socket.socket:
+        early, self.early = self.early, None
+        return _early_socket(self, early) or super()._new_conn()
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 class _Adapter(requests.adapters.HTTPAdapter):
-    """requests' adapter, able to open keep-alive connections before requests need them."""
+    """requests' adapter, able to open keep-alive connections before requests need them.
+
+    urllib3 has no public call for that; its pool's `_get_conn`/`_put_conn` pair (take a
+    slot, give it back) has been stable since urllib3 1.x. tests/test_vault_connections.py
+    fails if requests stop using the connections opened here.
+    """
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def _pool(self, url: str, verify: bool | str) -> HTTPConnectionPool | None:
+        request = requests.Request("GET", url).prepare()
+        pool = self.get_connection_with_tls_context(request, verify, proxies={})
+        return pool if isinstance(pool, HTTPConnectionPool) else None
+
+    def adopt(self, url: str, verify: bool | str, early: EarlyConnection) -> None:
+        """Let the next new connection to `url` start on `early`'s socket."""
+        pool = self._pool(url, verify)
+        if pool is None:
+            early.close()
+            return
+        conn = pool._get_conn()
+        if isinstance(conn, _HTTPConnection | _HTTPSConnection) and not conn.is_connected:
+            conn.early = early
+        else:
+            early.close()
+        pool._put_conn(conn)
 
     def preconnect(
         self, url: str, verify: bool | str, timeout: float, count: int,
@@ -128,16 +195,11 @@ class _Adapter(requests.adapters.HTTPAdapter):
         """Open `count` connections to `url` in this adapter's pool in the background (TCP
         and, for https, TLS handshakes), so that the requests that take them later skip the
         handshakes. A connection that fails is closed; the request that takes it connects
-        again and reports the error.
-
-        urllib3 has no public call for this; its pool's `_get_conn`/`_put_conn` pair (take a
-        slot, give it back) has been stable since urllib3 1.x. All slots are taken before any
-        is given back, so no two handshakes land on the same slot.
-        tests/test_vault_connections.py fails if the reads stop using these connections.
+        again and reports the error. All slots are taken before any is given back, so no two
+        handshakes land on the same slot.
         """
-        request = requests.Request("GET", url).prepare()
-        pool = self.get_connection_with_tls_context(request, verify, proxies={})
-        if not isinstance(pool, HTTPConnectionPool):
+        pool = self._pool(url, verify)
+        if pool is None:
             return []
         conns = [pool._get_conn() for _ in range(count)]
 
@@ -173,7 +235,10 @@ class Vault:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         config_root: Path = Path("/"),
+        early: EarlyConnection | None = None,
     ) -> None:
+        """`early`: a connection to the first address, opened before this module was
+        loaded (connect.py); the first request to that address goes out on it."""
         self.addresses = tuple(addresses or settings.addresses)
         if not self.addresses:
             raise ConfigError("config", None, "vault.address",
@@ -190,6 +255,10 @@ class Vault:
         # (prepare_reads) never take the one the login is about to use.
         self._session, self._clients = self._connect(settings, verify)
         self._read_session, self._read_clients = self._connect(settings, verify)
+        if early is not None:
+            adapter = self._session.get_adapter(self.addresses[0])
+            if isinstance(adapter, _Adapter):
+                adapter.adopt(self.addresses[0], verify, early)
         self._workers: ThreadPoolExecutor | None = None
         self._preconnects: list[Future[None]] = []
         self._preferred = 0
