@@ -170,6 +170,14 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
     return 0
 
 
+def prepare_process() -> None:
+    """What `run()` sets up before anything is imported (see there)."""
+    sys.modules.setdefault("charset_normalizer", None)  # type: ignore[arg-type]
+    sys.modules.setdefault("chardet", None)  # type: ignore[arg-type]
+    warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
+    gc.disable()
+
+
 def run() -> NoReturn:
     """The console script (what bootsecrets.service runs): `main()` in a process of its own.
 
@@ -187,10 +195,7 @@ def run() -> NoReturn:
       the interpreter's module-by-module teardown (~30 ms). Everything main() opened has
       been closed by then; nothing is registered with atexit.
     """
-    sys.modules.setdefault("charset_normalizer", None)  # type: ignore[arg-type]
-    sys.modules.setdefault("chardet", None)  # type: ignore[arg-type]
-    warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
-    gc.disable()
+    prepare_process()
     code = 1
     try:
         code = main()
