@@ -147,6 +147,8 @@ def login_with_wrapped_secret_id(
         raise mismatch
     log.info("wrapped secret-id checked: created at %s with a TTL of %ss", info.creation_path,
              info.creation_ttl, extra={"CREATION_PATH": info.creation_path})
+    # Only TCP (and TLS) handshakes, nothing sent: they overlap the unwrap and login.
+    vault.prepare_reads(len(config.used_secrets()))
     if ctx.after_lookup is not None:
         ctx.after_lookup()
     try:
@@ -156,7 +158,6 @@ def login_with_wrapped_secret_id(
         logs.alert(err, ROLE=config.role, CREATION_PATH=info.creation_path)
         raise
     consumed()
-    vault.prepare_reads(len(config.used_secrets()))  # while the login is in flight
     try:
         token = vault.login_approle(config.approle_mount, boot.role_id, secret_id)
     except LoginDenied as err:
