@@ -193,7 +193,8 @@ def run() -> NoReturn:
       is bounded by its job (peak RSS is measured in benchmarks/);
     * the process ends with os._exit() once output and log handlers are flushed, skipping
       the interpreter's module-by-module teardown (~30 ms). Everything main() opened has
-      been closed by then; nothing is registered with atexit.
+      been closed by then (Vault.close() joins its threads), and logging's atexit hook, the
+      one that matters here, is run first.
     """
     prepare_process()
     code = 1
