@@ -112,8 +112,14 @@ def proxy(openbao: OpenBao) -> Iterator[RecordingProxy]:
 READS = ("/v1/secret/data/", "/v1/kv1/")
 
 
-def read_connections(proxy: RecordingProxy) -> list[Connection]:
-    return [c for c in proxy.connections if any(m in r for r in c.requests for m in READS)]
+def assert_reads_on_connections_opened_before(proxy: RecordingProxy, moment: float) -> None:
+    """Three distinct paths: three connections, each opened before `moment`, each carrying
+    exactly one read; and besides them only the one that carried the login or token check."""
+    reads = [c for c in proxy.connections if any(m in r for r in c.requests for m in READS)]
+    assert len(reads) == 3
+    assert all(len(c.requests) == 1 for c in reads)
+    assert all(c.accepted < moment for c in reads), "a read opened its own connection"
+    assert len(proxy.connections) == 1 + 3
 
 
 def test_bootstrap_reads_on_connections_opened_during_the_login(
@@ -128,15 +134,7 @@ def test_bootstrap_reads_on_connections_opened_during_the_login(
     [auth] = proxy.carrying("/v1/auth/approle/login")
     assert [r.split()[1] for r in auth.requests] == [
         "/v1/sys/wrapping/lookup", "/v1/sys/wrapping/unwrap", "/v1/auth/approle/login"]
-    login_answered = auth.answered[2]
-    reads = read_connections(proxy)
-    # Three distinct paths: three connections, each opened before the login was answered,
-    # each carrying exactly one read, and nothing else opened.
-    assert len(reads) == 3
-    assert all(len(c.requests) == 1 for c in reads)
-    assert all(c.accepted < login_answered for c in reads), (
-        "a read opened its own connection after the login")
-    assert len(proxy.connections) == 1 + 3
+    assert_reads_on_connections_opened_before(proxy, auth.answered[2])  # login answered
 
 
 def test_refresh_reads_on_connections_opened_during_the_token_check(
@@ -154,12 +152,7 @@ def test_refresh_reads_on_connections_opened_during_the_token_check(
     assert code == 0, err
     [check] = proxy.carrying("/v1/auth/token/lookup-self")
     assert len(check.requests) == 1
-    reads = read_connections(proxy)
-    assert len(reads) == 3
-    assert all(len(c.requests) == 1 for c in reads)
-    assert all(c.accepted < check.answered[0] for c in reads), (
-        "a read opened its own connection after the token check")
-    assert len(proxy.connections) == 1 + 3
+    assert_reads_on_connections_opened_before(proxy, check.answered[0])
 
 
 def test_connections_that_cannot_be_opened_leave_the_error_to_the_reads(
