@@ -671,6 +671,13 @@ class Run:
     error: str = ""
 
 
+def check_env_files(sc: Scenario, env_dir: Path) -> None:
+    """Every unit's env file holds exactly the values written to OpenBao."""
+    for unit in sc.unit_names():
+        if parse_env_file((env_dir / f"{unit}.env").read_text()) != sc.expected(unit):
+            raise BenchError(f"{unit}: rendered values differ from OpenBao's")
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, base: Path, bao: OpenBao, role_id: str,
                  ours: OursInstall) -> None:
@@ -778,10 +785,7 @@ class Bench:
         try:
             if code != 0:
                 raise BenchError(f"exit {code}: {log.read_text()[-800:]}")
-            for unit in sc.unit_names():
-                env_file = root / "run/bootsecrets/current/env" / f"{unit}.env"
-                if parse_env_file(env_file.read_text()) != sc.expected(unit):
-                    raise BenchError(f"{unit}: rendered values differ from OpenBao's")
+            check_env_files(sc, root / "run/bootsecrets/current/env")
             calls = (root / "systemctl.log").read_text()
             started = {u for line in calls.splitlines() if line.startswith("start ")
                        for u in line.split() if u.endswith(".service")}
@@ -803,9 +807,7 @@ class Bench:
         try:
             if code != 0:
                 raise BenchError(f"exit {code}: {log.read_text()[-800:]}")
-            for unit in sc.unit_names():
-                if parse_env_file((work / "env" / f"{unit}.env").read_text()) != sc.expected(unit):
-                    raise BenchError(f"{unit}: rendered values differ from OpenBao's")
+            check_env_files(sc, work / "env")
             if not (work / "token").read_text().strip():
                 raise BenchError("no token in the sink")
         except (BenchError, OSError) as err:

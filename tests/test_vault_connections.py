@@ -122,15 +122,17 @@ def assert_reads_on_connections_opened_before(proxy: RecordingProxy, moment: flo
     assert len(proxy.connections) == 1 + 3
 
 
+def bootstrap_through(world: World, proxy: RecordingProxy) -> None:
+    world.provision(vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5})
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err
+
+
 def test_bootstrap_reads_on_connections_opened_during_the_login(
     world: World, proxy: RecordingProxy
 ) -> None:
-    sandbox: Sandbox = world.sandbox
-    world.provision(vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5})
+    bootstrap_through(world, proxy)
 
-    code, _, err = sandbox.run("bootstrap")
-
-    assert code == 0, err
     [auth] = proxy.carrying("/v1/auth/approle/login")
     assert [r.split()[1] for r in auth.requests] == [
         "/v1/sys/wrapping/lookup", "/v1/sys/wrapping/unwrap", "/v1/auth/approle/login"]
@@ -141,9 +143,7 @@ def test_refresh_reads_on_connections_opened_during_the_token_check(
     world: World, proxy: RecordingProxy
 ) -> None:
     sandbox: Sandbox = world.sandbox
-    world.provision(vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5})
-    code, _, err = sandbox.run("bootstrap")
-    assert code == 0, err
+    bootstrap_through(world, proxy)
     with proxy.lock:
         proxy.connections.clear()
 
