@@ -162,8 +162,36 @@ CASES = [
     Case("env-from-bad-prefix", CONFIG, "environment_from[0].prefix: must start a variable",
          config=edit(lambda c: app(c).update(
              environment_from=[{"secret": "db", "prefix": "1-"}]))),
-    Case("unknown-user", errors.StoreError.exit_code, "unknown user or group",
+    Case("unknown-user", CONFIG, "services.app.service.user: no such user on this host",
          config=edit(lambda c: app(c).update(user="no-such-user-x"))),
+    Case("unknown-group", CONFIG, "services.app.service.group: no such group on this host",
+         config=edit(lambda c: app(c).update(group="no-such-group-x"))),
+    Case("unit-template-without-instance", CONFIG, "services.app@.service: is a template",
+         config=edit(lambda c: c["services"].update({"app@.service": {"environment": {
+             "A": "{{ secrets.db.password }}"}}}))),
+    Case("unit-is-the-agent", CONFIG, "services.bootsecrets.service: is one of bootsecrets' "
+         "own units", config=edit(lambda c: c["services"].update({"bootsecrets.service": {
+             "environment": {"A": "{{ secrets.db.password }}"}}}))),
+    Case("unit-name-with-space", CONFIG, "must be a systemd service unit name",
+         config=edit(lambda c: c["services"].update({"my app.service": {"environment": {
+             "A": "{{ secrets.db.password }}"}}}))),
+    Case("store-with-newline", CONFIG, "store: must not contain control characters",
+         config=edit(lambda c: c.update(store="/run/bs\nExecStartPre=/bin/" + MARK))),
+    Case("store-with-specifier", CONFIG, "store: must be a path of plain names",
+         config=edit(lambda c: c.update(store="/run/bs%i"))),
+    Case("store-with-space", CONFIG, "store: must be a path of plain names",
+         config=edit(lambda c: c.update(store="/run/boot secrets"))),
+    # --- explicit YAML tags: the documents are data ---
+    Case("tag-int-on-a-string", CONFIG, "approle.role: explicit YAML tags",
+         config=lambda c: yaml_text(c).replace(f"role: {c['approle']['role']}",
+                                               f"role: !!int {MARK}")),
+    Case("tag-python-name", CONFIG, "approle.role: explicit YAML tags",
+         config=lambda c: yaml_text(c).replace(f"role: {c['approle']['role']}",
+                                               f"role: !!python/name:os.system {MARK}")),
+    Case("tag-custom-on-a-mapping", CONFIG, "vault: explicit YAML tags",
+         config=lambda c: yaml_text(c).replace("vault:", "vault: !vault", 1)),
+    Case("tag-str-on-a-key", CONFIG, "explicit YAML tags",
+         config=lambda c: yaml_text(c).replace("reboot_policy:", "!!str reboot_policy:")),
     # --- bootstrap (user-data) ---
     Case("bootstrap-missing", errors.NotProvisioned.exit_code, "no bootstrap and no kept",
          bootstrap=lambda b: None),
@@ -180,6 +208,15 @@ CASES = [
          bootstrap=lambda b: {**b, "wrapped_secret_id": [MARK]}),
     Case("bootstrap-address-no-scheme", BOOT, "vault_addr: must start with https://",
          bootstrap=lambda b: {**b, "vault_addr": f"{MARK}:8200"}),
+    Case("bootstrap-tag-int", BOOT, "wrapped_secret_id: explicit YAML tags",
+         bootstrap=lambda b: f"role_id: {b['role_id']}\n"
+                             f"wrapped_secret_id: !!int {b['wrapped_secret_id']}\n"),
+    Case("bootstrap-tag-float", BOOT, "wrapped_secret_id: explicit YAML tags",
+         bootstrap=lambda b: f"role_id: {b['role_id']}\n"
+                             f"wrapped_secret_id: !!float {b['wrapped_secret_id']}\n"),
+    Case("bootstrap-tag-binary", BOOT, "role_id: explicit YAML tags",
+         bootstrap=lambda b: f"role_id: !!binary {MARK}\n"
+                             f"wrapped_secret_id: {b['wrapped_secret_id']}\n"),
     # --- secret values from Vault ---
     Case("value-with-nul", errors.EncodeError.exit_code, "value contains a NUL byte",
          secret={"username": "app", "password": f"{MARK}\x00tail"}),
@@ -191,6 +228,9 @@ CASES = [
          "does not make a valid variable name", secret={"user-name": "app", "password": "x"}),
     Case("missing-key", errors.SecretMissing.exit_code, "key 'username' of secret",
          secret={"password": MARK}),
+    Case("key-forging-a-line", errors.EncodeError.exit_code,
+         "DB_USER\\nBOOTSECRETS: ERROR: FORGED LINE:", secret={
+             "user\nbootsecrets: error: forged line:": "app", "password": MARK}),
 ]
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from bootsecrets import errors
 from bootsecrets.config import load_config
+from bootsecrets.context import Run
 from bootsecrets.paths import DROPIN_NAME
+from bootsecrets.store import Store
 from conftest import Sandbox, mode_of, read_env_file
 from support.openbao import CANARIES, OpenBao, dev_server
 from support.world import World, policy
@@ -309,7 +311,10 @@ def test_user_data_address_goes_first_and_config_addresses_stay_as_fallbacks(
                                                    "boot_deadline": 10}))
     world.sandbox.write_bootstrap(world.role_id, world.bao.wrapped_secret_id(world.role), dead)
     config = load_config(world.sandbox.root / "etc/bootsecrets/config.yaml")
-    vault = world.sandbox.context().vault(config, dead)
-    assert vault.addresses == (dead, world.bao.addr)
+    ctx = world.sandbox.context()
+    paths = ctx.paths.with_store(config.store)
+    run = Run(ctx, "bootstrap", config, paths, Store(paths), ctx.systemctl(), {})
+    with run.connect(dead) as vault:
+        assert vault.addresses == (dead, world.bao.addr)
     code, _, err = world.sandbox.run("bootstrap")
     assert code == 0, err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bootsecrets import config
+from bootsecrets import config, yamldoc
 from bootsecrets.errors import ConfigError
 
 VALID = """\
@@ -31,7 +31,7 @@ services:
 
 def test_libyaml_parser_is_used_when_pyyaml_has_it() -> None:
     assert yaml.__with_libyaml__, "PyYAML's wheels ship libyaml; reinstall pyyaml"
-    assert config._LOADER is yaml.CSafeLoader
+    assert yamldoc._LOADER is yaml.CSafeLoader
 
 
 def error_for(tmp_path: Path, text: str) -> str:

@@ -76,7 +76,8 @@ def test_bootstrap_as_its_own_process(world: World) -> None:
     # A blocked import still shows as a line of its own; a loaded detector brings its modules.
     assert not [m for m in imported if m.startswith(("charset_normalizer.", "chardet."))]
     # The run's log lines reached stderr before the process ended.
-    assert "generation 1 live; started app.service, worker.service" in result.stderr
+    assert "generation 1 live; new values for app.service, worker.service" in result.stderr
+    assert "bootstrap: started app.service, worker.service" in result.stderr
 
     again = console("bootstrap", "--root", str(sandbox.root), "--systemctl", str(systemctl))
     sandbox.captured.add("console stderr", again.stderr)

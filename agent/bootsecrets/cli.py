@@ -16,10 +16,10 @@ from types import FrameType
 from typing import NoReturn, TextIO
 
 from bootsecrets import __version__
-from bootsecrets.errors import BootsecretsError, UsageError
+from bootsecrets.errors import BootsecretsError, Interrupted, UsageError, exit_codes
 from bootsecrets.paths import Paths
 
-EPILOG = """\
+COMMANDS = """\
 commands:
   bootstrap     first boot: unwrap the secret-id from user-data, log in to Vault, render
                 env files into the memory-only store and start the units (run by
@@ -28,21 +28,14 @@ commands:
                 `--wrapped-secret-id -` re-provision from a new wrapped secret-id on stdin
   status        per unit: generation, secret paths and versions, active state; token TTL
   image-check   scan an image tree for secrets and unclean state before snapshotting
-
-exit codes: 0 ok, 2 usage, 10 config, 11 bootstrap/user-data, 12 store, 13 template,
-  14 value cannot be encoded, 15 lock busy, 20 Vault error, 21 Vault unreachable,
-  22 wrapped secret-id unknown/expired, 23 wrapping creation path mismatch (tampering),
-  24 wrapped secret-id already unwrapped (interception), 25 login denied,
-  26 permission denied on a path, 27 secret or key missing, 28 token revoked/expired,
-  29 not provisioned, 30 systemctl failed, 31 unit failed after restart (rolled back),
-  32 answer to unwrap/login lost, 40 image-check findings, 41 image tree unreadable,
-  130/143 interrupted. See README.md.
 """
 
 
-class Interrupted(BootsecretsError):
-    exit_code = 143
-    hint = "nothing half-written was left behind; run the command again"
+def epilog() -> str:
+    """The commands and the exit-code table (errors.exit_codes(), the one source)."""
+    width = max(len(str(code)) for code, _ in exit_codes())
+    lines = [f"  {code:>{width}}  {summary}" for code, summary in exit_codes()]
+    return f"{COMMANDS}\nexit codes:\n" + "\n".join(lines) + "\nSee README.md.\n"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bootsecrets",
         description="Secrets from Vault/OpenBao into systemd units of a secret-free image.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"bootsecrets {__version__}")
@@ -101,7 +94,7 @@ def main(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
 ) -> int:
-    """Run the CLI. `context` (an agent.Context) replaces systemctl/Vault hooks in tests."""
+    """Run the CLI. `context` (a context.Context) replaces systemctl/Vault hooks in tests."""
     out = stdout or sys.stdout
     args = _parser().parse_args(argv)
     from bootsecrets import logs  # noqa: PLC0415
@@ -113,7 +106,7 @@ def main(
         return _dispatch(args, context, stdin or sys.stdin, out)
     except BootsecretsError as err:
         if args.debug:
-            traceback.print_exc(file=sys.stderr)
+            _print_traceback(err)
         print(f"bootsecrets: error: {err}", file=sys.stderr)
         if err.hint:
             print(f"bootsecrets: what to do: {err.hint}", file=sys.stderr)
@@ -123,13 +116,30 @@ def main(
         return 130
     except Exception as err:
         if args.debug:
-            traceback.print_exc(file=sys.stderr)
+            _print_traceback(err)
         print(f"bootsecrets: internal error ({type(err).__name__}); run with --debug and "
               "report it", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         os.umask(previous_umask)
+
+
+def _print_traceback(err: BaseException) -> None:
+    """Where it failed (--debug), with each exception's message only when it is one of ours:
+    built from names, never values. Another exception's text may quote what it choked on
+    (a token, a value), so only its type is shown."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__
+                                        else current.__context__)
+    for exc in reversed(chain):
+        print("Traceback (most recent call last):", file=sys.stderr)
+        traceback.print_tb(exc.__traceback__, file=sys.stderr)
+        text = str(exc) if isinstance(exc, BootsecretsError) else "(message not shown)"
+        print(f"{type(exc).__module__}.{type(exc).__qualname__}: {text}", file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
@@ -145,11 +155,12 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         return 0
 
     from bootsecrets import agent, process  # noqa: PLC0415 (hvac and jinja2 only when needed)
+    from bootsecrets.context import Context  # noqa: PLC0415
 
     if args.command in ("bootstrap", "refresh"):
         process.harden()  # secrets will be in this process's memory from here on
 
-    ctx = context if isinstance(context, agent.Context) else agent.Context(
+    ctx = context if isinstance(context, Context) else Context(
         paths=Paths(args.root), systemctl_program=args.systemctl)
     ctx.lock_wait = getattr(args, "wait", ctx.lock_wait)
     if args.command == "bootstrap":

@@ -1,4 +1,5 @@
-"""Image config and bootstrap: YAML (safe loader) into frozen dataclasses, validated once.
+"""Image config and bootstrap: the schema, from YAML documents (yamldoc) into frozen
+dataclasses, validated once.
 
 Errors name the file, the line and the field path, never a value: a value that fails
 validation is described by its type or by what it should look like.
@@ -12,22 +13,28 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 import yaml
 
+from bootsecrets.envfile import ENV_NAME
 from bootsecrets.errors import BootstrapError, ConfigError
 from bootsecrets.paths import DEFAULT_STORE
+from bootsecrets.yamldoc import Node, parse_document, read_document
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# systemd unit names we manage: services only (EnvironmentFile=/LoadCredential= are [Service]).
-UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.service\Z")
+#: systemd's unit-name grammar (unit_name_is_valid() in src/basic/unit-name.c), for the only
+#: type we manage (EnvironmentFile=/LoadCredential= are [Service] settings): a plain name or
+#: a template *instance* (`app@blue.service`); a bare template (`app@.service`) cannot run.
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\@-]+)?\.service\Z")
+UNIT_NAME_MAX = 255
+#: The agent's own units: a drop-in making one of them Require bootsecrets.service would be a
+#: dependency loop (or a unit restarting the agent that renders it).
+OWN_UNITS = frozenset({"bootsecrets.service", "bootsecrets-refresh.service",
+                       "bootsecrets-store.service"})
 CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
 TOKEN_SHAPE = re.compile(r"[\x21-\x7e]{1,1024}\Z")
-MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class Engine(enum.Enum):
@@ -118,6 +125,8 @@ class VaultSettings:
     namespace: str | None = None
     request_timeout: float = 10.0
     boot_deadline: float = 300.0
+    #: VAULT_ADDR/BAO_ADDR replaced the configured addresses (and a user-data address).
+    address_from_env: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,157 +166,16 @@ class Bootstrap:
     vault_addr: str | None = None
 
 
-# --- YAML walking with positions ------------------------------------------------------------
-
-_T = TypeVar("_T")
-_constructor = yaml.constructor.SafeConstructor()
-
-
-@dataclasses.dataclass(frozen=True)
-class _At:
-    """A YAML node with where it is: file, field path, line."""
-
-    source: str
-    node: yaml.Node
-    field: str
-    error_type: type[ConfigError] = ConfigError
-
-    @property
-    def line(self) -> int:
-        return int(self.node.start_mark.line) + 1
-
-    def error(self, problem: str) -> ConfigError:
-        return self.error_type(self.source, self.line, self.field, problem)
-
-    def child(self, node: yaml.Node, key: str) -> _At:
-        field = f"{self.field}.{key}" if self.field else key
-        return dataclasses.replace(self, node=node, field=field)
-
-    def kind(self) -> str:
-        if isinstance(self.node, yaml.MappingNode):
-            return "a mapping"
-        if isinstance(self.node, yaml.SequenceNode):
-            return "a list"
-        tag = str(self.node.tag).rsplit(":", 1)[-1]
-        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-                "null": "nothing (null)"}.get(tag, f"a {tag}")
-
-    def mapping(
-        self, required: frozenset[str] = frozenset(), optional: frozenset[str] | None = None
-    ) -> dict[str, _At]:
-        """Children by key; unknown, duplicate and missing keys are errors."""
-        if not isinstance(self.node, yaml.MappingNode):
-            raise self.error(f"expected a mapping, got {self.kind()}")
-        children: dict[str, _At] = {}
-        for key_node, value_node in self.node.value:
-            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":str")):
-                raise dataclasses.replace(self, node=key_node).error("keys must be strings")
-            key = str(key_node.value)
-            child = self.child(value_node, key)
-            if key in children:
-                raise dataclasses.replace(child, node=key_node).error("duplicate key")
-            if optional is not None and key not in required and key not in optional:
-                raise dataclasses.replace(child, node=key_node).error("unknown key")
-            children[key] = child
-        missing = sorted(required - children.keys())
-        if missing:
-            raise self.child(self.node, missing[0]).error("missing required field")
-        return children
-
-    def sequence(self) -> list[_At]:
-        if not isinstance(self.node, yaml.SequenceNode):
-            raise self.error(f"expected a list, got {self.kind()}")
-        return [dataclasses.replace(self, node=node, field=f"{self.field}[{i}]")
-                for i, node in enumerate(self.node.value)]
-
-    def scalar(self, kind: type[_T], what: str) -> _T:
-        if isinstance(self.node, yaml.ScalarNode):
-            value = _constructor.construct_object(self.node)
-            # bool is an int subclass; a float field takes ints.
-            if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-                return value
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)  # type: ignore[return-value]
-        raise self.error(f"expected {what}, got {self.kind()}")
-
-    def string(self) -> str:
-        value = self.scalar(str, "a string")
-        if not value:
-            raise self.error("must not be empty")
-        return value
-
-    def matching(self, pattern: re.Pattern[str], what: str) -> str:
-        value = self.string()
-        if not pattern.match(value):
-            raise self.error(f"must be {what}")
-        return value
-
-    def choice(self, enum_type: type[_E]) -> _E:
-        value = self.string()
-        try:
-            return enum_type(value)
-        except ValueError:
-            allowed = ", ".join(str(m.value) for m in enum_type)
-            raise self.error(f"must be one of: {allowed}") from None
-
-    def seconds(self) -> float:
-        value = self.scalar(float, "a number of seconds")
-        if not 0 <= value <= 86400:
-            raise self.error("must be between 0 and 86400 seconds")
-        return value
-
-
-_E = TypeVar("_E", bound=enum.Enum)
-
-#: libyaml's parser when PyYAML has it (its wheels do): ~10x faster than the pure-Python one,
-#: the same nodes and line marks, and composing builds no Python objects from tags either way.
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _read_document(path: Path, error_type: type[ConfigError]) -> _At:
-    source = str(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise error_type(source, None, "", "is a directory, expected a file") from None
-    except FileNotFoundError:
-        raise error_type(source, None, "", "does not exist") from None
-    except OSError as err:
-        raise error_type(source, None, "", f"cannot read: {err.strerror}") from None
-    return _parse_document(data, source, error_type)
-
-
-def _parse_document(data: bytes, source: str, error_type: type[ConfigError]) -> _At:
-    if len(data) > MAX_CONFIG_BYTES:
-        raise error_type(source, None, "", "larger than 1 MiB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise error_type(source, line, "", "not valid UTF-8") from None
-    if "\x00" in text:
-        raise error_type(source, text[: text.index("\x00")].count("\n") + 1, "", "contains NUL")
-    try:
-        node = yaml.compose(text, Loader=_LOADER)
-    except yaml.MarkedYAMLError as err:
-        # Only the problem and its position: the YAML library's snippet would echo the line.
-        mark = err.problem_mark or err.context_mark
-        where = int(mark.line) + 1 if mark is not None else None
-        raise error_type(source, where, "", f"invalid YAML: {err.problem or err.context}") from None
-    except yaml.YAMLError:
-        raise error_type(source, None, "", "invalid YAML") from None
-    if node is None:
-        raise error_type(source, None, "", "empty file, expected a mapping")
-    return _At(source, node, "", error_type)
-
-
 # --- bootstrap ----------------------------------------------------------------------------
 
 BOOTSTRAP_FIELDS = frozenset({"role_id", "wrapped_secret_id"})
 
 
-def parse_address(at: _At) -> str:
-    value = at.string()
+def parse_address(at: Node) -> str:
+    return _address(at, at.string())
+
+
+def _address(at: Node, value: str) -> str:
     try:
         parsed = urllib.parse.urlsplit(value)
         port = parsed.port
@@ -319,21 +187,23 @@ def parse_address(at: _At) -> str:
         raise at.error("must be scheme://host[:port] with no path")
     if parsed.username or parsed.password:
         raise at.error("must not carry credentials")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        raise at.error("must be printable ASCII without spaces")
     del port
     return value.rstrip("/")
 
 
 def load_bootstrap(path: Path) -> Bootstrap:
     """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr."""
-    return _bootstrap(_read_document(path, BootstrapError))
+    return _bootstrap(read_document(path, BootstrapError))
 
 
 def parse_bootstrap(data: bytes, source: str = "<stdin>") -> Bootstrap:
     """A bootstrap document given on standard input (`refresh --wrapped-secret-id -`)."""
-    return _bootstrap(_parse_document(data, source, BootstrapError))
+    return _bootstrap(parse_document(data, source, BootstrapError))
 
 
-def _bootstrap(doc: _At) -> Bootstrap:
+def _bootstrap(doc: Node) -> Bootstrap:
     fields = doc.mapping(BOOTSTRAP_FIELDS, frozenset({"vault_addr"}))
     tokens = {
         key: fields[key].matching(TOKEN_SHAPE, "a token: printable ASCII, no spaces, <= 1024 bytes")
@@ -356,13 +226,25 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
 CONFIG_OPTIONAL = frozenset({"store", "restart_timeout"})
+#: Environment variables that override the image config, in order of precedence.
+ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
 
 def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate the image config. `env` supplies VAULT_* overrides (os.environ)."""
-    doc = _read_document(path, ConfigError)
+    return _config(read_document(path, ConfigError), env or {})
+
+
+def parse_config(
+    data: bytes, source: str = "<config>", *, env: Mapping[str, str] | None = None
+) -> Config:
+    """The same from bytes (what load_config reads)."""
+    return _config(parse_document(data, source, ConfigError), env or {})
+
+
+def _config(doc: Node, env: Mapping[str, str]) -> Config:
     top = doc.mapping(CONFIG_FIELDS, CONFIG_OPTIONAL)
-    vault = _vault_settings(top["vault"], env or {})
+    vault = _vault_settings(top["vault"], env)
     approle = top["approle"].mapping(frozenset({"role"}), frozenset({"mount"}))
     approle_mount = (
         _mount_name(approle["mount"], approle["mount"].string()) if "mount" in approle
@@ -374,51 +256,59 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
     }
     if not mounts:
         raise top["mounts"].error("declare at least one mount, e.g. `secret: kv-v2`")
-    secrets = {
-        name: _secret_ref(at, name, mounts) for name, at in top["secrets"].mapping().items()
-    }
-    for name, at in top["secrets"].mapping().items():
+    declared = top["secrets"].mapping()
+    for name, at in declared.items():
         if not SECRET_NAME.match(name):
             raise at.error("secret names must be identifiers ([A-Za-z_][A-Za-z0-9_]*)")
+    secrets = {name: _secret_ref(at, name, mounts) for name, at in declared.items()}
     services = tuple(
         _service(at, unit, secrets) for unit, at in top["services"].mapping().items()
     )
     if not services:
         raise top["services"].error("declare at least one service")
-    store = DEFAULT_STORE
-    if "store" in top:
-        store = _absolute_path(top["store"])
-        if not store.is_relative_to("/run") or store == Path("/run"):
-            raise top["store"].error("must be a directory under /run (memory-only)")
     return Config(
-        source=str(path),
+        source=doc.source,
         vault=vault,
         approle_mount=approle_mount,
         role=role,
         reboot_policy=top["reboot_policy"].choice(RebootPolicy),
         secrets=secrets,
         services=services,
-        store=store,
+        store=_store_path(top["store"]) if "store" in top else DEFAULT_STORE,
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
     )
 
 
-def _mount_name(at: _At, value: str) -> str:
+def _mount_name(at: Node, value: str) -> str:
     parts = value.split("/")
     if not all(PATH_COMPONENT.match(p) and p not in (".", "..") for p in parts):
         raise at.error("must be a mount path like `secret` or `kv/team`")
     return value
 
 
-def _absolute_path(at: _At) -> Path:
+def _absolute_path(at: Node) -> Path:
     value = at.string()
     path = PurePosixPath(value)
     if not path.is_absolute() or ".." in path.parts:
         raise at.error("must be an absolute path without `..`")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise at.error("must not contain control characters")
     return Path(value)
 
 
-def _vault_settings(at: _At, env: Mapping[str, str]) -> VaultSettings:
+def _store_path(at: Node) -> Path:
+    """The store goes into every unit's drop-in (EnvironmentFile=, LoadCredential=): only
+    characters that need no quoting or escaping there, and only under /run."""
+    path = _absolute_path(at)
+    if not all(PATH_COMPONENT.match(p) for p in path.parts[1:]):
+        raise at.error("must be a path of plain names ([A-Za-z0-9_.@=+-]) such as "
+                       "/run/bootsecrets")
+    if not path.is_relative_to("/run") or path == Path("/run"):
+        raise at.error("must be a directory under /run (memory-only)")
+    return path
+
+
+def _vault_settings(at: Node, env: Mapping[str, str]) -> VaultSettings:
     fields = at.mapping(
         frozenset(),
         frozenset({"address", "addresses", "ca_cert", "namespace", "request_timeout",
@@ -435,9 +325,9 @@ def _vault_settings(at: _At, env: Mapping[str, str]) -> VaultSettings:
             raise fields["addresses"].error("must list at least one address")
     else:
         addresses = ()
-    override = env.get("VAULT_ADDR") or env.get("BAO_ADDR")
-    if override:
-        addresses = (_env_address(override, "VAULT_ADDR" if env.get("VAULT_ADDR") else "BAO_ADDR"),)
+    override = env_address(env)
+    if override is not None:
+        addresses = (override,)
     ca_cert = _absolute_path(fields["ca_cert"]) if "ca_cert" in fields else None
     if env.get("VAULT_CACERT"):
         ca_cert = Path(env["VAULT_CACERT"])
@@ -452,16 +342,28 @@ def _vault_settings(at: _At, env: Mapping[str, str]) -> VaultSettings:
             fields["request_timeout"].seconds() if "request_timeout" in fields else 10.0
         ),
         boot_deadline=fields["boot_deadline"].seconds() if "boot_deadline" in fields else 300.0,
+        address_from_env=override is not None,
     )
 
 
-def _env_address(value: str, variable: str) -> str:
-    node = yaml.ScalarNode("tag:yaml.org,2002:str", value)
-    node.start_mark = yaml.Mark(variable, 0, -1, 0, None, None)  # type: ignore[arg-type]
-    return parse_address(_At("environment", node, variable))
+def env_address(env: Mapping[str, str]) -> str | None:
+    """The Vault address the environment sets (VAULT_ADDR, else BAO_ADDR), validated."""
+    for variable in ADDRESS_VARIABLES:
+        value = env.get(variable)
+        if value:
+            node = Node("environment", yaml_scalar(variable), variable)
+            return _address(node, value)
+    return None
 
 
-def _secret_ref(at: _At, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
+def yaml_scalar(name: str) -> yaml.ScalarNode:
+    """A string node standing for a value from outside a document (line 0 of `name`)."""
+    node = yaml.ScalarNode("tag:yaml.org,2002:str", "")
+    node.start_mark = yaml.Mark(name, 0, -1, 0, None, None)  # type: ignore[arg-type]
+    return node
+
+
+def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
     value = at.string()
     parts = value.split("/")
     if not all(PATH_COMPONENT.match(p) for p in parts) or {".", ".."} & set(parts):
@@ -484,9 +386,20 @@ SERVICE_FIELDS = frozenset({
 })
 
 
-def _service(at: _At, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
-    if not UNIT_NAME.match(unit) or len(unit) > 255:
-        raise at.error("must be a systemd service unit name like `app.service`")
+def _unit_name(at: Node, unit: str) -> str:
+    if not UNIT_NAME.match(unit) or len(unit) > UNIT_NAME_MAX:
+        problem = "must be a systemd service unit name like `app.service`"
+        if unit.endswith("@.service"):
+            problem = ("is a template: name an instance (`app@blue.service`), a template "
+                       "cannot be started")
+        raise at.error(problem)
+    if unit in OWN_UNITS:
+        raise at.error("is one of bootsecrets' own units; it cannot receive secrets")
+    return unit
+
+
+def _service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
+    _unit_name(at, unit)
     fields = at.mapping(frozenset(), SERVICE_FIELDS)
     environment = tuple(
         _template(child, name, secrets, ENV_NAME, "a variable name ([A-Za-z_][A-Za-z0-9_]*)")
@@ -523,12 +436,11 @@ def _service(at: _At, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
         mode=mode,
         on_change=fields["on_change"].choice(OnChange) if "on_change" in fields
         else OnChange.RESTART,
-        required=fields["required"].scalar(bool, "true or false") if "required" in fields
-        else True,
+        required=fields["required"].boolean() if "required" in fields else True,
     )
 
 
-def _file_mode(at: _At) -> int:
+def _file_mode(at: Node) -> int:
     node = at.node
     if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":str", ":int")):
         text = str(node.value)
@@ -542,28 +454,27 @@ def _file_mode(at: _At) -> int:
     raise at.error('must be an octal file mode such as "0600" or "0400"')
 
 
-def _env_from(at: _At, secrets: Mapping[str, SecretRef]) -> EnvFrom:
+def _env_from(at: Node, secrets: Mapping[str, SecretRef]) -> EnvFrom:
     fields = at.mapping(frozenset({"secret"}), frozenset({"prefix", "uppercase"}))
     name = fields["secret"].string()
     if name not in secrets:
         raise fields["secret"].error("refers to a secret not declared under `secrets`")
-    prefix = fields["prefix"].scalar(str, "a string") if "prefix" in fields else ""
+    prefix = fields["prefix"].text() if "prefix" in fields else ""
     if prefix and not ENV_NAME.match(prefix):
         raise fields["prefix"].error("must start a variable name ([A-Za-z_][A-Za-z0-9_]*)")
     return EnvFrom(
         secret=name,
         prefix=prefix,
-        uppercase=fields["uppercase"].scalar(bool, "true or false") if "uppercase" in fields
-        else False,
+        uppercase=fields["uppercase"].boolean() if "uppercase" in fields else False,
     )
 
 
 def _template(
-    at: _At, name: str, secrets: Mapping[str, SecretRef], pattern: re.Pattern[str], what: str,
+    at: Node, name: str, secrets: Mapping[str, SecretRef], pattern: re.Pattern[str], what: str,
 ) -> Template:
     if not pattern.match(name) or len(name) > 255:
         raise at.error(f"must be {what}")
-    source = at.scalar(str, "a template string")
+    source = at.text("a template string")
     # Imported here because render imports this module for its dataclasses.
     from bootsecrets.render import TemplateProblem, analyze  # noqa: PLC0415
 

@@ -1,8 +1,9 @@
 """Logging: to the journal with structured fields when systemd-python is there, else stderr.
 
 Structured fields are passed as `extra={"UNIT": ..., "SECRET_PATH": ...}` (upper-case keys
-only). Alerts carry a stable MESSAGE_ID and go out at priority 1 (alert). No call anywhere in
-the package passes a value, token or secret-id to a logger.
+only). Control characters in a message or a field are escaped (errors.printable): a name
+cannot start a line of its own. Alerts carry a stable MESSAGE_ID and go out at priority 1
+(alert). No call anywhere in the package passes a value, token or secret-id to a logger.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from bootsecrets.errors import BootsecretsError
+from bootsecrets.errors import BootsecretsError, printable
 
 LOGGER = "bootsecrets"
 _PRIORITY = {
@@ -31,9 +32,10 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = {k: str(v) for k, v in record.__dict__.items() if k.isupper()}
+            fields = {k: printable(str(v)) for k, v in record.__dict__.items() if k.isupper()}
             fields.setdefault("PRIORITY", str(_PRIORITY.get(record.levelno, 6)))
-            self._send(self.format(record), SYSLOG_IDENTIFIER="bootsecrets", **fields)
+            self._send(printable(self.format(record)), SYSLOG_IDENTIFIER="bootsecrets",
+                       **fields)
         except Exception:
             self.handleError(record)
 
@@ -41,7 +43,7 @@ class JournalHandler(logging.Handler):
 class StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         level = "ALERT" if getattr(record, "PRIORITY", None) == "1" else record.levelname
-        return f"bootsecrets: {level.lower()}: {record.getMessage()}"
+        return f"bootsecrets: {level.lower()}: {printable(record.getMessage())}"
 
 
 def setup(*, debug: bool = False) -> logging.Logger:

@@ -7,7 +7,6 @@ uses is found statically when the config is loaded, so only those paths are read
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from typing import Any
 from bootsecrets.config import EnvFrom, Service, Template
 from bootsecrets.envfile import ENV_NAME, encode, value_bytes
 from bootsecrets.errors import EncodeError, SecretMissing
+from bootsecrets.model import RenderedUnit, SecretData
 
 MAX_CREDENTIAL_BYTES = 1024 * 1024
 
@@ -25,28 +25,6 @@ class TemplateProblem(Exception):
         super().__init__(message)
         self.message = message
         self.line = line
-
-
-@dataclasses.dataclass(frozen=True)
-class SecretData:
-    """One secret as read from Vault. `data` holds values: never log or repr it."""
-
-    name: str
-    path: str
-    data: Mapping[str, Any] = dataclasses.field(repr=False)
-    version: int | None = None
-    lease_id: str | None = None
-    lease_duration: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RenderedUnit:
-    """What one unit gets: its env file bytes and credential files, plus provenance."""
-
-    unit: str
-    env_file: bytes | None = dataclasses.field(repr=False)
-    credentials: Mapping[str, bytes] = dataclasses.field(repr=False, default_factory=dict)
-    secret_paths: tuple[str, ...] = ()
 
 
 #: `{{ secrets.<name>.<key> }}` and nothing else: resolved without Jinja2 (whose import and

@@ -1,64 +1,73 @@
 """`bootsecrets status`: what runs with which secret versions, without a single value.
 
-Everything comes from the state file the last bootstrap/refresh wrote and from
-`systemctl is-active`; Vault is not contacted, so status works when Vault is down.
-The `--json` shape is documented in docs/status.md and versioned by `version`.
+Everything comes from the state file the last bootstrap/refresh wrote and from systemd
+(`is-active`, and each unit's InvocationID to tell whether a restart is still due); Vault is
+not contacted, so status works when Vault is down. The `--json` shape is documented in
+docs/status.md and versioned by `version`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from typing import Any
 
-from bootsecrets.agent import Context, load_token
-from bootsecrets.config import RebootPolicy, load_config
+from bootsecrets.config import RebootPolicy
+from bootsecrets.context import Context
+from bootsecrets.identity import load_token
+from bootsecrets.state import State
 from bootsecrets.store import Store
 
 STATUS_VERSION = 1
 
 
 def collect(ctx: Context) -> dict[str, Any]:
-    config = load_config(ctx.paths.config, env=ctx.env)
+    config = ctx.load_config()
     store = Store(ctx.paths.with_store(config.store))
-    state = store.load_state() if store.paths.store.is_dir() else {}
-    live = store.current_generation() if store.paths.store.is_dir() else None
+    exists = store.paths.store.is_dir()
+    live = store.current_generation() if exists else None
+    state = State.from_json(store.load_state()).settled(live) if exists else State()
     systemctl = ctx.systemctl()
+    behind = [u for u, s in state.units.items() if s.behind]
+    invocations = systemctl.invocation_ids(behind) if live is not None else {}
     units = []
-    recorded = state.get("units") or {}
-    skipped = state.get("skipped") or {}
     for service in config.services:
-        unit_state = recorded.get(service.unit) or {}
+        unit_state = state.units.get(service.unit)
         units.append({
             "unit": service.unit,
             "active": systemctl.is_active(service.unit),
             "required": service.required,
-            "generation": unit_state.get("generation"),
-            "delivery": unit_state.get("delivery", []),
+            "generation": unit_state.generation if unit_state else None,
+            "values_generation": unit_state.values_generation if unit_state else None,
+            "running_generation": unit_state.running_generation if unit_state else None,
+            "delivery": list(unit_state.delivery) if unit_state else [],
             "on_change": service.on_change.value,
-            "secrets": unit_state.get("secrets", []),
-            "changed_since_restart": bool(
-                unit_state and unit_state.get("values_generation", 0)
-                > unit_state.get("restarted_generation", 0)),
-            "rendered": bool(unit_state) and live is not None,
-            "left_out": skipped.get(service.unit),
+            "secrets": [dataclasses.asdict(s) for s in unit_state.secrets] if unit_state
+            else [],
+            "changed_since_restart": bool(unit_state and unit_state.behind),
+            "restart_pending": bool(
+                unit_state and live is not None
+                and unit_state.restart_pending(invocations.get(service.unit))),
+            "rendered": unit_state is not None and live is not None,
+            "left_out": state.skipped.get(service.unit),
         })
-    token = dict(state.get("token") or {})
-    if token.get("expires_at"):
+    token: dict[str, Any] | None = dataclasses.asdict(state.token) if state.token else None
+    if token and token.get("expires_at"):
         expires = datetime.datetime.fromisoformat(token["expires_at"])
         remaining = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
         token["ttl_remaining"] = max(0, int(remaining))
-    has_token = load_token(config, store.paths) is not None
+    has_token = load_token(config.reboot_policy, store.paths) is not None
     provisioned = live is not None and has_token
     return {
         "version": STATUS_VERSION,
         "reboot_policy": config.reboot_policy.value,
         "provisioned": provisioned,
         "generation": live,
-        "token": token or None,
+        "token": token,
         "token_kept": has_token,
-        "last_run": state.get("last_run"),
-        "last_success": state.get("last_success"),
+        "last_run": dataclasses.asdict(state.last_run) if state.last_run else None,
+        "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
     }
@@ -100,7 +109,11 @@ def format_text(report: dict[str, Any]) -> str:
             f"{s['path']}" + (f"@v{s['version']}" if s.get("version") else "")
             for s in unit["secrets"]
         ) or "-"
-        flag = " (values changed since last restart)" if unit["changed_since_restart"] else ""
+        flag = ""
+        if unit["restart_pending"]:
+            flag = " (restart pending: runs with older values)"
+        elif unit["changed_since_restart"]:
+            flag = " (values changed since last restart)"
         fetched = unit["secrets"][0]["fetched_at"] if unit["secrets"] else "-"
         lines.append(f"{unit['unit']}: {unit['active']}, generation "
                      f"{unit['generation'] if unit['generation'] is not None else '-'}, "

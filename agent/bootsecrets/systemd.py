@@ -21,6 +21,8 @@ from bootsecrets.store import write_private
 log = logging.getLogger(__name__)
 
 AGENT_UNIT = "bootsecrets.service"
+#: Verbs after which a unit runs in a new invocation (a reload keeps its invocation).
+_STARTING_VERBS = frozenset({"start", "restart", "try-restart", "try-reload-or-restart"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +62,26 @@ class RecordingRunner:
     unit_states: dict[str, str] = dataclasses.field(default_factory=dict)
     calls: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
     on_call: Callable[[tuple[str, ...]], None] | None = None
+    #: Each unit's InvocationID, as `show` reports it: a (re)start gives it a new one.
+    invocations: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __call__(self, argv: Sequence[str], *, check: bool = True) -> Completed:
         command = tuple(argv)
         self.calls.append(command)
         log.debug("running %s (recorded)", shlex.join(command))
+        units = command[command.index("--") + 1:] if "--" in command else ()
+        if len(command) > 1 and command[1] in _STARTING_VERBS:
+            for unit in units:
+                self.invocations[unit] = f"{len(self.calls):032x}"
         if self.on_call is not None:
             self.on_call(command)
         code, out = self.answers.get(command, (0, ""))
         if len(command) >= 3 and command[1] == "is-active":
             state = self.unit_states.get(command[-1], "active")
             code, out = (0 if state == "active" else 3), state + "\n"
+        if len(command) >= 2 and command[1] == "show" and command not in self.answers:
+            out = "\n".join(f"Id={u}\nInvocationID={self.invocations.get(u, '')}\n"
+                            for u in units)
         if check and code != 0:
             raise CommandFailed(command, code, "")
         return Completed(command, code, out, "")
@@ -137,8 +148,24 @@ class Systemctl:
         if units:
             self("start", "--no-block", "--", *units)
 
-    def try_restart(self, unit: str, *, reload: bool = False) -> None:
-        self("try-reload-or-restart" if reload else "try-restart", "--", unit)
+    def try_restart(self, unit: str, *, reload: bool = False, block: bool = True) -> None:
+        verb = "try-reload-or-restart" if reload else "try-restart"
+        self(verb, *(() if block else ("--no-block",)), "--", unit)
+
+    def invocation_ids(self, units: Sequence[str]) -> dict[str, str | None]:
+        """Each unit's InvocationID: "" when it is not running, None when systemd could not
+        tell. A unit started again (by anyone) has a new one."""
+        if not units:
+            return {}
+        result = self("show", "--property=Id,InvocationID", "--", *units, check=False)
+        found: dict[str, str | None] = dict.fromkeys(units)
+        if result.returncode != 0:
+            return found
+        for block in result.stdout.split("\n\n"):
+            fields = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+            if fields.get("Id") in found:
+                found[fields["Id"]] = fields.get("InvocationID", "")
+        return found
 
     def is_active(self, unit: str) -> str:
         return self("is-active", "--", unit, check=False).stdout.strip() or "unknown"

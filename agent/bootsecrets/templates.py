@@ -14,7 +14,8 @@ import jinja2.sandbox
 
 from bootsecrets.config import Template
 from bootsecrets.errors import RenderError, SecretMissing
-from bootsecrets.render import SecretData, TemplateProblem
+from bootsecrets.model import SecretData
+from bootsecrets.render import TemplateProblem
 
 
 @functools.cache

@@ -1,0 +1,92 @@
+"""What the agent keeps between runs to log in again: the Vault token and the identity.
+
+The token is kept where the reboot policy says: in the memory-only store under
+`reprovision` (gone at reboot), in /var/lib/bootsecrets (root 0600) under `persist-token`.
+The identity (role-id and Vault address of the last bootstrap, no credential) lets
+`refresh --wrapped-secret-id -` take a bare wrapped token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from bootsecrets.config import RebootPolicy
+from bootsecrets.paths import Paths
+from bootsecrets.store import write_private
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptToken:
+    """A Vault token at rest. `repr` hides the token."""
+
+    token: str = dataclasses.field(repr=False)
+    accessor: str = ""
+    vault_addr: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    role_id: str | None = None
+    vault_addr: str | None = None
+
+
+def _token_path(policy: RebootPolicy, paths: Paths) -> Path:
+    if policy is RebootPolicy.PERSIST_TOKEN:
+        return paths.persistent_token
+    return paths.runtime_token
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("ignoring an unreadable file %s (%s)", path, type(err).__name__)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _text(record: dict[str, Any], key: str) -> str | None:
+    value = record.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def save_token(policy: RebootPolicy, paths: Paths, token: str, accessor: str,
+               vault_addr: str | None) -> None:
+    """Keep the token where `policy` says, and only there."""
+    path = _token_path(policy, paths)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    record = {"token": token, "accessor": accessor, "vault_addr": vault_addr}
+    write_private(path, json.dumps(record).encode(), 0o600)
+    other = paths.runtime_token if path != paths.runtime_token else paths.persistent_token
+    other.unlink(missing_ok=True)
+
+
+def load_token(policy: RebootPolicy, paths: Paths) -> KeptToken | None:
+    record = _read_json(_token_path(policy, paths))
+    token = _text(record, "token") if record is not None else None
+    if record is None or token is None:
+        return None
+    return KeptToken(token, _text(record, "accessor") or "", _text(record, "vault_addr"))
+
+
+def forget_token(paths: Paths) -> None:
+    paths.runtime_token.unlink(missing_ok=True)
+    paths.persistent_token.unlink(missing_ok=True)
+
+
+def save_identity(paths: Paths, identity: Identity) -> None:
+    paths.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(paths.identity, json.dumps(dataclasses.asdict(identity)).encode(), 0o600)
+
+
+def load_identity(paths: Paths) -> Identity:
+    record = _read_json(paths.identity) or {}
+    return Identity(_text(record, "role_id"), _text(record, "vault_addr"))

@@ -1,0 +1,46 @@
+"""The data the layers hand each other: secrets as read, units as rendered. A leaf: it
+imports nothing from the package."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+#: What a unit has in a generation: its env file (None if none) and its credentials.
+UnitBytes = tuple[bytes | None, Mapping[str, bytes]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretData:
+    """One secret as read from Vault. `data` holds values: never log or repr it."""
+
+    name: str
+    path: str
+    data: Mapping[str, Any] = dataclasses.field(repr=False)
+    version: int | None = None
+    lease_id: str | None = None
+    lease_duration: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedUnit:
+    """What one unit gets: its env file bytes and credential files, plus provenance."""
+
+    unit: str
+    env_file: bytes | None = dataclasses.field(repr=False)
+    credentials: Mapping[str, bytes] = dataclasses.field(repr=False, default_factory=dict)
+    secret_paths: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> UnitBytes:
+        return self.env_file, dict(self.credentials)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A full render: per unit files, what was read, and the optional units left out."""
+
+    units: dict[str, RenderedUnit]
+    secrets: dict[str, SecretData]
+    skipped: dict[str, str]

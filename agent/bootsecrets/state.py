@@ -1,0 +1,210 @@
+"""The state file (`state.json` in the memory-only store): what runs with what, per unit.
+
+Written by every bootstrap and refresh, read by the next run and by `status`. It holds
+names, paths, versions, generation numbers, times and systemd invocation IDs — never a value,
+a token or a secret-id. `STATE_VERSION` changes when a field changes meaning (CHANGELOG.md).
+
+Restarts survive an interrupted run: before `current` moves to a new generation, `switching`
+names the units whose values change; a unit whose live values are newer than the ones it was
+started with (`running_generation` behind `values_generation`) is restarted by the next run,
+unless systemd shows that it was started again since (`stale_invocation`, the InvocationID it
+had after the switch, is no longer its InvocationID).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+STATE_VERSION = 2
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretState:
+    name: str
+    path: str
+    version: int | None = None
+    lease_duration: int | None = None
+    fetched_at: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitState:
+    """One unit: where its files are, which values they hold, which values it runs with."""
+
+    #: The live generation holding the unit's files.
+    generation: int
+    #: The generation in which the unit's current bytes were written.
+    values_generation: int
+    #: The values_generation the unit was last (re)started with by the agent; None if unknown.
+    running_generation: int | None = None
+    #: The unit's InvocationID seen after its values changed, while a restart was due ("" if
+    #: it was not running). None: not looked at (a run stopped in between).
+    stale_invocation: str | None = None
+    delivery: tuple[str, ...] = ()
+    on_change: str = "restart"
+    secrets: tuple[SecretState, ...] = ()
+
+    @property
+    def behind(self) -> bool:
+        """Its live values are newer than the ones it was started with."""
+        return self.running_generation != self.values_generation
+
+    def restart_pending(self, invocation: str | None) -> bool:
+        """Whether a restart is still due, given the unit's InvocationID now ("" when it is
+        not running; None when systemd could not be asked)."""
+        if not self.behind or self.on_change == "none":
+            return False
+        if invocation == "":
+            return False  # not running: it reads the live values when it starts
+        if self.stale_invocation is None or invocation is None:
+            return True
+        return invocation == self.stale_invocation
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    command: str
+    at: str
+    outcome: str  # ok | error | rolled-back
+    exit_code: int
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenState:
+    accessor: str
+    ttl: int
+    renewable: bool
+    checked_at: str
+    expires_at: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Switch:
+    """Written before `current` moves to `to`: the units whose values change with it."""
+
+    to: int
+    units: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    reboot_policy: str | None = None
+    generation: int | None = None
+    last_run: RunRecord | None = None
+    last_success: RunRecord | None = None
+    units: Mapping[str, UnitState] = dataclasses.field(default_factory=dict)
+    skipped: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    token: TokenState | None = None
+    vault_addr: str | None = None
+    switching: Switch | None = None
+
+    def settled(self, current: int | None) -> State:
+        """The state once an interrupted switch is accounted for: if `current` (the live
+        generation) is the one `switching` announced, its units have those values now."""
+        if self.switching is None:
+            return self
+        units = dict(self.units)
+        switch = self.switching
+        if current == switch.to:
+            for unit in switch.units:
+                old = units.get(unit)
+                if old is None:
+                    units[unit] = UnitState(generation=switch.to, values_generation=switch.to)
+                elif old.values_generation != switch.to:
+                    units[unit] = dataclasses.replace(
+                        old, generation=switch.to, values_generation=switch.to,
+                        stale_invocation=None)
+        return dataclasses.replace(self, switching=None, units=units)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["version"] = STATE_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> State:
+        """Whatever a previous run wrote, tolerantly: a field of the wrong shape is dropped
+        (the state is advisory; the store and systemd are the truth)."""
+        units = {}
+        for name, raw in _mapping(data.get("units")).items():
+            unit = _unit(raw)
+            if isinstance(name, str) and unit is not None:
+                units[name] = unit
+        skipped = {k: v for k, v in _mapping(data.get("skipped")).items()
+                   if isinstance(k, str) and isinstance(v, str)}
+        switching = _mapping(data.get("switching"))
+        return cls(
+            reboot_policy=_str(data.get("reboot_policy")),
+            generation=_int(data.get("generation")),
+            last_run=_run(data.get("last_run")),
+            last_success=_run(data.get("last_success")),
+            units=units,
+            skipped=skipped,
+            token=_token(data.get("token")),
+            vault_addr=_str(data.get("vault_addr")),
+            switching=Switch(_int(switching.get("to")) or 0,
+                             tuple(u for u in switching.get("units") or () if isinstance(u, str)))
+            if _int(switching.get("to")) else None,
+        )
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _run(value: object) -> RunRecord | None:
+    raw = _mapping(value)
+    if not raw:
+        return None
+    return RunRecord(str(raw.get("command", "")), str(raw.get("at", "")),
+                     str(raw.get("outcome", "")), _int(raw.get("exit_code")) or 0,
+                     _str(raw.get("error")))
+
+
+def _token(value: object) -> TokenState | None:
+    raw = _mapping(value)
+    if not raw:
+        return None
+    return TokenState(str(raw.get("accessor", "")), _int(raw.get("ttl")) or 0,
+                      bool(raw.get("renewable")), str(raw.get("checked_at", "")),
+                      _str(raw.get("expires_at")))
+
+
+def _unit(value: object) -> UnitState | None:
+    raw = _mapping(value)
+    generation = _int(raw.get("generation"))
+    if generation is None:
+        return None
+    values = _int(raw.get("values_generation")) or generation
+    # STATE_VERSION 1 called it restarted_generation.
+    running = _int(raw.get("running_generation", raw.get("restarted_generation")))
+    secrets = tuple(
+        SecretState(str(s.get("name", "")), str(s.get("path", "")), _int(s.get("version")),
+                    _int(s.get("lease_duration")), _str(s.get("fetched_at")))
+        for s in raw.get("secrets") or () if isinstance(s, dict)
+    )
+    return UnitState(
+        generation=generation,
+        values_generation=values,
+        running_generation=running,
+        stale_invocation=_str(raw.get("stale_invocation")),
+        delivery=tuple(d for d in raw.get("delivery") or () if isinstance(d, str)),
+        on_change=str(raw.get("on_change", "restart")),
+        secrets=secrets,
+    )
