@@ -301,6 +301,11 @@ def test_tmpfs_is_refused(tmpfs: Path) -> None:
     assert "ENOTTY" in str(kernel.value)
 
 
+def test_other_filesystems_are_refused() -> None:
+    with pytest.raises(fscrypt.FscryptUnsupported, match="without fscrypt support"):
+        fscrypt.check_support(Path("/proc/self/bootsecrets-data"))
+
+
 def test_a_kernel_without_fscrypt_is_refused(encfs: LoopFs, tmp_path: Path) -> None:
     # The host kernel has fscrypt; a sysfs without ext4's `encryption` feature file stands
     # for one built without CONFIG_FS_ENCRYPTION.

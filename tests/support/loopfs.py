@@ -120,3 +120,14 @@ def tmpfs_mount() -> Iterator[Path]:
                 sh(["umount", str(mountpoint)])
         finally:
             shutil.rmtree(mountpoint, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def loop_device(image: Path) -> Iterator[Path]:
+    """`image` attached to a free loop device: a real block device, as a volume is."""
+    require_root()
+    device = Path(sh(["losetup", "--find", "--show", str(image)]).strip())
+    try:
+        yield device
+    finally:
+        sh(["losetup", "--detach", str(device)])
