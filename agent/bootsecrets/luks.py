@@ -431,7 +431,11 @@ def format_volume(device: Path, key: bytearray | memoryview, token: TransitToken
     """First use: refuse unless the device is provably blank, then luksFormat (LUKS2,
     keyslot 0 with `key` as its passphrase, PBKDF2 at the minimum), import the token and
     read the header back to check both are there. The caller runs mkfs on the opened
-    mapping afterwards."""
+    mapping afterwards.
+
+    A crash between luksFormat and the token import leaves a header without a token: the
+    next boot fails closed with TokenMissing, and the device, no longer blank, is never
+    formatted again by itself (the operator wipes it: `cryptsetup erase`, `wipefs -a`)."""
     view = _key_view(key)
     try:
         require_blank(device, runner)
