@@ -1,0 +1,551 @@
+"""The kernel edge of encrypted directories: Linux's native fscrypt, policy v2, by ioctl.
+
+No fscrypt/fscryptctl binary is involved: the structs and request numbers are those of
+include/uapi/linux/fscrypt.h, and the semantics those of
+Documentation/filesystems/fscrypt.rst ("User API").
+
+Key hygiene: a master key is 64 raw bytes that the caller holds in a `bytearray` (or a
+`memoryview` of one) and zeroes itself. This module copies it exactly once, into the ctypes
+buffer handed to FS_IOC_ADD_ENCRYPTION_KEY, and zeroes that buffer before returning, error
+or not. The buffer is larger than CPython's 1024-byte ioctl scratch buffer on purpose: for
+a larger mutable buffer `fcntl.ioctl` passes our memory to the kernel directly instead of
+copying it onto its own C stack, where it would stay unzeroed. No key byte is ever part of
+an exception, a log line or a return value; messages name the path and the operation.
+
+Keys are added, queried and removed through the root directory of the filesystem, as the
+kernel docs recommend: an open descriptor on the encrypted directory itself would count as
+an in-use file and keep the directory unlocked after FS_IOC_REMOVE_ENCRYPTION_KEY.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bootsecrets.process import libc
+
+log = logging.getLogger(__name__)
+
+KEY_SIZE = 64  # bytes; AES-256-XTS needs a 512-bit master key
+IDENTIFIER_SIZE = 16  # FSCRYPT_KEY_IDENTIFIER_SIZE
+
+# --- include/uapi/linux/fscrypt.h ----------------------------------------------------------
+
+FSCRYPT_POLICY_V1 = 0
+FSCRYPT_POLICY_V2 = 2
+FSCRYPT_MODE_AES_256_XTS = 1
+FSCRYPT_MODE_AES_256_CTS = 4
+FSCRYPT_POLICY_FLAGS_PAD_32 = 0x03
+FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER = 2
+FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY = 0x1
+FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS = 0x2
+FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF = 0x1
+
+# statfs(2) f_type values (linux/magic.h)
+EXT4_SUPER_MAGIC = 0xEF53
+F2FS_SUPER_MAGIC = 0xF2F52010
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+_u8, _u32, _u64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64
+
+
+class _PolicyV1(ctypes.Structure):
+    _fields_ = (
+        ("version", _u8),
+        ("contents_encryption_mode", _u8),
+        ("filenames_encryption_mode", _u8),
+        ("flags", _u8),
+        ("master_key_descriptor", _u8 * 8),
+    )
+
+
+class _PolicyV2(ctypes.Structure):
+    _fields_ = (
+        ("version", _u8),
+        ("contents_encryption_mode", _u8),
+        ("filenames_encryption_mode", _u8),
+        ("flags", _u8),
+        ("log2_data_unit_size", _u8),
+        ("reserved", _u8 * 3),
+        ("master_key_identifier", _u8 * IDENTIFIER_SIZE),
+    )
+
+
+class _PolicyUnion(ctypes.Union):
+    _fields_ = (("version", _u8), ("v1", _PolicyV1), ("v2", _PolicyV2))
+
+
+class _GetPolicyExArg(ctypes.Structure):
+    _fields_ = (("policy_size", _u64), ("policy", _PolicyUnion))
+
+
+class _KeySpecifier(ctypes.Structure):
+    _fields_ = (("type", _u32), ("reserved", _u32), ("u", _u8 * 32))
+
+
+class _AddKeyArg(ctypes.Structure):
+    _fields_ = (
+        ("key_spec", _KeySpecifier),
+        ("raw_size", _u32),
+        ("key_id", _u32),
+        ("flags", _u32),
+        ("reserved", _u32 * 7),
+        # `__u8 raw[]` follows in the kernel's struct; it is not part of the ioctl's size.
+    )
+
+
+_IOCTL_BUFSZ = 1024  # CPython's fcntl.ioctl copies mutable buffers up to this size
+
+
+class _AddKeyBuffer(ctypes.Structure):
+    _fields_ = (
+        ("arg", _AddKeyArg),
+        ("raw", _u8 * KEY_SIZE),
+        ("pad", _u8 * (_IOCTL_BUFSZ + 1 - ctypes.sizeof(_AddKeyArg) - KEY_SIZE)),
+    )
+
+
+class _RemoveKeyArg(ctypes.Structure):
+    _fields_ = (
+        ("key_spec", _KeySpecifier),
+        ("removal_status_flags", _u32),
+        ("reserved", _u32 * 5),
+    )
+
+
+class _GetKeyStatusArg(ctypes.Structure):
+    _fields_ = (
+        ("key_spec", _KeySpecifier),
+        ("reserved", _u32 * 6),
+        ("status", _u32),
+        ("status_flags", _u32),
+        ("user_count", _u32),
+        ("out_reserved", _u32 * 13),
+    )
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("f") << 8) | nr
+
+
+_IOC_WRITE, _IOC_READ = 1, 2
+FS_IOC_SET_ENCRYPTION_POLICY = _ioc(_IOC_READ, 19, ctypes.sizeof(_PolicyV1))
+FS_IOC_GET_ENCRYPTION_POLICY_EX = _ioc(_IOC_READ | _IOC_WRITE, 22, 9)  # __u8[9]
+FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 23, ctypes.sizeof(_AddKeyArg))
+FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 24, ctypes.sizeof(_RemoveKeyArg))
+FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS = _ioc(
+    _IOC_READ | _IOC_WRITE, 25, ctypes.sizeof(_RemoveKeyArg))
+FS_IOC_GET_ENCRYPTION_KEY_STATUS = _ioc(
+    _IOC_READ | _IOC_WRITE, 26, ctypes.sizeof(_GetKeyStatusArg))
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class FscryptError(Exception):
+    """Root of this module's failures. `str()` names the path and the problem, nothing else."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class FscryptUnsupported(FscryptError):
+    """The filesystem or the kernel cannot encrypt this path (tmpfs, ext4 without the
+    `encrypt` feature, a kernel without CONFIG_FS_ENCRYPTION, another filesystem)."""
+
+
+class NotADirectory(FscryptError):
+    """The path exists and is not a directory."""
+
+
+class DirectoryNotEmpty(FscryptError):
+    """First use of a directory that already holds entries: never encrypt over data."""
+
+
+class NotEncrypted(FscryptError):
+    """The directory has no encryption policy (yet)."""
+
+
+class EncryptedWithOtherKey(FscryptError):
+    """The directory is encrypted, but under another key (or another policy) than the one
+    given; a key that does not match is never left added by us."""
+
+
+class FscryptOSError(FscryptError):
+    """Any other refusal by the kernel: the operation and the errno name."""
+
+    def __init__(self, path: Path | str, operation: str, code: int) -> None:
+        self.operation = operation
+        self.errno = code
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(path, f"{operation} failed: {name} ({os.strerror(code)})")
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+class KeyState(enum.Enum):
+    ABSENT = 1
+    PRESENT = 2
+    INCOMPLETELY_REMOVED = 3  # removed, but files still in use keep it alive
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyStatus:
+    state: KeyState
+    added_by_self: bool  # this uid holds a claim to the key
+    user_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Removal:
+    """What FS_IOC_REMOVE_ENCRYPTION_KEY(_ALL_USERS) reported."""
+
+    was_present: bool  # False: nothing to remove (ENOKEY), an idempotent no-op
+    files_busy: bool  # some files are still open: they stay readable until closed
+    other_users: bool  # only our claim went; other users keep the key added
+
+    @property
+    def locked(self) -> bool:
+        """True when the key is gone and every file it unlocked is locked again."""
+        return not self.files_busy and not self.other_users
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    version: int  # 1 or 2 (the kernel's code for v1 is 0)
+    contents_mode: int
+    filenames_mode: int
+    flags: int
+    key_identifier: str  # hex; for v1, the 8-byte descriptor
+
+    @property
+    def is_ours(self) -> bool:
+        """Policy v2 with the modes and flags this module sets."""
+        return (self.version, self.contents_mode, self.filenames_mode, self.flags) == (
+            2, FSCRYPT_MODE_AES_256_XTS, FSCRYPT_MODE_AES_256_CTS, FSCRYPT_POLICY_FLAGS_PAD_32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Filesystem:
+    kind: str  # "ext4" or "f2fs"
+    mount_root: Path  # the root directory of the filesystem holding the path
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def filesystem_type(path: Path) -> int:
+    """statfs(2) f_type of the filesystem holding `path`."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86_64
+    if libc().statfs(os.fsencode(path), buf) != 0:
+        raise FscryptOSError(path, "statfs", ctypes.get_errno())
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+def kernel_supports(kind: str, sysfs: Path = Path("/sys")) -> bool:
+    """Whether the running kernel was built with fscrypt for this filesystem: ext4 and f2fs
+    list an `encryption` feature in sysfs only under CONFIG_FS_ENCRYPTION."""
+    return (sysfs / "fs" / kind / "features" / "encryption").exists()
+
+
+def mount_root(path: Path) -> Path:
+    """The root directory of the filesystem (mount) holding the existing `path`."""
+    current = Path(os.path.realpath(path))
+    device = current.stat().st_dev
+    while current != current.parent and current.parent.stat().st_dev == device:
+        current = current.parent
+    return current
+
+
+def check_support(path: Path, *, sysfs: Path = Path("/sys")) -> Filesystem:
+    """Can a directory at `path` (existing or not) be encrypted? Raise FscryptUnsupported
+    with the reason when not; nothing is changed either way.
+
+    The kernel is the judge of the last step: FS_IOC_GET_ENCRYPTION_POLICY_EX on an existing
+    directory of the filesystem answers ENODATA (not encrypted, but it could be) where
+    encryption works, EOPNOTSUPP where the superblock lacks the `encrypt` feature."""
+    existing = Path(os.path.abspath(path))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectory(existing, "not a directory")
+    fstype = filesystem_type(existing)
+    if fstype in (TMPFS_MAGIC, RAMFS_MAGIC):
+        raise FscryptUnsupported(
+            path, "is on tmpfs/ramfs, which cannot hold encrypted directories (and is not "
+            "persistent); use a directory on the ext4 root disk")
+    kinds = {EXT4_SUPER_MAGIC: "ext4", F2FS_SUPER_MAGIC: "f2fs"}
+    if fstype not in kinds:
+        raise FscryptUnsupported(
+            path, f"is on a filesystem without fscrypt support (statfs type {fstype:#x}); "
+            "it must be ext4 (with the encrypt feature) or f2fs")
+    kind = kinds[fstype]
+    existing = Path(os.path.realpath(existing))  # the probe below opens with O_NOFOLLOW
+    if not kernel_supports(kind, sysfs):
+        raise FscryptUnsupported(
+            path, f"the running kernel has no fscrypt for {kind} (CONFIG_FS_ENCRYPTION)")
+    root = mount_root(existing)
+    try:
+        with _opened(existing) as fd:
+            _get_policy(fd, existing)
+    except FscryptOSError as err:
+        if err.errno == errno.EOPNOTSUPP:
+            feature = "encrypt" if kind == "ext4" else "encryption"
+            raise FscryptUnsupported(
+                path, f"the {kind} filesystem mounted at {root} does not have the {feature} "
+                f"feature (tune2fs -O encrypt on its device, or mkfs with -O {feature})",
+            ) from None
+        raise
+    return Filesystem(kind, root)
+
+
+def directory_is_empty(path: Path) -> bool:
+    """True for an existing directory without entries. Raise NotADirectory for a file."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise NotADirectory(path, "exists and is not a directory")
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+# --- policies -----------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise NotADirectory(path, "not a directory (or a symlink)") from None
+    except OSError as err:
+        raise FscryptOSError(path, "open", err.errno or errno.EIO) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _ioctl(fd: int, request: int, arg: ctypes.Structure, path: Path, operation: str) -> None:
+    try:
+        fcntl.ioctl(fd, request, arg, True)
+    except OSError as err:
+        code = err.errno or errno.EIO
+        if code == errno.ENOTTY:
+            raise FscryptUnsupported(
+                path, "the filesystem does not implement encryption (ENOTTY)") from None
+        raise FscryptOSError(path, operation, code) from None
+
+
+def _get_policy(fd: int, path: Path) -> Policy | None:
+    arg = _GetPolicyExArg()
+    arg.policy_size = ctypes.sizeof(_PolicyUnion)
+    try:
+        _ioctl(fd, FS_IOC_GET_ENCRYPTION_POLICY_EX, arg, path, "FS_IOC_GET_ENCRYPTION_POLICY_EX")
+    except FscryptOSError as err:
+        if err.errno == errno.ENODATA:
+            return None
+        raise
+    if arg.policy.version == FSCRYPT_POLICY_V2:
+        v2 = arg.policy.v2
+        return Policy(2, v2.contents_encryption_mode, v2.filenames_encryption_mode, v2.flags,
+                      bytes(v2.master_key_identifier).hex())
+    v1 = arg.policy.v1
+    return Policy(1, v1.contents_encryption_mode, v1.filenames_encryption_mode, v1.flags,
+                  bytes(v1.master_key_descriptor).hex())
+
+
+def get_policy(path: Path) -> Policy | None:
+    """The directory's (or file's) encryption policy; None when it is not encrypted."""
+    with _opened(path) as fd:
+        return _get_policy(fd, path)
+
+
+def set_policy(path: Path, key_identifier: str) -> None:
+    """Make the empty directory `path` encrypted under the key (already added): policy v2,
+    AES-256-XTS contents, AES-256-CTS filenames, filenames padded to 32 bytes (the kernel
+    docs' recommendation). On a directory that already has exactly this policy it is a
+    no-op (the kernel verifies instead of setting)."""
+    identifier = _parse_identifier(key_identifier)
+    policy = _PolicyV2()
+    policy.version = FSCRYPT_POLICY_V2
+    policy.contents_encryption_mode = FSCRYPT_MODE_AES_256_XTS
+    policy.filenames_encryption_mode = FSCRYPT_MODE_AES_256_CTS
+    policy.flags = FSCRYPT_POLICY_FLAGS_PAD_32
+    policy.master_key_identifier[:] = list(identifier)
+    with _opened(path) as fd:
+        try:
+            _ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, policy, path,
+                   "FS_IOC_SET_ENCRYPTION_POLICY")
+        except FscryptOSError as err:
+            if err.errno == errno.EEXIST:
+                raise EncryptedWithOtherKey(
+                    path, "is already encrypted with another key or policy") from None
+            if err.errno == errno.ENOTEMPTY:
+                raise DirectoryNotEmpty(
+                    path, "is not empty; refusing to encrypt a directory that holds data",
+                ) from None
+            if err.errno == errno.EOPNOTSUPP:
+                raise FscryptUnsupported(
+                    path, "the filesystem does not have the encrypt feature") from None
+            if err.errno == errno.EPERM:
+                raise FscryptOSError(path, "FS_IOC_SET_ENCRYPTION_POLICY (the root "
+                                     "directory of a filesystem cannot be encrypted)",
+                                     errno.EPERM) from None
+            raise
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def _parse_identifier(key_identifier: str) -> bytes:
+    try:
+        raw = bytes.fromhex(key_identifier)
+    except ValueError:
+        raw = b""
+    if len(raw) != IDENTIFIER_SIZE:
+        raise ValueError(f"a key identifier is {IDENTIFIER_SIZE * 2} hex digits")
+    return raw
+
+
+def _key_spec(spec: _KeySpecifier, key_identifier: str) -> None:
+    spec.type = FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
+    spec.u[:IDENTIFIER_SIZE] = list(_parse_identifier(key_identifier))
+
+
+def _key_view(key: bytearray | memoryview) -> memoryview:
+    view = memoryview(key)
+    if view.nbytes != KEY_SIZE or not view.c_contiguous:
+        raise ValueError(f"an fscrypt master key is {KEY_SIZE} contiguous bytes")
+    return view.cast("B") if view.format != "B" else view
+
+
+def add_key(path: Path, key: bytearray | memoryview) -> str:
+    """Add a v2 master key to the filesystem holding `path`; return its key identifier (hex,
+    the kernel's hash of the key). Adding a key that is already present is not an error (the
+    kernel records the claim). The caller zeroes its own copy of the key."""
+    view = _key_view(key)
+    root = mount_root(path)
+    buf = _AddKeyBuffer()
+    try:
+        buf.arg.key_spec.type = FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
+        buf.arg.raw_size = KEY_SIZE
+        raw_offset = _AddKeyBuffer.raw.offset
+        memoryview(buf).cast("B")[raw_offset:raw_offset + KEY_SIZE] = view
+        with _opened(root) as fd:
+            _ioctl(fd, FS_IOC_ADD_ENCRYPTION_KEY, buf, path, "FS_IOC_ADD_ENCRYPTION_KEY")
+        return bytes(buf.arg.key_spec.u[:IDENTIFIER_SIZE]).hex()
+    finally:
+        ctypes.memset(ctypes.addressof(buf), 0, ctypes.sizeof(buf))
+        view.release()
+
+
+def key_status(path: Path, key_identifier: str) -> KeyStatus:
+    """Whether the key is present in the filesystem holding `path`, for whom."""
+    arg = _GetKeyStatusArg()
+    _key_spec(arg.key_spec, key_identifier)
+    with _opened(mount_root(path)) as fd:
+        _ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, arg, path,
+               "FS_IOC_GET_ENCRYPTION_KEY_STATUS")
+    return KeyStatus(KeyState(arg.status),
+                     bool(arg.status_flags & FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF),
+                     int(arg.user_count))
+
+
+def remove_key(path: Path, key_identifier: str, *, all_users: bool = True) -> Removal:
+    """Remove the key from the filesystem holding `path`, locking every file it unlocked
+    that is not in use. Idempotent: an absent key is `Removal(was_present=False, ...)`.
+
+    `all_users` (root only, the default for the agent) removes every user's claim; without
+    it only this uid's claim goes. Calling it again after `files_busy` retries locking the
+    files that were closed since."""
+    arg = _RemoveKeyArg()
+    _key_spec(arg.key_spec, key_identifier)
+    request = FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS if all_users else FS_IOC_REMOVE_ENCRYPTION_KEY
+    operation = "FS_IOC_REMOVE_ENCRYPTION_KEY" + ("_ALL_USERS" if all_users else "")
+    with _opened(mount_root(path)) as fd:
+        try:
+            _ioctl(fd, request, arg, path, operation)
+        except FscryptOSError as err:
+            if err.errno == errno.ENOKEY:
+                return Removal(was_present=False, files_busy=False, other_users=False)
+            raise
+    flags = arg.removal_status_flags
+    return Removal(was_present=True,
+                   files_busy=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY),
+                   other_users=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS))
+
+
+# --- the directory-level steps the agent uses --------------------------------------------
+
+
+def provision(path: Path, key: bytearray | memoryview, *,
+              sysfs: Path = Path("/sys")) -> str:
+    """First use: `path` must be an existing, empty directory on a filesystem that supports
+    encryption. Add the key, set the policy, return the key identifier. Every check runs
+    before the key reaches the kernel; the directory is left untouched on any refusal."""
+    check_support(path, sysfs=sysfs)
+    if not path.exists():
+        raise NotADirectory(path, "does not exist; create it (owner, mode) first")
+    if not directory_is_empty(path):
+        raise DirectoryNotEmpty(
+            path, "is not empty; refusing to encrypt a directory that holds data")
+    existing = get_policy(path)
+    if existing is not None:
+        raise EncryptedWithOtherKey(path, "is already encrypted")
+    identifier = add_key(path, key)
+    try:
+        set_policy(path, identifier)
+    except FscryptError:
+        remove_key(path, identifier, all_users=False)
+        raise
+    log.info("encrypted directory %s created (key identifier %s)", path, identifier)
+    return identifier
+
+
+def unlock(path: Path, key: bytearray | memoryview, *,
+           other_identifiers: Collection[str] = ()) -> str:
+    """Add the key of the encrypted directory `path`; return its identifier.
+
+    A key whose identifier is not the directory's raises EncryptedWithOtherKey after this
+    uid's claim to it is taken back out of the kernel, unless it is one of
+    `other_identifiers` (the keys of the caller's other directories, which a swapped
+    ciphertext would otherwise lock as a side effect)."""
+    policy = get_policy(path)
+    if policy is None:
+        raise NotEncrypted(path, "is not an encrypted directory")
+    if policy.version != 2:
+        raise EncryptedWithOtherKey(path, "uses a v1 encryption policy, not v2")
+    identifier = add_key(path, key)
+    if identifier != policy.key_identifier:
+        if identifier not in other_identifiers:
+            remove_key(path, identifier, all_users=False)
+        raise EncryptedWithOtherKey(path, "the key given is not the directory's key")
+    return identifier
+
+
+def lock(path: Path) -> Removal:
+    """Remove the key of the encrypted directory `path` from the kernel (all users)."""
+    policy = get_policy(path)
+    if policy is None:
+        raise NotEncrypted(path, "is not an encrypted directory")
+    if policy.version != 2:
+        raise EncryptedWithOtherKey(path, "uses a v1 encryption policy, not v2")
+    return remove_key(path, policy.key_identifier)
+
+
+def is_unlocked(path: Path) -> bool:
+    """Whether the key of the encrypted directory `path` is present (fully) in the kernel."""
+    policy = get_policy(path)
+    if policy is None:
+        raise NotEncrypted(path, "is not an encrypted directory")
+    return key_status(path, policy.key_identifier).state is KeyState.PRESENT
