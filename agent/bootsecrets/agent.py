@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bootsecrets import logs
@@ -42,10 +43,18 @@ from bootsecrets.errors import (
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
+from bootsecrets.fsio import (
+    FileMissing,
+    FileRefused,
+    read_regular_file,
+    refused,
+    unlink_nofollow,
+    write_private,
+)
 from bootsecrets.paths import Paths
 from bootsecrets.render import RenderedUnit, SecretData, render_service
-from bootsecrets.store import FileSpec, Store, resolve_owner, write_private
-from bootsecrets.systemd import Runner, Systemctl, dropin_text, run, write_dropins
+from bootsecrets.store import FileSpec, Store, resolve_owner
+from bootsecrets.systemd import Runner, Systemctl, check_dropins, dropin_text, run, write_dropins
 
 if TYPE_CHECKING:
     from bootsecrets.vault import TokenInfo, Vault
@@ -88,6 +97,7 @@ class Context:
         paths = self.paths.with_store(config.store)
         store = Store(paths)
         store.prepare(shared=_shared(config))
+        check_dropins(paths, [s.unit for s in config.services])
         return config, paths, store
 
     def systemctl(self) -> Systemctl:
@@ -179,19 +189,30 @@ def _token_path(config: Config, paths: Paths) -> Any:
 def save_token(config: Config, paths: Paths, token: TokenInfo, address: str | None) -> None:
     """Keep the token where the reboot policy says: /var/lib (persist-token) or the store."""
     path = _token_path(config, paths)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     record = {"token": token.token, "accessor": token.accessor, "vault_addr": address}
-    write_private(path, json.dumps(record).encode(), 0o600)
+    write_private(paths.root, path, json.dumps(record).encode(), 0o600, create_dirs=0o700,
+                  memory_only=path == paths.runtime_token)
     other = paths.runtime_token if path != paths.runtime_token else paths.persistent_token
-    other.unlink(missing_ok=True)
+    unlink_nofollow(paths.root, other)
+
+
+def _read_kept(paths: Paths, path: Path) -> bytes | None:
+    """A file the agent keeps (token, identity): never through a symlink, bounded."""
+    try:
+        return read_regular_file(path, 64 * 1024, follow_symlinks=False, anchor=paths.root)
+    except FileMissing:
+        return None
+    except FileRefused as err:
+        raise refused(err.path, err.reason) from None
 
 
 def load_token(config: Config, paths: Paths) -> dict[str, Any] | None:
     path = _token_path(config, paths)
-    try:
-        record = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    raw = _read_kept(paths, path)
+    if raw is None:
         return None
+    try:
+        record = json.loads(raw)
     except ValueError:
         log.warning("ignoring an unreadable token file %s", path)
         return None
@@ -199,20 +220,20 @@ def load_token(config: Config, paths: Paths) -> dict[str, Any] | None:
 
 
 def forget_token(paths: Paths) -> None:
-    paths.runtime_token.unlink(missing_ok=True)
-    paths.persistent_token.unlink(missing_ok=True)
+    unlink_nofollow(paths.root, paths.runtime_token)
+    unlink_nofollow(paths.root, paths.persistent_token)
 
 
 def save_identity(paths: Paths, role_id: str, address: str | None) -> None:
-    paths.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private(paths.identity,
-                  json.dumps({"role_id": role_id, "vault_addr": address}).encode(), 0o600)
+    write_private(paths.root, paths.identity,
+                  json.dumps({"role_id": role_id, "vault_addr": address}).encode(), 0o600,
+                  create_dirs=0o700)
 
 
 def load_identity(paths: Paths) -> dict[str, Any]:
     try:
-        data = json.loads(paths.identity.read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(_read_kept(paths, paths.identity) or b"")
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -395,9 +416,8 @@ def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, render, start the units."""
     config, paths, store = ctx.load()
     with _failures_recorded(store, config, "bootstrap"), store.lock(ctx.lock_wait):
-        boot = load_bootstrap(paths.bootstrap) if paths.bootstrap.exists() else None
-        vault, token, address = _authenticate(
-            ctx, config, paths, boot, lambda: paths.bootstrap.unlink(missing_ok=True))
+        boot = load_bootstrap(paths.bootstrap) if os.path.lexists(paths.bootstrap) else None
+        vault, token, address = _authenticate(ctx, config, paths, boot, store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
         with vault:

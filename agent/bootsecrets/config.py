@@ -17,6 +17,7 @@ from typing import TypeVar
 import yaml
 
 from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.fsio import FileRefused, read_regular_file
 from bootsecrets.paths import DEFAULT_STORE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -264,16 +265,15 @@ _E = TypeVar("_E", bound=enum.Enum)
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _read_document(path: Path, error_type: type[ConfigError]) -> _At:
+def _read_document(
+    path: Path, error_type: type[ConfigError], *, follow_symlinks: bool = True,
+) -> _At:
+    """A regular file only (a FIFO or a device is refused without blocking), bounded."""
     source = str(path)
     try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise error_type(source, None, "", "is a directory, expected a file") from None
-    except FileNotFoundError:
-        raise error_type(source, None, "", "does not exist") from None
-    except OSError as err:
-        raise error_type(source, None, "", f"cannot read: {err.strerror}") from None
+        data = read_regular_file(path, MAX_CONFIG_BYTES, follow_symlinks=follow_symlinks)
+    except FileRefused as err:
+        raise error_type(source, None, "", err.reason) from None
     return _parse_document(data, source, error_type)
 
 
@@ -324,8 +324,10 @@ def parse_address(at: _At) -> str:
 
 
 def load_bootstrap(path: Path) -> Bootstrap:
-    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr."""
-    return _bootstrap(_read_document(path, BootstrapError))
+    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr.
+    Never read through a symlink: the single-use token must be in the store, where the
+    agent deletes it."""
+    return _bootstrap(_read_document(path, BootstrapError, follow_symlinks=False))
 
 
 def parse_bootstrap(data: bytes, source: str = "<stdin>") -> Bootstrap:
