@@ -7,6 +7,7 @@ Also: with `--debug`, a tagged token in the bootstrap appears in no traceback.""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,10 @@ def test_checks_come_before_the_wrapped_secret_id_is_used(
     world.sandbox.write_bootstrap(world.role_id, wrapped)
     offset = openbao.audit_offset()
 
-    code, _, err = world.sandbox.run("bootstrap")
+    try:
+        code, _, err = world.sandbox.run("bootstrap")
+    finally:
+        shutil.rmtree(Path("/var/tmp") / f"bootsecrets-disk-{world.unique}", ignore_errors=True)
 
     assert code == exit_code, err
     assert openbao.audited_requests(offset) == []

@@ -9,6 +9,7 @@ context (checks, store, lock), login, render, deploy.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from bootsecrets import identity
@@ -38,8 +39,8 @@ def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, render, start the units."""
     with Run.open(ctx, "bootstrap") as run:
         bootstrap_file = run.paths.bootstrap
-        boot = load_bootstrap(bootstrap_file) if bootstrap_file.exists() else None
-        vault, _ = authenticate(run, boot, lambda: bootstrap_file.unlink(missing_ok=True))
+        boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
+        vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
         rendered = read_and_render(run.config, vault)

@@ -194,8 +194,10 @@ def _address(at: Node, value: str) -> str:
 
 
 def load_bootstrap(path: Path) -> Bootstrap:
-    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr."""
-    return _bootstrap(read_document(path, BootstrapError))
+    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr.
+    Never read through a symlink: the single-use token must be in the store, where the
+    agent deletes it."""
+    return _bootstrap(read_document(path, BootstrapError, follow_symlinks=False))
 
 
 def parse_bootstrap(data: bytes, source: str = "<stdin>") -> Bootstrap:
@@ -297,12 +299,14 @@ def _absolute_path(at: Node) -> Path:
 
 
 def _store_path(at: Node) -> Path:
-    """The store goes into every unit's drop-in (EnvironmentFile=, LoadCredential=): only
-    characters that need no quoting or escaping there, and only under /run."""
-    path = _absolute_path(at)
-    if not all(PATH_COMPONENT.match(p) for p in path.parts[1:]):
-        raise at.error("must be a path of plain names ([A-Za-z0-9_.@=+-]) such as "
-                       "/run/bootsecrets")
+    """The store goes into every unit's drop-in (EnvironmentFile=, LoadCredential=): no
+    control character (it would start a new directive) and no `%` (a specifier); the
+    drop-in writer escapes the rest as systemd reads it back."""
+    path, raw = _absolute_path(at), at.string()
+    if "%" in raw:
+        raise at.error("must not contain `%` (a systemd specifier)")
+    if raw != str(PurePosixPath(raw)) or raw.endswith(" "):
+        raise at.error("must be a normalized path (no `//`, `.`, trailing `/` or space)")
     if not path.is_relative_to("/run") or path == Path("/run"):
         raise at.error("must be a directory under /run (memory-only)")
     return path

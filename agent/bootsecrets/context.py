@@ -24,7 +24,7 @@ from bootsecrets.errors import BootsecretsError, ConfigError, LockBusy, UnitFail
 from bootsecrets.paths import Paths
 from bootsecrets.state import RunRecord, State, TokenState, now
 from bootsecrets.store import FileSpec, Store
-from bootsecrets.systemd import Runner, Systemctl, run
+from bootsecrets.systemd import Runner, Systemctl, check_dropins, run
 
 if TYPE_CHECKING:
     from bootsecrets.vault import TokenInfo, Vault
@@ -89,6 +89,7 @@ class Run:
         paths = ctx.paths.with_store(config.store)
         store = Store(paths)
         store.prepare(shared=shared_store(config))
+        check_dropins(paths, [s.unit for s in config.services])
         specs = {s.unit: FileSpec(*_owner(config, s), s.mode) for s in config.services}
         run = cls(ctx, command, config, paths, store, ctx.systemctl(), specs)
         with store.lock(ctx.lock_wait), run._failures_recorded():

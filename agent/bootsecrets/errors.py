@@ -94,7 +94,10 @@ class StoreError(BootsecretsError):
     """The memory-only store cannot be used (disk-backed, wrong owner, unwritable)."""
 
     exit_code = 12
-    summary = "store not usable (disk-backed, unwritable, a symlink where none may be)"
+    summary = (
+        "store not usable (disk-backed, unwritable, a symlink in the agent's paths, a path "
+        "systemd cannot read back)"
+    )
     hint = "mount a tmpfs (or ramfs) at the store path; see systemd/bootsecrets-store.service"
 
 

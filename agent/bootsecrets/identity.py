@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from bootsecrets.config import RebootPolicy
+from bootsecrets.fsio import (
+    FileMissing,
+    FileRefused,
+    read_regular_file,
+    refused,
+    unlink_nofollow,
+    write_private,
+)
 from bootsecrets.paths import Paths
-from bootsecrets.store import write_private
 
 log = logging.getLogger(__name__)
+
+MAX_KEPT_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +51,19 @@ def _token_path(policy: RebootPolicy, paths: Paths) -> Path:
     return paths.runtime_token
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(paths: Paths, path: Path) -> dict[str, Any] | None:
+    """A file the agent keeps: never through a symlink, bounded; unreadable JSON is ignored
+    (a symlink or a FIFO there is refused: exit 12)."""
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+        raw = read_regular_file(path, MAX_KEPT_BYTES, follow_symlinks=False, anchor=paths.root)
+    except FileMissing:
         return None
-    except (OSError, ValueError) as err:
-        log.warning("ignoring an unreadable file %s (%s)", path, type(err).__name__)
+    except FileRefused as err:
+        raise refused(err.path, err.reason) from None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring an unreadable file %s", path)
         return None
     return data if isinstance(data, dict) else None
 
@@ -62,15 +77,15 @@ def save_token(policy: RebootPolicy, paths: Paths, token: str, accessor: str,
                vault_addr: str | None) -> None:
     """Keep the token where `policy` says, and only there."""
     path = _token_path(policy, paths)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     record = {"token": token, "accessor": accessor, "vault_addr": vault_addr}
-    write_private(path, json.dumps(record).encode(), 0o600)
+    write_private(paths.root, path, json.dumps(record).encode(), 0o600, create_dirs=0o700,
+                  memory_only=path == paths.runtime_token)
     other = paths.runtime_token if path != paths.runtime_token else paths.persistent_token
-    other.unlink(missing_ok=True)
+    unlink_nofollow(paths.root, other)
 
 
 def load_token(policy: RebootPolicy, paths: Paths) -> KeptToken | None:
-    record = _read_json(_token_path(policy, paths))
+    record = _read_json(paths, _token_path(policy, paths))
     token = _text(record, "token") if record is not None else None
     if record is None or token is None:
         return None
@@ -78,15 +93,15 @@ def load_token(policy: RebootPolicy, paths: Paths) -> KeptToken | None:
 
 
 def forget_token(paths: Paths) -> None:
-    paths.runtime_token.unlink(missing_ok=True)
-    paths.persistent_token.unlink(missing_ok=True)
+    unlink_nofollow(paths.root, paths.runtime_token)
+    unlink_nofollow(paths.root, paths.persistent_token)
 
 
 def save_identity(paths: Paths, identity: Identity) -> None:
-    paths.identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private(paths.identity, json.dumps(dataclasses.asdict(identity)).encode(), 0o600)
+    write_private(paths.root, paths.identity,
+                  json.dumps(dataclasses.asdict(identity)).encode(), 0o600, create_dirs=0o700)
 
 
 def load_identity(paths: Paths) -> Identity:
-    record = _read_json(paths.identity) or {}
+    record = _read_json(paths, paths.identity) or {}
     return Identity(_text(record, "role_id"), _text(record, "vault_addr"))

@@ -2,27 +2,50 @@
 
 `systemctl` is only ever given unit names and verbs: secrets reach units through files the
 manager reads (EnvironmentFile=, LoadCredential=), never through argv.
+
+A path in a drop-in is written so that PID 1 reads back exactly that path. systemd's unit
+parser (conf-parser.c, load-fragment.c) takes the rest of the line after `=` with surrounding
+whitespace stripped, joins a line ending in a backslash with the next, drops a line that is
+not valid UTF-8 (by its own rules: no surrogates, no noncharacters), then expands specifiers
+(`%x`; `%%` is a literal `%`); EnvironmentFile= keeps quotes and backslashes literally and
+simplifies `//` and `/./`; LoadCredential= splits off the credential name at the first `:`
+and takes the rest as the path, which must be normalized. So `%` is written `%%`, and a path
+that is relative, not normalized, has a control character (a newline would start a new
+directive), a character systemd refuses, leading/trailing whitespace or a trailing backslash,
+or is longer than PATH_MAX, cannot be represented: `unit_file_path` refuses it (StoreError,
+exit 12: the store cannot be named in a unit file, so it is not usable).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import shlex
 import subprocess
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Protocol
 
-from bootsecrets.errors import CommandFailed
-from bootsecrets.paths import Paths
-from bootsecrets.store import write_private
+from bootsecrets import fsio
+from bootsecrets.errors import CommandFailed, StoreError
+from bootsecrets.fsio import shown
+from bootsecrets.paths import DROPIN_NAME, Paths
 
 log = logging.getLogger(__name__)
 
 AGENT_UNIT = "bootsecrets.service"
 #: Verbs after which a unit runs in a new invocation (a reload keeps its invocation).
 _STARTING_VERBS = frozenset({"start", "restart", "try-restart", "try-reload-or-restart"})
+#: systemd's credential_name_valid() allows more; this is what the config allows, and all of
+#: it is literal in a unit file (no `%`, `:`, backslash, quote or whitespace).
+CREDENTIAL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}\Z")
+PATH_MAX = 4096
+NAME_MAX = 255
+MAX_DROPIN = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +114,60 @@ class RecordingRunner:
         return [call[1:] for call in self.calls]
 
 
+class _NotInUnitFile(StoreError):
+    """A path (or name) a drop-in cannot carry so that systemd reads it back: the store is
+    not usable (exit 12); an outcome of StoreError's, not one of its own."""
+
+    hint = (
+        "set `store:` in the image config to a plain absolute path under /run (no control "
+        "characters; it must survive systemd's unit-file parser) and rebuild the image"
+    )
+
+
+def _unichar_is_valid(code: int) -> bool:
+    """systemd's unichar_is_valid (src/basic/utf8.c): what utf8_is_valid accepts."""
+    return not (code >= 0x110000 or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
+                or code & 0xFFFE == 0xFFFE)
+
+
+def _unrepresentable(text: str) -> str | None:
+    if not text.startswith("/"):
+        return "is not absolute"
+    parts = text.split("/")[1:]
+    if any(part in ("", ".", "..") for part in parts):
+        return "is not normalized (empty, `.` or `..` component, or a trailing slash)"
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            return "contains a control character"
+        if not _unichar_is_valid(ord(char)):
+            return "contains a character systemd does not accept as UTF-8"
+    if text.endswith((" ", "\\")):  # stripped, or a line continuation
+        return "ends with a space or a backslash"
+    encoded = text.encode("utf-8")
+    if len(encoded) >= PATH_MAX:
+        return f"is longer than {PATH_MAX - 1} bytes"
+    if any(len(part.encode("utf-8")) > NAME_MAX for part in parts):
+        return f"has a component longer than {NAME_MAX} bytes"
+    return None
+
+
+def unit_file_path(path: PurePosixPath | os.PathLike[str]) -> str:
+    """`path` as the value of a unit-file setting that systemd reads back as exactly this path
+    (specifiers escaped). StoreError (exit 12) if systemd could not read it back."""
+    text = os.fspath(path)
+    problem = _unrepresentable(text)
+    if problem is not None:
+        raise _NotInUnitFile(f"the path {shown(text)} cannot be written into a systemd unit "
+                             f"file: it {problem}")
+    return text.replace("%", "%%")
+
+
+def _unit_component(unit: str) -> str:
+    if "/" in unit or unit in ("", ".", ".."):
+        raise _NotInUnitFile(f"unit name {shown(unit)} cannot name a file")
+    return unit
+
+
 def dropin_text(
     unit: str,
     paths: Paths,
@@ -98,7 +175,9 @@ def dropin_text(
     env_file: bool,
     credentials: Iterable[str] = (),
 ) -> str:
+    """The runtime drop-in of `unit`; every path in it escaped for systemd's unit parser."""
     base = paths.current_host
+    unit = _unit_component(unit)
     lines = [
         "# Written by bootsecrets at runtime; gone at reboot, so the unit never starts",
         "# without its secrets. Do not edit.",
@@ -109,25 +188,41 @@ def dropin_text(
         "[Service]",
     ]
     if env_file:
-        lines.append(f"EnvironmentFile={base}/env/{unit}.env")
+        lines.append(f"EnvironmentFile={unit_file_path(base / 'env' / f'{unit}.env')}")
     for name in credentials:
-        lines.append(f"LoadCredential={name}:{base}/credentials/{unit}/{name}")
+        if not CREDENTIAL_ID.match(name):
+            raise _NotInUnitFile(f"credential name {shown(name)} cannot be written into a "
+                                 "systemd unit file")
+        source = unit_file_path(base / "credentials" / unit / name)
+        lines.append(f"LoadCredential={name}:{source}")
     return "\n".join(lines) + "\n"
 
 
+def check_dropins(paths: Paths, units: Iterable[str]) -> None:
+    """Before any work: refuse (StoreError) a symlink on the way to the drop-in directory,
+    as a unit's `<unit>.d`, or as its drop-in file. Creates nothing."""
+    names = [_unit_component(unit) for unit in units]
+    fsio.check_tree(paths.root, paths.dropin_root, dirs=[f"{name}.d" for name in names])
+    for name in names:
+        fsio.check_tree(paths.root, paths.dropin_root / f"{name}.d", files=[DROPIN_NAME])
+
+
 def write_dropins(paths: Paths, texts: Mapping[str, str]) -> list[str]:
-    """Write each unit's runtime drop-in (atomically); return the units whose text changed."""
-    changed = []
-    for unit, text in texts.items():
-        path = paths.dropin(unit)
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        try:
-            if path.read_text() == text:
-                continue
-        except FileNotFoundError:
-            pass
-        write_private(path, text.encode(), 0o644)
-        changed.append(unit)
+    """Write each unit's runtime drop-in (atomically); return the units whose text changed.
+
+    The directories are reached and the files replaced without following a symlink below
+    `paths.root` (StoreError, exit 12, naming what was refused)."""
+    changed: list[str] = []
+    if not texts:
+        return changed
+    with fsio.open_dir(paths.root, paths.dropin_root, create=0o755) as dropin_root:
+        for unit, text in texts.items():
+            data = text.encode()
+            with dropin_root.child(f"{_unit_component(unit)}.d", create=0o755) as unit_dir:
+                if unit_dir.read_optional(DROPIN_NAME, MAX_DROPIN) == data:
+                    continue
+                unit_dir.replace_file(DROPIN_NAME, data, mode=0o644)
+            changed.append(unit)
     return changed
 
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 import yaml
 
 from bootsecrets.errors import ConfigError
+from bootsecrets.fsio import FileRefused, read_regular_file
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
@@ -172,16 +173,15 @@ def parse_document(
     return document
 
 
-def read_document(path: Path, error_type: type[ConfigError] = ConfigError) -> Node:
+def read_document(
+    path: Path, error_type: type[ConfigError] = ConfigError, *, follow_symlinks: bool = True,
+) -> Node:
+    """A regular file only (a FIFO or a device is refused without blocking), bounded."""
     source = str(path)
     try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise error_type(source, None, "", "is a directory, expected a file") from None
-    except FileNotFoundError:
-        raise error_type(source, None, "", "does not exist") from None
-    except OSError as err:
-        raise error_type(source, None, "", f"cannot read: {err.strerror}") from None
+        data = read_regular_file(path, MAX_DOCUMENT_BYTES, follow_symlinks=follow_symlinks)
+    except FileRefused as err:
+        raise error_type(source, None, "", err.reason) from None
     return parse_document(data, source, error_type)
 
 
