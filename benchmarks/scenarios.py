@@ -54,7 +54,7 @@ RESTARTING = frozenset(
 
 def setup_approle(bao: OpenBao) -> str:
     """AppRole `bench` (single-use secret-ids) reading secret/data/bench/*; its role-id."""
-    return bao.approle(ROLE, policy("secret/data/bench/*"), secret_id_ttl="30m", token_ttl="1h")
+    return bao.approle(ROLE, policy("secret/data/bench/*"), secret_id_ttl="30m")
 
 
 def hcl(value: str) -> str:
@@ -271,7 +271,7 @@ class Bench:
         path.mkdir(mode=0o700)
         return path
 
-    def _done_with(self, path: Path) -> None:
+    def done_with(self, path: Path) -> None:
         if not self.keep:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -364,7 +364,7 @@ class Bench:
                 raise BenchError(f"units started: {sorted(systemctl.started())}")
         except (BenchError, OSError) as err:
             self._failed(run, f"ours {sc.key}", err)
-        self._done_with(root)
+        self.done_with(root)
         return run
 
     def run_bao(self, sc: Scenario, addr: str, proxy: LatencyProxy | None = None) -> Run:
@@ -380,7 +380,7 @@ class Bench:
                 raise BenchError("no token in the sink")
         except (BenchError, OSError) as err:
             self._failed(run, f"bao {sc.key}", err)
-        self._done_with(work)
+        self.done_with(work)
         return run
 
     def compare(self, sc: Scenario, runs: int, warmup: int) -> dict[str, list[Run]]:
@@ -426,7 +426,7 @@ class Bench:
             if not self._refresh_once(root, systemctl, env, i, runs, result, kinds):
                 break
         result.kinds = {k: v // max(1, len(result.requests)) for k, v in kinds.items()}
-        self._done_with(root)
+        self.done_with(root)
         return result
 
     def _refresh_once(
@@ -572,7 +572,7 @@ class Herd:
             server_cpu=bench.bao.cpu_seconds() - server_cpu,
         )
         for root, _ in roots:
-            bench._done_with(root)
+            bench.done_with(root)
         return result
 
     def _launch(
