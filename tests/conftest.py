@@ -1,47 +1,68 @@
-"""Shared fixtures: a real OpenBao dev server, sandboxed host roots on tmpfs, the leak guard."""
+"""Shared fixtures: a real OpenBao dev server, sandboxed host roots on tmpfs, the leak guard.
+
+The classes and checks live in tests/support/ (sandbox.py, openbao.py, world.py); the names
+below stay importable from here (`from conftest import Sandbox, read_env_file, mode_of`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from bootsecrets import cli
-from bootsecrets.agent import Context
-from bootsecrets.paths import Paths
-from bootsecrets.systemd import RecordingRunner
 from support.openbao import CANARIES, OpenBao, dev_server
+from support.sandbox import (
+    STORE_EXCLUDED,
+    Captured,
+    Sandbox,
+    assert_nothing_rendered,
+    find_leaks,
+    mode_of,
+    read_env_file,
+)
 from support.world import World
 
-STORE_EXCLUDED = ("run/bootsecrets/", "var/lib/bootsecrets/")
+__all__ = [
+    "STORE_EXCLUDED",
+    "Captured",
+    "Sandbox",
+    "assert_nothing_rendered",
+    "find_leaks",
+    "mode_of",
+    "read_env_file",
+]
+
+#: The default outage of tests/test_ha.py's "Vault comes back" test, in seconds.
+VAULT_OUTAGE = 10.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--vault-outage",
+        type=float,
+        default=VAULT_OUTAGE,
+        metavar="SECONDS",
+        help="how long Vault stays down in test_ha's outage test (default %(default)s; "
+        "the agent's backoff reaches its 4 s cap after about 4 s)",
+    )
+
+
+@pytest.fixture(scope="session")
+def vault_outage(request: pytest.FixtureRequest) -> float:
+    outage = request.config.getoption("--vault-outage")
+    assert isinstance(outage, float)
+    return outage
 
 
 @pytest.fixture(scope="session")
 def openbao() -> Iterator[OpenBao]:
     with dev_server() as server:
         yield server
-
-
-class Captured:
-    """Everything a test captured that must never hold a canary."""
-
-    def __init__(self) -> None:
-        self.texts: list[tuple[str, str]] = []
-        self.runners: list[RecordingRunner] = []
-        self.roots: list[Path] = []
-
-    def add(self, where: str, text: str) -> None:
-        self.texts.append((where, text))
 
 
 @pytest.fixture
@@ -51,7 +72,9 @@ def captured() -> Captured:
 
 @pytest.fixture(autouse=True)
 def leak_guard(
-    captured: Captured, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    captured: Captured,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> Iterator[None]:
     """After every test: no secret value, wrapped token or secret-id created through the
     OpenBao helpers appears in a log record (any field), stdout, stderr, a systemctl argv,
@@ -76,81 +99,6 @@ def leak_guard(
     assert not leaks, f"secret material leaked into: {leaks}"
 
 
-def find_leaks(places: list[tuple[str, str]], canaries: set[str]) -> list[tuple[str, str]]:
-    """(where, first characters) for every canary found in a captured text."""
-    return [(where, canary[:4] + "…") for canary in canaries if len(canary) >= 6
-            for where, text in places if canary in text]
-
-
-class Sandbox:
-    """A host root on tmpfs (/dev/shm) with the image config, bootstrap and a recording
-    systemctl; `run()` drives the real CLI entry point against it."""
-
-    def __init__(self, root: Path, captured: Captured, openbao: OpenBao | None) -> None:
-        self.root = root
-        self.captured = captured
-        self.openbao = openbao
-        self.runner = RecordingRunner()
-        captured.runners.append(self.runner)
-        captured.roots.append(root)
-        self.env: dict[str, str] = {}
-        self.after_lookup: Any = None
-        self.after_login: Any = None
-
-    @property
-    def paths(self) -> Paths:
-        return Paths(self.root)
-
-    @property
-    def store(self) -> Path:
-        return self.root / "run/bootsecrets"
-
-    def write_config(self, config: dict[str, Any] | str) -> Path:
-        path = self.root / "etc/bootsecrets/config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-        path.write_text(text)
-        return path
-
-    def write_bootstrap(self, role_id: str, wrapped: str, addr: str | None = None) -> Path:
-        """As cloud-init write_files would: /run/bootsecrets/bootstrap.yaml, 0600."""
-        path = self.store / "bootstrap.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"role_id": role_id, "wrapped_secret_id": wrapped}
-        if addr:
-            doc["vault_addr"] = addr
-        path.write_text(yaml.safe_dump(doc))
-        path.chmod(0o600)
-        return path
-
-    def context(self) -> Context:
-        return Context(paths=self.paths, runner=self.runner, env=dict(self.env),
-                       after_lookup=self.after_lookup, after_login=self.after_login)
-
-    def run(self, *args: str, stdin: str = "") -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = cli.main([*args, "--root", str(self.root)], context=self.context(),
-                            stdin=io.StringIO(stdin), stdout=out)
-        self.captured.add("cli stdout", out.getvalue())
-        self.captured.add("cli stderr", err.getvalue())
-        return code, out.getvalue(), err.getvalue()
-
-    def env_file(self, unit: str) -> Path:
-        return self.store / "current/env" / f"{unit}.env"
-
-    def written_files(self) -> list[str]:
-        """Every file under the store's generations (what a render wrote)."""
-        base = self.store / "generations"
-        if not base.exists():
-            return []
-        return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
-
-    def started_units(self) -> list[str]:
-        return [u for call in self.runner.verbs() if call[:1] == ("start",)
-                for u in call if u.endswith(".service")]
-
-
 @pytest.fixture
 def sandbox_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="bootsecrets-test-", dir="/dev/shm"))
@@ -169,16 +117,6 @@ def sandbox(sandbox_root: Path, captured: Captured) -> Sandbox:
 def unique() -> str:
     """A name unique to this test, for roles and secret paths on the shared server."""
     return "t" + secrets.token_hex(4)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    from systemd_envfile import parse  # the independent parser, in tests/
-
-    return parse(path.read_bytes().decode("utf-8"))
-
-
-def mode_of(path: Path) -> int:
-    return os.stat(path).st_mode & 0o7777
 
 
 @pytest.fixture

@@ -28,10 +28,10 @@ class Case:
     config: Callable[[Config], Config | str | bytes] | None = None
     bootstrap: Callable[[dict[str, str]], dict[str, Any] | str | None] | None = None
     secret: dict[str, Any] | None = None
-    setup: Callable[[Path], None] | None = None
+    setup: Callable[[Path], object] | None = None
 
 
-def edit(fn: Callable[[Config], None]) -> Callable[[Config], Config]:
+def edit(fn: Callable[[Config], object]) -> Callable[[Config], Config]:
     def apply(config: Config) -> Config:
         fn(config)
         return config

@@ -119,7 +119,7 @@ def test_wrong_creation_path_is_tampering(
     assert "sys/wrapping/wrap" in err and f"auth/approle/role/{world.role}/secret-id" in err
     assert_nothing_rendered(world.sandbox)
     record = assert_alert(caplog, errors.WrappingPathMismatch)
-    assert record.CREATION_PATH == "sys/wrapping/wrap"  # type: ignore[attr-defined]
+    assert record.CREATION_PATH == "sys/wrapping/wrap"
 
 
 def test_unwrapped_between_lookup_and_unwrap_is_interception(

@@ -31,7 +31,8 @@ services:
 
 def test_libyaml_parser_is_used_when_pyyaml_has_it() -> None:
     assert yaml.__with_libyaml__, "PyYAML's wheels ship libyaml; reinstall pyyaml"
-    assert yamldoc._LOADER is yaml.CSafeLoader
+    loader: object = yamldoc._LOADER  # typed as the pure-Python SafeLoader it falls back to
+    assert loader is yaml.CSafeLoader
 
 
 def error_for(tmp_path: Path, text: str) -> str:

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Provisioner 10: distribution packages the agent needs. Same file for the DigitalOcean and
-# QEMU builds and for the end-to-end test's chroot build (tests/e2e/image.py).
+# QEMU builds and for the end-to-end test's chroot build (tests/e2e/e2e_image.py).
 #   python3-venv     the agent's virtualenv (/opt/bootsecrets)
 #   python3-systemd  systemd-python for the journal and sd_notify, from Debian, so that the
 #                    image needs no compiler (the venv is created with --system-site-packages)

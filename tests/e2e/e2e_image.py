@@ -188,7 +188,7 @@ def run_scripts(tree: Path, env: dict[str, str]) -> None:
         "HOME": "/root",
         "LC_ALL": "C.UTF-8",
         "DEBIAN_FRONTEND": "noninteractive",
-        # Only the chroot run sets this: tells 90-clean.sh not to touch the live /proc etc.
+        # Only the chroot run sets this: 10-packages.sh then does not wait for cloud-init.
         "BOOTSECRETS_BUILD_CHROOT": "1",
         **env,
     }

@@ -51,7 +51,8 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(PACKER / "plugins.pkr.hcl", root / "packer/plugins.pkr.hcl")
         subprocess.run(["packer", "init", str(root / "packer")], check=True)
         return root / "packer"
-    kept, stripped = [], []
+    kept: list[str] = []
+    stripped: list[str] = []
     for line in TEMPLATE.read_text().splitlines(keepends=True):
         (stripped if line.rstrip().endswith(MARK) else kept).append(line)
     names = {line.split("=")[0].strip() for line in stripped}

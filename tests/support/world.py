@@ -6,16 +6,14 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from support.openbao import OpenBao
+from support.openbao import OpenBao, policy
 
 if TYPE_CHECKING:
-    from conftest import Sandbox
+    from support.sandbox import Sandbox
+
+__all__ = ["AWKWARD", "World", "policy"]
 
 AWKWARD = 'p@ss "w$rd" `x` \\ back;#\nline2 ☃ '
-
-
-def policy(*paths: str) -> str:
-    return "\n".join(f'path "{p}" {{ capabilities = ["read"] }}' for p in paths)
 
 
 class World:
