@@ -12,7 +12,8 @@ import pytest
 
 from bootsecrets.config import Service, Template
 from bootsecrets.errors import RenderError, SecretMissing
-from bootsecrets.render import SecretData, analyze, render_service
+from bootsecrets.model import SecretData
+from bootsecrets.render import analyze, render_service
 from systemd_envfile import parse
 
 SECRETS = {"db": SecretData("db", "secret/app/db", {
