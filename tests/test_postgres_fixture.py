@@ -134,11 +134,12 @@ def test_revoke_prefix_revokes_every_lease_of_a_role(
 
 
 def test_database_down_fails_issue_and_renewal(openbao: OpenBao, unique: str) -> None:
-    """The fault the agent must survive: PostgreSQL unreachable when a lease is due. Both
-    issuing and renewing go through the database (CREATE ROLE / ALTER ROLE), so both fail,
-    naming neither password; the lease itself stays on record. Beware: the failed renewal is
-    an HTTP 400 ("failed to renew entry"), the status a lease that is not renewable also
-    gets, so the agent must not read a 400 on renew as "not renewable"."""
+    """The fault the agent must survive: PostgreSQL unreachable when a lease is due.
+    Issuing, renewing and revoking all go through the database (CREATE ROLE / ALTER ROLE /
+    DROP ROLE), so all fail, naming neither password; the lease stays on record. Beware:
+    the failed renewal and revocation are HTTP 400s ("failed to renew entry", "failed to
+    revoke entry"), the status a lease that is not renewable also gets, so the agent must
+    not read a 400 on renew as "not renewable"."""
     with postgres_server() as down:
         engine = DatabaseEngine(openbao, down, mount=f"db-{unique}")
         engine.role("app", default_ttl="1m", max_ttl="10m")
@@ -152,3 +153,82 @@ def test_database_down_fails_issue_and_renewal(openbao: OpenBao, unique: str) ->
         for err in (issue_error.value, renew_error.value):
             assert not any(c in str(err) for c in CANARIES if len(c) >= 6)
         assert lease_ttl(openbao, creds.lease_id) <= 60
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="failed to revoke"):
+            vaultapi.revoke(openbao, creds.lease_id)
+        # An operator's way out when the database is gone for good (needs sudo): Vault
+        # forgets the leases without reaching the database.
+        vaultapi.call(openbao, "PUT", f"sys/leases/revoke-force/{engine.mount}/creds/app", {})
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid lease"):
+            vaultapi.lookup(openbao, creds.lease_id)
+
+
+AGENT_POLICY = """
+path "{mount}/creds/app" {{ capabilities = ["read"] }}
+path "sys/leases/renew/{mount}/creds/app/*" {{ capabilities = ["update"] }}
+path "sys/leases/revoke/{mount}/creds/app/*" {{ capabilities = ["update"] }}
+path "auth/token/revoke-self" {{ capabilities = ["update"] }}
+"""
+
+
+def agent_token(bao: OpenBao, mount: str, ttl: str = "1h") -> str:
+    """A token with only the policy docs/leases.md proposes for one database role."""
+    vaultapi.write(bao, f"sys/policies/acl/agent-{mount}",
+                   {"policy": AGENT_POLICY.format(mount=mount)})
+    answer = vaultapi.write(bao, "auth/token/create",
+                            {"policies": [f"agent-{mount}"], "ttl": ttl,
+                             "no_default_policy": True})
+    token = str(answer["auth"]["client_token"])
+    CANARIES.add(token)
+    return token
+
+
+def test_a_policy_scoped_to_one_role_renews_and_revokes_only_its_leases(
+    engine: DatabaseEngine, pg: Postgres, openbao: OpenBao
+) -> None:
+    """The URL forms sys/leases/{renew,revoke}/<lease_id> let a policy name one role's
+    leases; the body form (lease_id in JSON) is then refused, and so is another role's."""
+    engine.role("app")
+    engine.role("other")
+    token = agent_token(openbao, engine.mount)
+    answer = vaultapi.call(openbao, "GET", f"{engine.mount}/creds/app", token=token)
+    CANARIES.add(str(answer["data"]["password"]))
+    lease_id, username = str(answer["lease_id"]), str(answer["data"]["username"])
+    other = engine.creds("other")
+
+    assert vaultapi.renew(openbao, lease_id, 300, token=token)["lease_duration"] == 300
+    with pytest.raises(hvac.exceptions.Forbidden):
+        vaultapi.call(openbao, "PUT", "sys/leases/renew", {"lease_id": lease_id},
+                      token=token)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        vaultapi.revoke(openbao, other.lease_id, token=token)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        vaultapi.call(openbao, "GET", f"{engine.mount}/creds/other", token=token)
+    assert other.username in pg.roles()
+
+    vaultapi.revoke(openbao, lease_id, token=token)
+    assert username not in pg.roles()
+
+
+def test_leases_outlive_a_short_token_but_die_with_it(
+    engine: DatabaseEngine, pg: Postgres, openbao: OpenBao
+) -> None:
+    """A lease's TTL is not cut to its token's: a 1-minute token gets a 10-minute lease.
+    But revoking (or letting expire) the token revokes every lease it made: the agent's
+    token must outlive its leases, and revoking it is how decommission drops them all.
+    That revocation happens in the background, after revoke-self has answered."""
+    engine.role("app", default_ttl="10m", max_ttl="1h")
+    token = agent_token(openbao, engine.mount, ttl="1m")
+    answers = [vaultapi.call(openbao, "GET", f"{engine.mount}/creds/app", token=token)
+               for _ in range(2)]
+    for answer in answers:
+        CANARIES.add(str(answer["data"]["password"]))
+        assert answer["lease_duration"] == 600
+    usernames = {str(a["data"]["username"]) for a in answers}
+    assert usernames <= pg.roles()
+
+    vaultapi.call(openbao, "POST", "auth/token/revoke-self", {}, token=token)
+
+    give_up = time.monotonic() + 60
+    while usernames & pg.roles() and time.monotonic() < give_up:
+        time.sleep(0.1)
+    assert not usernames & pg.roles()
