@@ -135,3 +135,22 @@ def test_generate_lease_gives_a_lease_that_cannot_be_renewed(
     vaultapi.revoke(openbao, issued.lease_id)
     assert pki.crl().get_revoked_certificate_by_serial_number(
         serial_int(issued.serial_number)) is not None
+
+
+def test_revoke_with_key_needs_the_matching_private_key(pki: PkiEngine,
+                                                         openbao: OpenBao) -> None:
+    """`pki/revoke-with-key` revokes a certificate only for whoever holds its key: a policy
+    can grant it to every agent without letting one revoke another's certificates."""
+    mine, theirs = issue_web(pki), issue_web(pki)
+    # (an HTTP 500, naming no key material)
+    with pytest.raises(hvac.exceptions.VaultError, match="does not match"):
+        vaultapi.write(openbao, f"{pki.mount}/revoke-with-key",
+                       {"serial_number": theirs.serial_number,
+                        "private_key": mine.private_key})
+    vaultapi.write(openbao, f"{pki.mount}/revoke-with-key",
+                   {"serial_number": mine.serial_number, "private_key": mine.private_key})
+    crl = pki.crl()
+    assert crl.get_revoked_certificate_by_serial_number(
+        serial_int(mine.serial_number)) is not None
+    assert crl.get_revoked_certificate_by_serial_number(
+        serial_int(theirs.serial_number)) is None
