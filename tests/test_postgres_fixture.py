@@ -232,3 +232,20 @@ def test_leases_outlive_a_short_token_but_die_with_it(
     while usernames & pg.roles() and time.monotonic() < give_up:
         time.sleep(0.1)
     assert not usernames & pg.roles()
+
+
+def test_an_outage_and_its_end(openbao: OpenBao, unique: str) -> None:
+    """`stop()` then `start()`: what a fault test needs. Credentials issued before the
+    outage still log in after it (nothing was revoked), and issuing works again."""
+    with postgres_server() as pg:
+        engine = DatabaseEngine(openbao, pg, mount=f"db-{unique}")
+        engine.role("app", default_ttl="5m", max_ttl="10m")
+        before = engine.creds("app")
+        pg.stop()
+        with pytest.raises(PostgresError, match=r"Connection refused|could not connect"):
+            pg.whoami(before.username, before.password)
+        pg.start()
+        assert pg.whoami(before.username, before.password) == before.username
+        after = engine.creds("app")
+        assert pg.whoami(after.username, after.password) == after.username
+        vaultapi.revoke_prefix(openbao, f"{engine.mount}/creds/app")

@@ -145,10 +145,18 @@ class Postgres:
             return int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
         return None
 
-    def stop(self) -> None:
-        """Immediate shutdown; SIGKILL to the postmaster if pg_ctl cannot do it."""
+    def start(self) -> None:
+        """Start it again after `stop()` (a database outage and its end), same port."""
+        result = self.pg_ctl("start", "-w", "-t", "120", "-l", str(self.log_path), check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed ({result.returncode}): {result.stderr}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Shut down (`fast`: clean, committed data kept, as in an outage a test ends with
+        `start()`; `immediate`: a crash, for teardown); SIGKILL to the postmaster if
+        pg_ctl cannot do it."""
         pid = self.postmaster_pid()
-        result = self.pg_ctl("stop", "-m", "immediate", "-w", "-t", "30", check=False)
+        result = self.pg_ctl("stop", "-m", mode, "-w", "-t", "30", check=False)
         if result.returncode != 0 and pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -185,7 +193,7 @@ def _initdb(pg: Postgres) -> None:
     # Settings in the config file rather than `pg_ctl -o` (which pg_ctl hands to a shell).
     with (pg.datadir / "postgresql.conf").open("a", encoding="utf-8") as conf:
         conf.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = "
-                   f"'{pg.workdir}'\nfsync = off\nsynchronous_commit = off\n"
+                   f"'{pg.workdir}'\nfsync = off\n"
                    "full_page_writes = off\nmax_connections = 50\nshared_buffers = 16MB\n")
 
 
@@ -222,7 +230,7 @@ def postgres_server() -> Iterator[Postgres]:
     finally:
         try:
             if pg.datadir.exists():
-                pg.stop()
+                pg.stop("immediate")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
