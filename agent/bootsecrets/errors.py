@@ -84,7 +84,10 @@ class EncodeError(_UnitVariableError):
     """A rendered value cannot be represented in the target file format."""
 
     exit_code = 14
-    hint = "the secret value must be valid UTF-8 without NUL and at most 128 KiB"
+    hint = (
+        "a value must be UTF-8 systemd accepts (no NUL, no Unicode noncharacter), at most "
+        "128 KiB, and 1 MiB for all of a unit's variables; credentials 1 MiB per unit in all"
+    )
 
 
 class LockBusy(BootsecretsError):
