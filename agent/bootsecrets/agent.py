@@ -42,8 +42,9 @@ from bootsecrets.errors import (
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
+from bootsecrets.model import Rendered, RenderedUnit, SecretData
 from bootsecrets.paths import Paths
-from bootsecrets.render import RenderedUnit, SecretData, render_service
+from bootsecrets.render import render_service
 from bootsecrets.store import FileSpec, Store, resolve_owner, write_private
 from bootsecrets.systemd import Runner, Systemctl, dropin_text, run, write_dropins
 
@@ -218,15 +219,6 @@ def load_identity(paths: Paths) -> dict[str, Any]:
 
 
 # --- reading and rendering ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Rendered:
-    """A full render: per unit files, what was read, and the optional units left out."""
-
-    units: dict[str, RenderedUnit]
-    secrets: dict[str, SecretData]
-    skipped: dict[str, str]
 
 
 def read_and_render(config: Config, vault: Vault) -> Rendered:

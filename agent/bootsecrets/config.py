@@ -17,7 +17,9 @@ from typing import TypeVar
 import yaml
 
 from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
+from bootsecrets.templates import analyze
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # systemd unit names we manage: services only (EnvironmentFile=/LoadCredential= are [Service]).
@@ -564,9 +566,6 @@ def _template(
     if not pattern.match(name) or len(name) > 255:
         raise at.error(f"must be {what}")
     source = at.scalar(str, "a template string")
-    # Imported here because render imports this module for its dataclasses.
-    from bootsecrets.render import TemplateProblem, analyze  # noqa: PLC0415
-
     try:
         used = analyze(source)
     except TemplateProblem as problem:

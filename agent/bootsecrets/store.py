@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from bootsecrets.errors import LockBusy, StoreError
+from bootsecrets.model import RenderedUnit
 from bootsecrets.paths import Paths
 from bootsecrets.process import libc
-from bootsecrets.render import RenderedUnit
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from bootsecrets.errors import (
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
-from bootsecrets.render import SecretData
+from bootsecrets.model import SecretData
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
