@@ -18,7 +18,9 @@ import yaml
 
 from bootsecrets.envfile import ENV_NAME
 from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
+from bootsecrets.templates import analyze
 from bootsecrets.yamldoc import Node, parse_document, read_document
 
 #: systemd's unit-name grammar (unit_name_is_valid() in src/basic/unit-name.c), for the only
@@ -479,13 +481,12 @@ def _template(
     if not pattern.match(name) or len(name) > 255:
         raise at.error(f"must be {what}")
     source = at.text("a template string")
-    # Imported here because render imports this module for its dataclasses.
-    from bootsecrets.render import TemplateProblem, analyze  # noqa: PLC0415
-
     try:
         used = analyze(source)
     except TemplateProblem as problem:
-        line = at.line + (problem.line - 1 if problem.line else 0)
+        # A block scalar (`|`, `>`) starts on the line after its indicator.
+        first = at.line + (1 if getattr(at.node, "style", None) in ("|", ">") else 0)
+        line = first + (problem.line - 1 if problem.line else 0)
         raise at.error_type(at.source, line, at.field, problem.message) from None
     unknown = sorted(used - secrets.keys())
     if unknown:

@@ -114,7 +114,7 @@ class RenderError(_UnitVariableError):
     """A template could not be rendered for a unit."""
 
     exit_code = 13
-    summary = "template error"
+    summary = "template failed, or went past its bounds on size, steps or time"
     hint = "fix the template in the image config"
 
 
@@ -123,12 +123,13 @@ class EncodeError(_UnitVariableError):
 
     exit_code = 14
     summary = (
-        "a value cannot be encoded (NUL, invalid UTF-8, a character systemd "
-        "refuses, over the size bounds, bad variable name)"
+        "a value cannot be passed on as systemd and the kernel require (NUL, invalid "
+        "UTF-8 or a Unicode noncharacter, over 128 KiB, bad variable name, a unit's "
+        "variables over 1 MiB, a credential or a unit's credentials over 1 MiB)"
     )
     hint = (
-        "fix the secret value in Vault or the template; docs/architecture.md says what an "
-        "environment file and a credential can carry"
+        "a value must be UTF-8 systemd accepts (no NUL, no Unicode noncharacter), at most "
+        "128 KiB, and 1 MiB for all of a unit's variables; credentials 1 MiB per unit in all"
     )
 
 

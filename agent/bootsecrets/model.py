@@ -1,5 +1,8 @@
-"""The data the layers hand each other: secrets as read, units as rendered. A leaf: it
-imports nothing from the package."""
+"""The data the layers hand each other: secrets as read, files as rendered, problems found.
+
+A leaf: it imports nothing from the package, so every other module can import it and data
+flows one way (config -> vault -> render -> store -> systemd, see docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -32,10 +35,6 @@ class RenderedUnit:
     credentials: Mapping[str, bytes] = dataclasses.field(repr=False, default_factory=dict)
     secret_paths: tuple[str, ...] = ()
 
-    @property
-    def files(self) -> UnitBytes:
-        return self.env_file, dict(self.credentials)
-
 
 @dataclasses.dataclass(frozen=True)
 class Rendered:
@@ -44,3 +43,16 @@ class Rendered:
     units: dict[str, RenderedUnit]
     secrets: dict[str, SecretData]
     skipped: dict[str, str]
+
+
+class TemplateProblem(Exception):
+    """A template the config cannot use, found without any secret value (at config load).
+
+    `line` is relative to the template's first line; the config turns it into a ConfigError
+    naming file, line and field.
+    """
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.line = line

@@ -1,98 +1,64 @@
-"""Jinja2 templates: static analysis at config load, rendering in an immutable sandbox with
-StrictUndefined. Imported only when a template is more than `{{ secrets.<name>.<key> }}`.
+"""Templates: which secrets a config template uses (at config load), and its text (at
+render time).
+
+Templates are Jinja2 over one variable, `secrets` (secret name -> that secret's key/value
+data). A template that is exactly `{{ secrets.<name>.<key> }}` is resolved here, without
+Jinja2, whose import and compile cost is most of a small bootstrap (docs/performance.md);
+anything else goes to `bootsecrets.jinja`, imported on first use, which analyses and
+compiles it at config load (so every template problem is a config error, found before the
+wrapped secret-id is spent) and renders it in a bounded sandbox.
+
+This module imports neither Jinja2 nor the config (the Template type only for checking),
+so `config` can import it at the top.
 """
 
 from __future__ import annotations
 
-import functools
+import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import jinja2
-import jinja2.meta
-import jinja2.nodes
-import jinja2.sandbox
-
-from bootsecrets.config import Template
-from bootsecrets.errors import RenderError, SecretMissing
+from bootsecrets.errors import SecretMissing
 from bootsecrets.model import SecretData
-from bootsecrets.render import TemplateProblem
 
+if TYPE_CHECKING:
+    from bootsecrets import jinja
+    from bootsecrets.config import Template
 
-@functools.cache
-def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    return jinja2.sandbox.ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        auto_reload=False,
-        cache_size=0,
-    )
+#: `{{ secrets.<name>.<key> }}` and nothing else: the same result Jinja2 would give.
+_PLAIN_LOOKUP = re.compile(
+    r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\Z")
 
 
 def analyze(source: str) -> frozenset[str]:
-    """The secret names a template uses. Raises TemplateProblem on syntax errors or on a
-    use of `secrets` that cannot be resolved statically (`secrets[x]`, loops over it)."""
-    env = _environment()
-    try:
-        tree = env.parse(source)
-    except jinja2.TemplateSyntaxError as err:
-        raise TemplateProblem(f"template syntax error: {err.message}", err.lineno) from None
-    undeclared = jinja2.meta.find_undeclared_variables(tree) - {"secrets"}
-    if undeclared:
-        raise TemplateProblem(
-            f"template uses `{sorted(undeclared)[0]}`; only `secrets.<name>.<key>` is available"
-        )
-    used: set[str] = set()
-    resolved: set[int] = set()
-    for node in tree.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
-        assert isinstance(node, jinja2.nodes.Getattr | jinja2.nodes.Getitem)
-        target = node.node
-        if isinstance(target, jinja2.nodes.Name) and target.name == "secrets":
-            if isinstance(node, jinja2.nodes.Getattr):
-                used.add(node.attr)
-            elif isinstance(node.arg, jinja2.nodes.Const) and isinstance(node.arg.value, str):
-                used.add(node.arg.value)
-            else:
-                raise TemplateProblem(
-                    "write secrets.<name> or secrets['name'] with a literal name", node.lineno)
-            resolved.add(id(target))
-    for name_node in tree.find_all(jinja2.nodes.Name):
-        if name_node.name == "secrets" and id(name_node) not in resolved:
-            raise TemplateProblem(
-                "use `secrets` only as secrets.<name>.<key>", name_node.lineno)
-    return frozenset(used)
+    """The secret names a template uses. Raises model.TemplateProblem for a template that
+    cannot work whatever the secrets hold (see jinja.prepare, which also compiles it)."""
+    plain = _PLAIN_LOOKUP.match(source)
+    if plain:
+        return frozenset({plain.group(1)})
+    from bootsecrets import jinja  # noqa: PLC0415 (Jinja2 only when a template needs it)
+
+    return jinja.prepare(source)
 
 
-def render(
-    unit: str, template: Template, secrets: Mapping[str, SecretData]
-) -> str:
-    env = _environment()
-    context = {name: dict(secrets[name].data) for name in template.secrets}
-    try:
-        return env.from_string(template.source).render(secrets=context)
-    except jinja2.UndefinedError:
-        # Jinja's own message names the missing attribute, which for `secrets.a[secrets.b.k]`
-        # would be a value: find the missing key in the template source instead.
-        missing = _missing_key(template, secrets)
-        if missing is None:
-            raise RenderError(unit, template.name,
-                              "template refers to something the secrets do not have") from None
-        raise SecretMissing(missing[0], missing[1], f"{unit} {template.name}") from None
-    except jinja2.TemplateError as err:
-        raise RenderError(unit, template.name, f"template error: {type(err).__name__}") from None
-    except Exception as err:  # a filter or test failing on a value: name the type only
-        raise RenderError(unit, template.name, f"template failed: {type(err).__name__}") from None
+class UnitRenderer:
+    """Renders the templates of one unit; Jinja2 templates share one evaluation budget."""
 
+    def __init__(self, unit: str, secrets: Mapping[str, SecretData]) -> None:
+        self.unit = unit
+        self.secrets = secrets
+        self._jinja: jinja.Renderer | None = None
 
-def _missing_key(
-    template: Template, secrets: Mapping[str, SecretData]
-) -> tuple[str, str] | None:
-    """(path, key) of a `secrets.<name>.<key>` in the template that the secret lacks."""
-    tree = _environment().parse(template.source)
-    for node in tree.find_all(jinja2.nodes.Getattr):
-        inner = node.node
-        if isinstance(inner, jinja2.nodes.Getattr) and isinstance(inner.node, jinja2.nodes.Name) \
-                and inner.node.name == "secrets" and inner.attr in secrets \
-                and node.attr not in secrets[inner.attr].data:
-            return secrets[inner.attr].path, node.attr
-    return None
+    def render(self, template: Template) -> str:
+        """The template's text. Raises SecretMissing or RenderError; pure."""
+        plain = _PLAIN_LOOKUP.match(template.source)
+        if plain:
+            secret = self.secrets[plain.group(1)]
+            if plain.group(2) not in secret.data:
+                raise SecretMissing(secret.path, plain.group(2), f"{self.unit} {template.name}")
+            return str(secret.data[plain.group(2)])  # what Jinja2's {{ }} does with a value
+        if self._jinja is None:
+            from bootsecrets import jinja  # noqa: PLC0415
+
+            self._jinja = jinja.Renderer(self.unit, self.secrets)
+        return self._jinja.render(template)

@@ -1,7 +1,7 @@
 """An independent parser for systemd's EnvironmentFile= format, written from systemd's rules
-(the state machine of src/basic/env-file.c, parse_env_file_internal), used to check the
-encoder. It is deliberately not shared with the agent package: the tests, the demo and the
-benchmark read rendered env files with it.
+(the state machine of src/basic/env-file.c, parse_env_file_internal, as of systemd 252),
+used to read env files in tests, the demo and the benchmark. It is deliberately not shared
+with the agent package, and tests/test_envfile.py checks it against systemd's own parser.
 
 Rules: lines starting with # or ; (after leading whitespace) are comments; KEY=VALUE with
 whitespace around the key ignored; unquoted values have trailing whitespace stripped and
