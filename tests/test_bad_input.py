@@ -228,6 +228,17 @@ CASES = [
          "does not make a valid variable name", secret={"user-name": "app", "password": "x"}),
     Case("missing-key", errors.SecretMissing.exit_code, "key 'username' of secret",
          secret={"password": MARK}),
+    Case("env-from-sets-ld-preload", errors.EncodeError.exit_code,
+         "variable LD_PRELOAD: key of secret/", config=edit(lambda c: c["services"][
+             "app.service"]["environment_from"][0].update(prefix="", uppercase=False)),
+         secret={"LD_PRELOAD": f"/tmp/{MARK}.so", "username": "app", "password": "x"}),
+    Case("env-from-sets-path", errors.EncodeError.exit_code,
+         "changes how programs are loaded or found", config=edit(lambda c: c["services"][
+             "app.service"]["environment_from"][0].update(prefix="", uppercase=True)),
+         secret={"path": f"/tmp/{MARK}", "username": "app", "password": "x"}),
+    Case("env-from-prefix-ld", CONFIG, "environment_from[0].prefix: would make variables",
+         config=edit(lambda c: c["services"]["app.service"].update(
+             environment_from=[{"secret": "db", "prefix": "LD_"}]))),
     Case("key-forging-a-line", errors.EncodeError.exit_code,
          "DB_USER\\nBOOTSECRETS: ERROR: FORGED LINE:", secret={
              "user\nbootsecrets: error: forged line:": "app", "password": MARK}),

@@ -15,7 +15,7 @@ import jinja2
 import jinja2.sandbox
 import pytest
 
-from bootsecrets.config import Service, Template, load_config
+from bootsecrets.config import EnvFrom, Service, Template, load_config
 from bootsecrets.errors import ConfigError, EncodeError, RenderError, SecretMissing
 from bootsecrets.model import SecretData, TemplateProblem
 from bootsecrets.render import render_service
@@ -287,3 +287,14 @@ def test_analysis_gives_problems_as_template_problems() -> None:
     with pytest.raises(TemplateProblem) as problem:
         analyze("ok\n{{ 1 | nosuchfilter }}")
     assert problem.value.line == 2
+
+
+def test_a_protected_variable_may_be_set_explicitly_but_not_from_a_secret() -> None:
+    secrets = {"db": SecretData("db", "secret/db", {"LD_PRELOAD": "/x.so", "user": "u"})}
+    explicit = Service("app.service", environment=(
+        Template("LD_PRELOAD", "{{ secrets.db.user }}", frozenset({"db"})),))
+    out = render_service(explicit, secrets)
+    assert out.env_file is not None and b'LD_PRELOAD="u"' in out.env_file
+    from_secret = Service("app.service", environment_from=(EnvFrom("db"),))
+    with pytest.raises(EncodeError, match=r"variable LD_PRELOAD: .*loaded or found"):
+        render_service(from_secret, secrets)

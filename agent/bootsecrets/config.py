@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from bootsecrets.envfile import ENV_NAME
+from bootsecrets.envfile import ENV_NAME, PROTECTED_PREFIXES
 from bootsecrets.errors import BootstrapError, ConfigError
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
@@ -468,6 +468,10 @@ def _env_from(at: Node, secrets: Mapping[str, SecretRef]) -> EnvFrom:
     prefix = fields["prefix"].text() if "prefix" in fields else ""
     if prefix and not ENV_NAME.match(prefix):
         raise fields["prefix"].error("must start a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    if prefix.startswith(PROTECTED_PREFIXES):
+        raise fields["prefix"].error(
+            "would make variables that change how programs are loaded (LD_*, BASH_FUNC_*); "
+            "name such a variable under `environment` instead")
     return EnvFrom(
         secret=name,
         prefix=prefix,

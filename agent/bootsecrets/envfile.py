@@ -45,6 +45,31 @@ POINTER_BYTES = 8
 CREDENTIAL_SIZE_MAX = 1024 * 1024
 CREDENTIALS_TOTAL_SIZE_MAX = 1024 * 1024
 
+#: Variables that change how a process loads code or finds programs: the dynamic loader's
+#: and glibc's (its secure-execution list, unsecvars.h), the shell's, and the interpreters'
+#: and runtimes' search paths and option hooks. `environment_from` may not produce one
+#: (whoever can write the secret would choose the code the unit runs); the config may
+#: still set one explicitly under `environment`. Listed in docs/architecture.md.
+PROTECTED_NAMES = frozenset({
+    "PATH", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN",
+    "LOCPATH", "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS",
+    "TMPDIR", "TZDIR",
+    "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "CDPATH", "PS4",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE",
+    "PYTHONSAFEPATH", "PYTHONPLATLIBDIR", "PYTHONBREAKPOINT", "PERL5LIB", "PERLLIB",
+    "PERL5OPT", "RUBYLIB", "RUBYOPT", "GEM_PATH", "GEM_HOME", "NODE_OPTIONS", "NODE_PATH",
+    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH", "LUA_PATH",
+    "LUA_CPATH", "LUA_INIT", "PHPRC", "PHP_INI_SCAN_DIR", "TCLLIBPATH", "GIT_EXEC_PATH",
+    "GIT_SSH", "GIT_SSH_COMMAND", "OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES",
+})
+PROTECTED_PREFIXES = ("LD_", "BASH_FUNC_", "LUA_INIT_", "PYTHONMALLOC")
+
+
+def is_protected(name: str) -> bool:
+    """Whether `name` changes how a process loads code or finds programs."""
+    return name in PROTECTED_NAMES or name.startswith(PROTECTED_PREFIXES)
+
+
 _SPECIAL = re.compile(r'(["\\`$])')
 _NONCHARACTERS = "\ufdd0-\ufdef" + "".join(
     f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bootsecrets.config import EnvFrom, Service
-from bootsecrets.envfile import ENV_NAME, check_credentials, encode, value_bytes
+from bootsecrets.envfile import ENV_NAME, check_credentials, encode, is_protected, value_bytes
 from bootsecrets.errors import EncodeError, SecretMissing
 from bootsecrets.model import RenderedUnit, SecretData
 from bootsecrets.templates import UnitRenderer
@@ -36,6 +36,12 @@ def _from_secret(unit: str, spec: EnvFrom, secret: SecretData) -> list[tuple[str
             raise EncodeError(
                 unit, name,
                 f"key of {secret.path} does not make a valid variable name; rename the key",
+            )
+        if is_protected(name):
+            raise EncodeError(
+                unit, name,
+                f"key of {secret.path} would set a variable that changes how programs are "
+                "loaded or found; environment_from may not (set it under `environment`)",
             )
         out.append((name, _scalar(unit, name, value)))
     return out
