@@ -137,7 +137,10 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, name="vault-deadlines",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._heap[0][2] is deadline:
+                # Sooner than what the thread waits for. Usually not (every request gets the
+                # same timeout): waking a thread on every request costs a context switch.
+                self._cond.notify()
 
     def _run(self) -> None:
         with self._cond:
