@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
 from bootsecrets import errors
 from bootsecrets.connect import deadline as deadlines
-from bootsecrets.connect.transport import MAX_RESPONSE_BYTES
+from bootsecrets.connect.transport import MAX_RESPONSE_BYTES, session_for
 from conftest import Sandbox
 from support.fakehttp import (
     FakeServer,
@@ -158,10 +159,12 @@ def test_a_drip_over_tls_is_bounded(tmp_path: Path) -> None:
     assert server.handshake_failures == 0
 
 
-def test_a_drip_inside_the_tls_handshake_is_bounded_and_nothing_was_sent(
-    tmp_path: Path,
+@pytest.mark.parametrize("server_sends", ["a-drip", "nothing"])
+def test_a_stalled_tls_handshake_is_bounded_and_counts_as_not_sent(
+    tmp_path: Path, server_sends: str
 ) -> None:
-    """The server takes the ClientHello and drips a TLS record header and its body: the
+    """The server takes the ClientHello, then drips a TLS record (the deadline cuts it) or
+    sends nothing (the socket timeout fires; urllib3 calls that a read timeout): the
     handshake never completes, no byte of the request left, so even the unwrap may be sent
     again (exit 21 at the deadline, not 32)."""
     _, cert = tls_server_context(tmp_path)
@@ -173,10 +176,11 @@ def test_a_drip_inside_the_tls_handshake_is_bounded_and_nothing_was_sent(
         for i in range(len(record)):
             if stopping.wait(DRIP_INTERVAL):
                 return
-            try:
-                sock.sendall(record[i:i + 1])
-            except OSError:
-                return
+            if server_sends == "a-drip":
+                try:
+                    sock.sendall(record[i:i + 1])
+                except OSError:
+                    return
 
     with FakeServer(good, handshake=handshake) as server:
         session = vault(server.addr, request_timeout=1, deadline=3, ca_cert=cert)
@@ -187,6 +191,29 @@ def test_a_drip_inside_the_tls_handshake_is_bounded_and_nothing_was_sent(
     assert "(last: " + server.addr + ": connect timeout)" in str(err)
     assert elapsed < 3 + SLACK
     assert len(hellos) >= 2 and all(hellos)
+
+
+def test_a_tls_handshake_that_times_out_on_its_own_is_a_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A silent server during the TLS handshake. The socket timeout and the deadline are the
+    same length, so which one ends the request is a race; here the deadline is moved 5 s
+    later so that the socket timeout, which urllib3 reports as a *read* timeout, always
+    comes first. The transport says what it is: a request never sent (failover may send it
+    again, even an unwrap), as when the deadline cuts the handshake (test above)."""
+    _, cert = tls_server_context(tmp_path)
+    watched = deadlines.watched
+    monkeypatch.setattr(deadlines, "watched", lambda seconds: watched(seconds + 5))
+
+    def silent(sock: socket.socket, stopping: threading.Event) -> None:
+        sock.recv(65536)
+        stopping.wait(30)
+
+    with FakeServer(good, handshake=silent) as server:
+        session = session_for([server.addr], str(cert), 4)
+        with pytest.raises(requests.exceptions.ConnectTimeout):
+            session.post(f"{server.addr}/v1/sys/wrapping/unwrap", timeout=0.5)
+        session.close()
 
 
 def test_bootstrap_against_a_dripping_vault_ends_at_boot_deadline(

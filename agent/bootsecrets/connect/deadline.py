@@ -69,8 +69,10 @@ class Deadline:
     def __init__(self, seconds: float) -> None:
         self.at = time.monotonic() + seconds
         self.seconds = seconds
-        #: A byte of the request was handed to a connected socket (the transport sets it).
-        self.sent = False
+        #: The request opened a connection (TCP connect, TLS handshake), and it started
+        #: sending on one (the transport sets both; nothing can have left before `started`).
+        self.connecting = False
+        self.started = False
         #: The end came before finish(): what was read may be cut short.
         self.expired = False
         self._done = False

@@ -150,26 +150,22 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
     early: EarlyConnection | None = None
 
     def _new_conn(self) -> socket.socket:
+        deadline = deadlines.current()
+        if deadline is not None:
+            deadline.connecting = True
         early, self.early = self.early, None
         sock = _early_socket(self, early) or super()._new_conn()
-        deadline = deadlines.current()
         if deadline is not None:
             deadline.watch(self, sock)
         return sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         deadline = deadlines.current()
-        if deadline is not None and self.sock is not None:
-            deadline.watch(self, self.sock)  # kept alive from an earlier request, or TLS
-        super().request(*args, **kwargs)
-
-    def send(self, data: Any) -> None:
-        if self.sock is None:
-            self.connect()  # what http.client does first: here, so that `sent` means sent
-        deadline = deadlines.current()
         if deadline is not None:
-            deadline.sent = True
-        super().send(data)
+            deadline.started = True
+            if self.sock is not None:
+                deadline.watch(self, self.sock)  # kept alive from an earlier request, or TLS
+        super().request(*args, **kwargs)
 
 
 class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
@@ -191,11 +187,17 @@ class _HTTPSPool(_HTTPPool, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
-def _timed_out(deadline: deadlines.Deadline) -> requests.exceptions.Timeout:
+def _timed_out(deadline: deadlines.Deadline, err: BaseException | None = None
+               ) -> requests.exceptions.Timeout:
+    """The timeout a request that ran out of time ends with: ConnectTimeout (never sent, may
+    be sent again) if it timed out connecting, as urllib3 says, or before it was started on a
+    connection it opened (TCP connect or TLS handshake, which urllib3 reports as a read
+    timeout); ReadTimeout (may have been acted on) otherwise."""
     reason = f"no complete answer within {deadline.seconds:.1f}s"
-    if deadline.sent:
-        return requests.exceptions.ReadTimeout(reason)
-    return requests.exceptions.ConnectTimeout(reason)  # nothing was sent: safe to send again
+    if isinstance(err, requests.exceptions.ConnectTimeout) or (
+            deadline.connecting and not deadline.started):
+        return requests.exceptions.ConnectTimeout(reason)
+    return requests.exceptions.ReadTimeout(reason)
 
 
 # --- the adapter ---------------------------------------------------------------------------
@@ -246,11 +248,13 @@ class Adapter(requests.adapters.HTTPAdapter):
                 except BaseException:
                     response.close()
                     raise
-            except (Refused, requests.exceptions.Timeout):
+            except Refused:
                 raise
-            except Exception:
-                if deadline.finish():
-                    raise _timed_out(deadline) from None
+            except Exception as err:
+                # Cut short by the deadline, or timed out on its own: either way, what it may
+                # have done decides (_timed_out), not the error it happened to end with.
+                if deadline.finish() or isinstance(err, requests.exceptions.Timeout):
+                    raise _timed_out(deadline, err) from None
                 raise
             if deadline.finish():
                 raise _timed_out(deadline)
