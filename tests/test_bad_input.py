@@ -5,6 +5,7 @@ started. Secret-value cases run against the real OpenBao."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,13 @@ CASES = [
     Case("ca-cert-not-pem", CONFIG, "vault.ca_cert: is not a PEM certificate bundle",
          config=edit(lambda c: c["vault"].update(ca_cert="/etc/bootsecrets/ca.pem")),
          setup=lambda root: (root / "etc/bootsecrets/ca.pem").write_text(MARK)),
+    Case("deadline-zero", CONFIG, "vault.boot_deadline: must be more than 0 seconds",
+         config=edit(lambda c: c["vault"].update(boot_deadline=0))),
+    Case("request-timeout-zero", CONFIG, "vault.request_timeout: must be more than 0",
+         config=edit(lambda c: c["vault"].update(request_timeout=0.0))),
+    Case("ca-cert-fifo", CONFIG, "vault.ca_cert: cannot read the CA bundle: is a FIFO",
+         config=edit(lambda c: c["vault"].update(ca_cert="/etc/bootsecrets/ca.pem")),
+         setup=lambda root: os.mkfifo(root / "etc/bootsecrets/ca.pem")),
     Case("ca-cert-missing", CONFIG, "vault.ca_cert: cannot read the CA bundle",
          config=edit(lambda c: c["vault"].update(ca_cert="/etc/bootsecrets/none.pem"))),
     # --- image config: approle, mounts, secrets ---

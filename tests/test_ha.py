@@ -9,10 +9,13 @@
   of it answering.
 - Vault never comes: the agent stops at its boot deadline with exit 21 and one clear line;
   nothing is rendered, no unit started, the wrapped secret-id kept.
+- A standby's own 307 to the active node: followed (the same request sent to that address)
+  when the active node is a configured address, refused with exit 20 when it is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -26,6 +29,7 @@ import requests
 
 from bootsecrets import errors
 from conftest import Sandbox, assert_nothing_rendered, read_env_file
+from support.fakehttp import FakeServer, Upstream
 from support.openbao import CANARIES, free_port
 from support.raft import Node, RaftCluster, raft_cluster
 from support.world import World
@@ -263,3 +267,66 @@ def test_vault_never_comes(sandbox: Sandbox) -> None:
     assert_nothing_rendered(sandbox)
     # Never sent, so kept as it was for the next boot attempt.
     assert bootstrap.read_bytes() == kept
+
+
+# --- a standby's redirect (real OpenBao 307) --------------------------------------------------
+
+NO_FORWARDING = {"X-Vault-No-Request-Forwarding": "true"}
+
+
+@contextlib.contextmanager
+def redirecting_standby(cluster: RaftCluster) -> Iterator[tuple[FakeServer, Upstream, Node]]:
+    """A standby behind a proxy that asks it not to forward requests (the header Vault's own
+    clients send for that): what it cannot serve itself it answers with OpenBao's own 307 to
+    the active node's api_addr. Yields the proxy, its recording, and the active node."""
+    active = cluster.wait_settled()
+    standby = next(n for n in cluster.live() if n is not active)
+    upstream = Upstream(standby.addr, NO_FORWARDING)
+    with FakeServer(upstream) as proxy:
+        yield proxy, upstream, active
+
+
+def test_standby_redirect_to_a_configured_active_node_is_followed(
+    ha: World, cluster: RaftCluster
+) -> None:
+    """The 307 points at an address of the config: the request is sent there instead (the
+    standby did not act on it), unwrap and login included, and the bootstrap completes."""
+    world, sandbox = ha, ha.sandbox
+    with redirecting_standby(cluster) as (proxy, upstream, active):
+        world.provision(vault=vault_settings([proxy.addr, active.addr]))
+        cluster.wait_replicated()  # the standby knows the new wrapping token: it answers the lookup
+        offsets = audit_offsets(cluster)
+        code, _, err = sandbox.run("bootstrap")
+
+    assert code == 0, err
+    assert_rendered(world)
+    # The standby answers the lookup itself and redirects the unwrap, which it cannot do.
+    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200),
+                                 ("/v1/sys/wrapping/unwrap", 307)]
+    on_active = audited_paths(active, offsets[active.name])
+    assert on_active.count("sys/wrapping/unwrap") == 1
+    assert on_active.count("auth/approle/login") == 1
+
+
+def test_standby_redirect_to_an_unlisted_active_node_is_refused(
+    ha: World, cluster: RaftCluster
+) -> None:
+    """Only the standby is configured: its 307 points at an address the config does not
+    list. Exit 20 naming both, nothing sent to the active node, and the wrapped secret-id
+    was not consumed (the redirect came before any node acted on it)."""
+    world, sandbox = ha, ha.sandbox
+    with redirecting_standby(cluster) as (proxy, upstream, active):
+        wrapped = world.provision(vault=vault_settings([proxy.addr], deadline=10))
+        cluster.wait_replicated()
+        offsets = audit_offsets(cluster)
+        code, _, err = sandbox.run("bootstrap")
+
+    assert code == errors.VaultError.exit_code == 20, err
+    lines = [line for line in err.splitlines() if line.startswith("bootsecrets: error:")]
+    assert len(lines) == 1, err
+    assert f"{proxy.addr} redirected (HTTP 307) to {active.addr}" in lines[0]
+    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200),
+                                 ("/v1/sys/wrapping/unwrap", 307)]
+    assert audited_paths(active, offsets[active.name]) == []
+    assert_nothing_rendered(sandbox)
+    assert cluster.admin().unwrap(wrapped)["secret_id"]

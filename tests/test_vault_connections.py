@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +213,14 @@ def test_an_early_connection_to_another_address_is_closed_unused(
     assert proxy.connections == [opened]
     assert opened.requests == []
     assert early.take(early.host, early.port) is None
+
+
+def test_the_early_connection_is_started_before_the_http_client_is_loaded() -> None:
+    """What agent.py imports before it starts EarlyConnection (bootsecrets.connect with it)
+    loads none of urllib3, requests, hvac or ssl: ~90 ms of imports the handshake overlaps.
+    The transport (bootsecrets.connect.transport) loads them, with bootsecrets.vault."""
+    probe = ("import sys, bootsecrets.agent, bootsecrets.connect, bootsecrets.connect.deadline\n"
+             "print(sorted(m for m in ('urllib3', 'requests', 'hvac', 'ssl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL).stdout
+    assert out.strip() == "[]"

@@ -345,9 +345,13 @@ def _vault_settings(at: Node, env: Mapping[str, str]) -> VaultSettings:
         ca_cert=ca_cert,
         namespace=namespace,
         request_timeout=(
-            fields["request_timeout"].seconds() if "request_timeout" in fields else 10.0
+            fields["request_timeout"].seconds(positive=True) if "request_timeout" in fields
+            else 10.0
         ),
-        boot_deadline=fields["boot_deadline"].seconds() if "boot_deadline" in fields else 300.0,
+        boot_deadline=(
+            fields["boot_deadline"].seconds(positive=True) if "boot_deadline" in fields
+            else 300.0
+        ),
         address_from_env=override is not None,
     )
 

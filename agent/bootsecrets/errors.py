@@ -146,7 +146,9 @@ class VaultError(BootsecretsError):
     """Vault answered something unexpected (status and Vault's own error text)."""
 
     exit_code = 20
-    summary = "unexpected Vault error (including a redirect to an address not configured)"
+    summary = (
+        "unexpected Vault error; a redirect to an address not configured; an answer over 4 MiB"
+    )
     hint = "check the Vault server logs"
 
 

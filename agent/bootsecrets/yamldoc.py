@@ -132,13 +132,15 @@ class Node:
     def boolean(self) -> bool:
         return self._scalar((_BOOL,), "true or false").lower() in _TRUE
 
-    def seconds(self, maximum: float = 86400) -> float:
+    def seconds(self, maximum: float = 86400, *, positive: bool = False) -> float:
         text = self._scalar((_INT, _FLOAT), "a number of seconds")
         if not _DECIMAL.match(text):
             raise self.error("must be a plain decimal number of seconds")
         value = float(text)
         if not 0 <= value <= maximum:
             raise self.error(f"must be between 0 and {maximum:g} seconds")
+        if positive and value == 0:
+            raise self.error("must be more than 0 seconds")
         return value
 
 

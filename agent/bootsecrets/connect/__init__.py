@@ -1,10 +1,13 @@
-"""The first TCP connection to Vault, opened while the HTTP client is still being loaded.
+"""Connections to Vault: the first TCP connection, opened while the HTTP client is still being
+loaded, and (in `bootsecrets.connect.transport`) the HTTP transport every request goes over.
 
-Loading hvac, requests and urllib3 costs a Python process about 90 ms of CPU, and a Vault
-a region away charges a round trip for the TCP handshake before the first request can leave.
-Started first, in a thread, the handshake is done by the time the client is loaded: vault.py
-hands the socket to the connection that sends the first request (the wrapping lookup, or the
-token check). Only the standard library is imported here.
+The package is split on import cost. Loading hvac, requests and urllib3 costs a Python process
+about 90 ms of CPU (urllib3 alone ~55 ms), and a Vault a region away charges a round trip for
+the TCP handshake before the first request can leave. `EarlyConnection`, here, imports only the
+standard library: agent.py starts it first, in a thread, so the handshake is done by the time
+the client is loaded; `transport.Adapter.adopt` hands the socket to the connection that sends
+the first request (the wrapping lookup, or the token check). `transport` needs urllib3 and
+requests, and is imported only with `bootsecrets.vault`.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ class EarlyConnection:
             else:
                 self._sock = sock
 
-    def take(self, host: str, port: int) -> socket.socket | None:
+    def take(self, host: str, port: int, wait: float | None = None) -> socket.socket | None:
         """The connected socket, if it is for host:port and has connected by now (waiting
-        for the handshake at most the connect timeout). Only the first call gets it."""
+        for the handshake at most `wait`, by default the connect timeout). Only the first
+        call gets it."""
         if (host, port) != (self.host, self.port) or not self._thread.ident:
             self.close()
             return None
-        self._thread.join(self.timeout)
+        self._thread.join(self.timeout if wait is None else min(wait, self.timeout))
         with self._lock:
             sock, self._sock = self._sock, None
             self._abandoned = True
