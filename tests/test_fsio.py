@@ -22,7 +22,7 @@ import pytest
 
 from bootsecrets import errors, fsio
 from bootsecrets.errors import StoreError
-from bootsecrets.fsio import FileMissing, FileRefused
+from bootsecrets.fsread import FileMissing, FileRefused, shown
 
 
 @pytest.fixture
@@ -344,8 +344,8 @@ def test_lock_file_must_be_a_regular_file(shm: Path, disk: Path) -> None:
 
 
 def test_shown_escapes_control_characters() -> None:
-    assert fsio.shown("/run/a\nb\x1b[31m\x85\udcff") == "/run/a\\x0ab\\x1b[31m\\x85\\xff"
-    assert fsio.shown("/run/ok ☃ \\x") == "/run/ok ☃ \\x"
+    assert shown("/run/a\nb\x1b[31m\x85\udcff") == "/run/a\\x0ab\\x1b[31m\\x85\\xff"
+    assert shown("/run/ok ☃ \\x") == "/run/ok ☃ \\x"
 
 
 def test_exclusive_directory_refuses_anything_already_there(shm: Path, disk: Path) -> None:

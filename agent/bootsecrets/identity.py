@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bootsecrets.config import RebootPolicy
-from bootsecrets.fsio import (
-    FileMissing,
-    FileRefused,
-    read_regular_file,
-    refused,
-    unlink_nofollow,
-    write_private,
-)
+from bootsecrets.fsio import read_regular_file, refused, unlink_nofollow, write_private
+from bootsecrets.fsread import FileMissing, FileRefused
 from bootsecrets.paths import Paths
 
 log = logging.getLogger(__name__)

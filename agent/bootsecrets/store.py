@@ -36,7 +36,8 @@ from typing import Any
 
 from bootsecrets import fsio
 from bootsecrets.errors import LockBusy, StoreError
-from bootsecrets.fsio import TMPFS_MAGIC, Dir, open_dir, shown
+from bootsecrets.fsio import TMPFS_MAGIC, Dir, open_dir
+from bootsecrets.fsread import shown
 from bootsecrets.model import RenderedUnit
 from bootsecrets.paths import STATE_DIR, Paths
 from bootsecrets.systemd import unit_file_path

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from bootsecrets import fsio
 from bootsecrets.errors import CommandFailed, StoreError
-from bootsecrets.fsio import shown
+from bootsecrets.fsread import shown
 from bootsecrets.paths import DROPIN_NAME, Paths
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from bootsecrets.errors import (
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
-from bootsecrets.fsio import FileRefused, read_regular_file
+from bootsecrets.fsio import read_regular_file
+from bootsecrets.fsread import FileRefused
 from bootsecrets.model import SecretData
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from typing import TypeVar
 import yaml
 
 from bootsecrets.errors import ConfigError
-from bootsecrets.fsio import FileRefused, read_regular_file
+from bootsecrets.fsio import read_regular_file
+from bootsecrets.fsread import FileRefused
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
