@@ -33,6 +33,7 @@ from support.transit import (
     grant,
     mounted_in,
     record_of,
+    root_call,
 )
 from support.world import World
 
@@ -163,9 +164,8 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert not (sandbox.root / "var/lib/bootsecrets/token").exists()
     assert not (sandbox.store / "generations").exists()
     assert not (sandbox.root / "run/systemd/system/app.service.d" / DROPIN_NAME).exists()
-    lookup = openbao.client.adapter.post("/v1/auth/token/lookup-accessor",
-                                         json={"accessor": accessor}, raise_exception=False)
-    assert lookup.status_code == 400  # revoked
+    lookup = root_call(openbao, "POST", "auth/token/lookup-accessor", {"accessor": accessor})
+    assert lookup.status_code == 400 and "invalid accessor" in lookup.text  # revoked
     assert ("stop", "--", "app.service", "worker.service") in sandbox.runner.verbs()
 
     # Again: idempotent, nothing left to do, success.
@@ -189,3 +189,62 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert CANARY_NAME not in os.listdir(directory)
     started = [call for call in sandbox.runner.verbs() if call[:1] == ("start",)]
     assert started[-1] == ("start", "--no-block", "--", "worker.service")
+
+
+def test_status_shows_each_directory_never_a_key(
+    world: World, openbao: OpenBao, encfs: LoopFs, srv: Path
+) -> None:
+    sandbox = world.sandbox
+    key = transit_world(world)
+    provision(world, directory_config(world))
+    assert sandbox.run("bootstrap")[0] == 0
+    record = record_of(sandbox.root, "appdata")
+    assert decrypt_as_root(openbao, key, record["ciphertext"]).status_code == 200
+
+    code, out, _ = sandbox.run("status", "--json")
+
+    assert code == 0
+    [directory] = json.loads(out)["directories"]
+    assert directory == {
+        "name": "appdata", "path": "/srv/appdata", "units": ["app.service"],
+        "transit_key": f"transit/keys/{key}", "state": "unlocked", "key_version": 1,
+        "key_identifier": record["key_identifier"], "created_at": record["created_at"],
+        "rewrapped_at": None, "problem": None,
+    }
+    assert record["ciphertext"].split(":")[2][:40] not in out
+    code, text, _ = sandbox.run("status")
+    assert (f"encrypted directory appdata (/srv/appdata): unlocked, Transit key "
+            f"transit/keys/{key} v1, units app.service") in text
+    fscrypt.lock(srv / "appdata")
+    assert json.loads(sandbox.run("status", "--json")[1])["directories"][0]["state"] == "locked"
+
+
+def test_the_dropin_is_one_systemd_accepts(
+    world: World, encfs: LoopFs, srv: Path, tmp_path: Path
+) -> None:
+    """systemd-analyze verify loads the unit with our drop-in and says nothing about it
+    (an unknown key or a bad value would be a warning naming the drop-in)."""
+    import subprocess
+
+    transit_world(world)
+    provision(world, directory_config(world))
+    assert world.sandbox.run("bootstrap")[0] == 0
+    unit_dir = tmp_path / "units"
+    (unit_dir / "app.service.d").mkdir(parents=True)
+    (unit_dir / "app.service").write_text("[Service]\nExecStart=/bin/true\n")
+    dropin = world.sandbox.root / "run/systemd/system/app.service.d" / DROPIN_NAME
+    (unit_dir / "app.service.d" / DROPIN_NAME).write_text(dropin.read_text())
+    bad = unit_dir / "bad.service"
+    (unit_dir / "bad.service.d").mkdir()
+    bad.write_text("[Service]\nExecStart=/bin/true\n")
+    (unit_dir / "bad.service.d" / DROPIN_NAME).write_text(
+        dropin.read_text().replace("AssertPathExists=", "AssertPathExist="))
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
+
+    def verify(unit: Path) -> str:
+        return subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                              capture_output=True, text=True, check=False, timeout=60,
+                              env=env).stderr
+
+    assert DROPIN_NAME in verify(bad)  # the check can fail
+    assert DROPIN_NAME not in verify(unit_dir / "app.service")

@@ -256,12 +256,13 @@ def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> S
     if kept is None:
         _forget(target.paths)
         return Step("revoke-token", "nothing-to-do", "no Vault token is kept on this host")
+    # As a run logs in: the address the token came from first, the image config's as
+    # fallbacks; an environment override (VAULT_ADDR) replaces them all.
     settings = target.config.vault if target.config else None
-    if kept.vault_addr:
-        addresses: tuple[str, ...] = (kept.vault_addr, *(
-            a for a in (settings.addresses if settings else ()) if a != kept.vault_addr))
-    else:
-        addresses = settings.addresses if settings else ()
+    configured = settings.addresses if settings else ()
+    addresses: tuple[str, ...] = configured
+    if kept.vault_addr and not (settings and settings.address_from_env):
+        addresses = (kept.vault_addr, *(a for a in configured if a != kept.vault_addr))
     settings = settings or VaultSettings(addresses=addresses)
     by_hand = f"revoke it by hand: `bao token revoke -accessor {kept.accessor}`"
     try:

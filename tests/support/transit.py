@@ -26,13 +26,16 @@ MOUNT = "transit"
 
 
 def enable_transit(openbao: OpenBao, mount: str = MOUNT) -> None:
-    if f"{mount}/" not in openbao.client.sys.list_mounted_secrets_engines()["data"]:
-        openbao.client.sys.enable_secrets_engine("transit", path=mount)
+    mounts = root_call(openbao, "GET", "sys/mounts")
+    mounts.raise_for_status()
+    if f"{mount}/" not in mounts.json()["data"]:
+        root_call(openbao, "POST", f"sys/mounts/{mount}", {"type": "transit"}
+                  ).raise_for_status()
 
 
 def create_key(openbao: OpenBao, name: str, mount: str = MOUNT) -> None:
     enable_transit(openbao, mount)
-    openbao.client.secrets.transit.create_key(name=name, mount_point=mount)
+    root_call(openbao, "POST", f"{mount}/keys/{name}", {}).raise_for_status()
 
 
 def droplet_policy(key: str, mount: str = MOUNT) -> str:
