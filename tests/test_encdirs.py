@@ -248,3 +248,32 @@ def test_the_dropin_is_one_systemd_accepts(
 
     assert DROPIN_NAME in verify(bad)  # the check can fail
     assert DROPIN_NAME not in verify(unit_dir / "app.service")
+
+
+def test_reprovision_keeps_the_directory_locked_until_a_new_wrapped_secret_id(
+    world: World, openbao: OpenBao, encfs: LoopFs, srv: Path
+) -> None:
+    """reprovision: after a reboot nothing unlocks (no token at rest); the new wrapped
+    secret-id piped into `refresh --wrapped-secret-id -` unlocks and starts everything."""
+    sandbox = world.sandbox
+    transit_world(world)
+    provision(world, directory_config(world))
+    assert sandbox.run("bootstrap")[0] == 0
+    (srv / "appdata" / CANARY_NAME).write_bytes(CANARY)
+    simulate_reboot(sandbox, encfs, srv)
+    sandbox.runner.calls.clear()
+
+    code, _, err = sandbox.run("bootstrap")
+    assert code == errors.NotProvisioned.exit_code, err
+    assert not fscrypt.is_unlocked(srv / "appdata")
+    assert sandbox.started_units() == []
+
+    offset = openbao.audit_offset()
+    wrapped = openbao.wrapped_secret_id(world.role)
+    code, _, err = sandbox.run("refresh", "--wrapped-secret-id", "-", stdin=wrapped)
+    assert code == 0, err
+    # A refresh also rewraps (every refresh does: the only way to learn the key's version).
+    assert transit_requests(openbao, offset) == [f"transit/decrypt/{world.role}",
+                                                 f"transit/rewrap/{world.role}"]
+    assert (srv / "appdata" / CANARY_NAME).read_bytes() == CANARY
+    assert sorted(sandbox.started_units()) == ["app.service", "worker.service"]

@@ -326,6 +326,8 @@ def settle(run: Run, prepared: tuple[Prepared, ...], outcome: Outcome) -> bool:
         if err is not None:
             logs.alert(err, DIRECTORY=name, DIRECTORY_PATH=str(item.directory.path),
                        TRANSIT_KEY=str(item.transit_key), UNIT=",".join(item.directory.units))
+    if not run.config.directories:
+        return False
     markers = run.paths.store / "unlocked"
     markers.mkdir(mode=0o700, exist_ok=True)
     for directory in run.config.directories:

@@ -325,8 +325,8 @@ class TransitKeyMissing(VaultError):
     """The Transit key (or its mount) no longer exists: the data under it is crypto-shredded."""
 
     exit_code = 34
-    summary = ("encrypted data stays locked: its Transit key no longer exists "
-               "(crypto-shredded) (alert)")
+    summary = ("the Transit key of encrypted data no longer exists (crypto-shredded): it "
+               "cannot be unlocked again (alert)")
     message_id = "ae03788be16f4724812dfb05da47b02e"
     hint = ("if the key was deleted on purpose, the data is gone for good: run "
             "`bootsecrets decommission`; otherwise check the transit mount and key names")
@@ -337,8 +337,8 @@ class DataKeyRejected(VaultError):
     the directory's (swapped): tampering."""
 
     exit_code = 35
-    summary = ("encrypted data stays locked: Transit rejected its stored key, or the key is "
-               "not the data's: tampering (alert)")
+    summary = ("the stored key of encrypted data was rejected by Transit or is not the "
+               "data's key: tampering (alert)")
     message_id = "e0ad47d1f8574517bb24b305fe590e35"
     hint = ("someone altered or swapped the key record under /var/lib/bootsecrets/keys: "
             "restore it from a backup and find out who wrote it")
