@@ -367,3 +367,31 @@ def test_the_agent_unit_lets_the_others_start_exactly_on_these_outcomes() -> Non
     unit.read(REPO / "systemd/bootsecrets.service")
     codes = {int(c) for c in unit["Service"]["SuccessExitStatus"].split()}
     assert codes == {cls.exit_code for cls in encdirs.DIRECTORY_FAILURES}
+
+
+def test_a_refused_rewrap_is_a_warning_and_a_deleted_key_an_alert(
+    world: World, openbao: OpenBao, srv: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At refresh the directory is unlocked already: a rewrap the policy refuses changes
+    nothing (warning, exit 0); a Transit key found deleted alerts (34) while the data stays
+    readable until the key leaves the kernel."""
+    sandbox = world.sandbox
+    booted(world)
+    rotate(openbao, world.role)
+    grant(world, world.role, operations=("datakey/plaintext", "decrypt"))  # no rewrap
+    before = (sandbox.root / RECORD).read_bytes()
+
+    code, _, err = sandbox.run("refresh")
+
+    assert code == 0, err
+    assert "could not rewrap the key of encrypted directory appdata" in err
+    assert (sandbox.root / RECORD).read_bytes() == before
+
+    grant(world, world.role)
+    from support.transit import delete_key
+
+    delete_key(openbao, world.role)
+    code, _, err = sandbox.run("refresh")
+    assert code == errors.TransitKeyMissing.exit_code, err
+    assert len(alerts(caplog, errors.TransitKeyMissing)) == 1
+    assert fscrypt.is_unlocked(srv / "appdata")

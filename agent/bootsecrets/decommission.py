@@ -171,7 +171,10 @@ def _lock_keys(target: _Target) -> Step:
 def _lock_one(paths: Paths, name: str, path: Path) -> tuple[str, bool]:
     identifier = None
     if os.path.isdir(path) and not path.is_symlink():
-        policy = fscrypt.get_policy(path)
+        try:
+            policy = fscrypt.get_policy(path)
+        except fscrypt.FscryptUnsupported:
+            return "not encrypted (its filesystem cannot be), nothing to lock", True
         identifier = policy.key_identifier if policy and policy.version == 2 else None
         where = path
     else:

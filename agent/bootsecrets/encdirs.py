@@ -390,8 +390,9 @@ def hold_back(config: Config, rendered: Rendered, outcome: Outcome) -> Rendered:
 
 def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outcome) -> None:
     """Refresh: one rewrap per unlocked directory; the record is replaced only when the
-    Transit key version moved. A refusal is reported after the run (a missing key or a
-    rejected ciphertext) or logged (anything else: the data stays unlocked meanwhile)."""
+    Transit key version moved. A missing key or a rejected ciphertext alerts and is the
+    run's outcome; anything else (a refusal, Vault gone) is a warning: the data stays
+    unlocked, and the next refresh tries again."""
     for item in prepared:
         name = item.directory.name
         record = outcome.unlocked.get(name)
@@ -404,7 +405,7 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
                        TRANSIT_KEY=str(item.transit_key))
             outcome.later[name] = err
             continue
-        except DataLocked as err:
+        except BootsecretsError as err:  # refused, or Vault gone: the data stays unlocked
             log.warning("could not rewrap the key of %s: %s", item.what, err,
                         extra={"DIRECTORY": name})
             continue
