@@ -12,6 +12,7 @@ unreadable. Needs root, as CI runs.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -121,7 +122,9 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert sorted(sandbox.started_units()) == ["app.service", "worker.service"]
     # The plaintext data key (Vault gives it to the root token too) becomes a canary: the
     # leak guard checks every output of this test for it.
-    assert decrypt_as_root(openbao, key, record["ciphertext"]).status_code == 200
+    answer = decrypt_as_root(openbao, key, record["ciphertext"])
+    assert answer.status_code == 200
+    data_key = base64.b64decode(answer.json()["data"]["plaintext"])
 
     # A unit-like writer puts its data there.
     (directory / CANARY_NAME).write_bytes(CANARY)
@@ -137,6 +140,7 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     encfs.unmount()
     assert encfs.count_in_image(b"CANARY-AT-REST") == 0
     assert encfs.count_in_image(CANARY_NAME.encode()) == 0
+    assert encfs.count_in_image(data_key) == 0
     encfs.mount()
     sh(["mount", "--bind", str(encfs.mountpoint), str(srv)])
 

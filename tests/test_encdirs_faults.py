@@ -283,10 +283,12 @@ def test_a_tampered_ciphertext_is_rejected_by_transit(
     head, _, body = record["ciphertext"].rpartition(":")
     flipped = body[:10] + ("A" if body[10] != "A" else "B") + body[11:]
     path.write_text(json.dumps({**record, "ciphertext": f"{head}:{flipped}"}))
+    tampered = path.read_bytes()
 
     code, _, err = world.sandbox.run("bootstrap")
 
     assert code == errors.DataKeyRejected.exit_code, err
+    assert path.read_bytes() == tampered  # nothing rewritten
     assert "rejected the stored ciphertext" in err
     assert len(alerts(caplog, errors.DataKeyRejected)) == 1
     assert world.sandbox.started_units() == ["worker.service"]

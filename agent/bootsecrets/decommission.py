@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bootsecrets import fscrypt, identity, keyrecord
-from bootsecrets.config import Config, RebootPolicy, VaultSettings
+from bootsecrets.config import Config, RebootPolicy, VaultSettings, env_address
 from bootsecrets.context import Context
 from bootsecrets.encdirs import DROPIN_NAME as ENCRYPTED_DROPIN
 from bootsecrets.errors import (
@@ -130,9 +130,9 @@ def _target(ctx: Context) -> _Target:
 
 
 def _kept_token(target: _Target) -> identity.KeptToken | None:
-    policies = ([target.config.reboot_policy] if target.config
-                else [RebootPolicy.REPROVISION, RebootPolicy.PERSIST_TOKEN])
-    for policy in policies:
+    # The config's policy first; the other too (an image changed its policy since).
+    first = target.config.reboot_policy if target.config else RebootPolicy.REPROVISION
+    for policy in (first, *(p for p in RebootPolicy if p is not first)):
         kept = identity.load_token(policy, target.paths)
         if kept is not None:
             return kept
@@ -266,7 +266,10 @@ def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> S
     addresses: tuple[str, ...] = configured
     if kept.vault_addr and not (settings and settings.address_from_env):
         addresses = (kept.vault_addr, *(a for a in configured if a != kept.vault_addr))
-    settings = settings or VaultSettings(addresses=addresses)
+    if settings is None:  # no image config: VAULT_ADDR (or BAO_ADDR), else the token's
+        override = _env_address(ctx)
+        addresses = (override,) if override else addresses
+        settings = VaultSettings(addresses=addresses)
     by_hand = f"revoke it by hand: `bao token revoke -accessor {kept.accessor}`"
     try:
         vault = ctx.make_vault(settings, addresses=addresses, config_root=target.paths.root,
@@ -292,6 +295,13 @@ def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> S
     _forget(target.paths)
     return Step("revoke-token", "done",
                 f"token (accessor {kept.accessor}) revoked, with its leases and child tokens")
+
+
+def _env_address(ctx: Context) -> str | None:
+    try:
+        return env_address(ctx.env)
+    except ConfigError:
+        return None
 
 
 def _forget(paths: Paths) -> None:
