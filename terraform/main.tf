@@ -1,14 +1,45 @@
 # Example: one droplet from the secret-free golden image, with first-boot secrets from Vault.
 #
-# Vault side: a read-only policy, an AppRole role whose secret-ids are single-use, and one
-# secret-id minted response-wrapped (only the wrapping token reaches the droplet, in its
-# user-data). DigitalOcean side: the droplet, from the snapshot, with that user-data.
+# Vault side: a policy (read on the secrets, `update` on three Transit paths of the droplet's
+# key), a Transit key for its encrypted directories, an AppRole role whose secret-ids are
+# single-use, and one secret-id minted response-wrapped (only the wrapping token reaches the
+# droplet, in its user-data). DigitalOcean side: the droplet, from the snapshot, with that
+# user-data.
+
+# The Transit key that wraps the data keys of the droplet's encrypted directories: its own by
+# default, named like its AppRole role (the image config's default `transit_key`), or a key
+# shared by a fleet (var.shared_transit_key, created elsewhere). Deleting it crypto-shreds the
+# data of every droplet under it, snapshots and backups included (docs/operations.md).
+resource "vault_transit_secret_backend_key" "droplet" {
+  count = var.shared_transit_key == null ? 1 : 0
+
+  backend = var.transit_mount
+  name    = "bootsecrets-${var.name}"
+
+  # Without it Vault refuses to delete the key, and `terraform destroy` could not shred.
+  deletion_allowed = true
+  # The key never leaves Vault: no export, no plaintext backup.
+  exportable             = false
+  allow_plaintext_backup = false
+  # Raise after a rotation, once every droplet's `bootsecrets status` shows the new version.
+  min_decryption_version = var.transit_min_decryption_version
+}
+
+locals {
+  transit_key = var.shared_transit_key != null ? var.shared_transit_key : vault_transit_secret_backend_key.droplet[0].name
+}
+
+module "policy" {
+  source = "./modules/droplet-policy"
+
+  secret_paths  = var.secret_paths
+  transit_mount = var.transit_mount
+  transit_key   = local.transit_key
+}
 
 resource "vault_policy" "droplet" {
-  name = "bootsecrets-${var.name}"
-  policy = join("\n", [
-    for path in var.secret_paths : "path \"${path}\" {\n  capabilities = [\"read\"]\n}\n"
-  ])
+  name   = "bootsecrets-${var.name}"
+  policy = module.policy.policy
 }
 
 resource "vault_approle_auth_backend_role" "droplet" {

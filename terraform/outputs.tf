@@ -18,3 +18,8 @@ output "wrapping_accessor" {
 output "user_data_bytes" {
   value = module.user_data.user_data_bytes
 }
+
+output "transit_key" {
+  description = "The Transit key wrapping the droplet's data keys (`transit_mount`/keys/<this>)."
+  value       = local.transit_key
+}

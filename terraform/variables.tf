@@ -83,3 +83,21 @@ variable "token_bound_cidrs" {
   type        = list(string)
   default     = []
 }
+
+variable "transit_mount" {
+  description = "Path of the Transit secrets engine (already enabled) for the keys of encrypted directories."
+  type        = string
+  default     = "transit"
+}
+
+variable "shared_transit_key" {
+  description = "Name of an existing Transit key shared by several droplets (set `transit_key` to it in the image config). Null: a key per droplet, bootsecrets-<name>, is created. Deleting a shared key shreds every droplet's data under it at once."
+  type        = string
+  default     = null
+}
+
+variable "transit_min_decryption_version" {
+  description = "The per-droplet Transit key's min_decryption_version: raise it after a rotation once every droplet has rewrapped (status --json: directories[].key_version)."
+  type        = number
+  default     = 1
+}

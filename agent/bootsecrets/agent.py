@@ -12,7 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from bootsecrets import identity
+from bootsecrets import encdirs, identity
 from bootsecrets.config import (
     Bootstrap,
     Config,
@@ -36,29 +36,49 @@ __all__ = ["Context", "bootstrap", "read_and_render", "refresh"]
 
 
 def bootstrap(ctx: Context) -> None:
-    """First boot (or a reboot under persist-token): log in, render, start the units."""
+    """First boot (or a reboot under persist-token): log in, unlock the encrypted
+    directories, render, start the units."""
     with Run.open(ctx, "bootstrap") as run:
+        directories = encdirs.check(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
-        rendered = read_and_render(run.config, vault)
+        with encdirs.unlocking(run, vault, directories) as unlocked:
+            rendered = read_and_render(run.config, vault)
+        outcome = unlocked()
         vault.close()
-        deploy(run, rendered, at_boot=True)
+        _deploy(run, directories, outcome, rendered, at_boot=True)
 
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     """Re-read the secrets; switch and restart only what changed. With a wrapped secret-id
     (read from standard input by the CLI), re-provision first."""
     with Run.open(ctx, "refresh") as run:
+        directories = encdirs.check(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
         if boot is None:
             renew_if_due(run, vault, token)
-        rendered = read_and_render(run.config, vault)
+        with encdirs.unlocking(run, vault, directories) as unlocked:
+            rendered = read_and_render(run.config, vault)
+        outcome = unlocked()
+        encdirs.rewrap(run, vault, directories, outcome)
         vault.close()
-        deploy(run, rendered, at_boot=False)
+        _deploy(run, directories, outcome, rendered, at_boot=False)
+
+
+def _deploy(
+    run: Run, directories: tuple[encdirs.Prepared, ...], outcome: encdirs.Outcome,
+    rendered: Rendered, *, at_boot: bool,
+) -> None:
+    """Start (or restart) what can run: the units needing a directory that stays locked are
+    held back; the run then ends with that directory's exit code."""
+    reload = encdirs.settle(run, directories, outcome)
+    deploy(run, encdirs.hold_back(run.config, rendered, outcome), at_boot=at_boot,
+           reload=reload)
+    encdirs.raise_failures(outcome)
 
 
 def read_and_render(config: Config, vault: Vault) -> Rendered:

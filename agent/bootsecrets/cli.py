@@ -26,7 +26,10 @@ commands:
                 bootsecrets.service)
   refresh       re-read secrets and restart only the units whose values changed; with
                 `--wrapped-secret-id -` re-provision from a new wrapped secret-id on stdin
-  status        per unit: generation, secret paths and versions, active state; token TTL
+  status        per unit: generation, secret paths and versions, active state; token TTL;
+                each encrypted directory: locked or unlocked, Transit key version
+  decommission  stop the units, lock the encrypted directories, delete their stored keys,
+                the rendered store and the runtime drop-ins, revoke the Vault token
   image-check   scan an image tree for secrets and unclean state before snapshotting
 """
 
@@ -70,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
                          "standard input and re-provision; only `-` is accepted")
     status = commands.add_parser("status", parents=[common], help="show what runs with what")
     status.add_argument("--json", action="store_true", help="stable JSON (docs/status.md)")
+    decommission = commands.add_parser(
+        "decommission", parents=[common, locked],
+        help="crypto-shred this host's side: lock data, delete keys, revoke the token",
+        description="Stop the units, remove the encrypted directories' keys from the "
+        "kernel, delete the stored ciphertexts, the rendered store and the drop-ins, and "
+        "revoke the Vault token. Each step is idempotent and reported.")
+    decommission.add_argument("--yes", action="store_true",
+                              help="do it without asking (required when standard input "
+                              "is not a terminal)")
+    decommission.add_argument("--json", action="store_true", help="the steps as JSON")
     check = commands.add_parser("image-check", parents=[common],
                                 help="scan an image tree for secrets and unclean state")
     check.add_argument("--json", action="store_true", help="findings as JSON")
@@ -157,7 +170,7 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
     from bootsecrets import agent, process  # noqa: PLC0415 (hvac and jinja2 only when needed)
     from bootsecrets.context import Context  # noqa: PLC0415
 
-    if args.command in ("bootstrap", "refresh"):
+    if args.command in ("bootstrap", "refresh", "decommission"):
         process.harden()  # secrets will be in this process's memory from here on
 
     ctx = context if isinstance(context, Context) else Context(
@@ -173,12 +186,32 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
                                  "standard input, never on the command line")
             wrapped = _read_stdin(stdin)
         agent.refresh(ctx, wrapped_secret_id=wrapped)
+    elif args.command == "decommission":
+        from bootsecrets import decommission  # noqa: PLC0415
+
+        if not args.yes:
+            _confirm(stdin)
+        steps = decommission.decommission(ctx, wait=ctx.lock_wait)
+        out.write((decommission.format_json(steps) if args.json
+                   else decommission.format_text(steps)) + "\n")
+        decommission.check(steps)
     elif args.command == "status":
         from bootsecrets import status  # noqa: PLC0415
 
         report = status.collect(ctx)
         print(status.format_json(report) if args.json else status.format_text(report), file=out)
     return 0
+
+
+def _confirm(stdin: TextIO) -> None:
+    """Without --yes: ask on a terminal, refuse otherwise (a script must say --yes)."""
+    if not stdin.isatty():
+        raise UsageError("decommission needs --yes when standard input is not a terminal")
+    print("This stops the units, locks the encrypted directories for good (their stored "
+          "keys are deleted) and revokes this host's Vault token.\n"
+          "Type `decommission` to go on:", file=sys.stderr)
+    if stdin.readline(64).strip() != "decommission":
+        raise UsageError("decommission not confirmed; nothing was done")
 
 
 def prepare_process() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from bootsecrets.dirconfig import EncryptedDirectory, parse_encrypted_directories
 from bootsecrets.envfile import ENV_NAME, PROTECTED_PREFIXES
 from bootsecrets.errors import BootstrapError, ConfigError
 from bootsecrets.model import TemplateProblem
@@ -142,6 +143,8 @@ class Config:
     services: tuple[Service, ...]
     store: Path = DEFAULT_STORE
     restart_timeout: float = 30.0
+    #: fscrypt directories unlocked with a data key from Vault's Transit engine (dirconfig).
+    directories: tuple[EncryptedDirectory, ...] = ()
 
     @property
     def wrapping_creation_path(self) -> str:
@@ -229,7 +232,7 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
-CONFIG_OPTIONAL = frozenset({"store", "restart_timeout"})
+CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories"})
 #: Environment variables that override the image config, in order of precedence.
 ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
@@ -270,6 +273,9 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
     )
     if not services:
         raise top["services"].error("declare at least one service")
+    directories = parse_encrypted_directories(
+        top["encrypted_directories"], [s.unit for s in services], role,
+    ) if "encrypted_directories" in top else ()
     return Config(
         source=doc.source,
         vault=vault,
@@ -280,6 +286,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         services=services,
         store=_store_path(top["store"]) if "store" in top else DEFAULT_STORE,
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
+        directories=directories,
     )
 
 

@@ -25,8 +25,9 @@ from bootsecrets.systemd import dropin_text, write_dropins
 log = logging.getLogger(__name__)
 
 
-def deploy(run: Run, rendered: Rendered, *, at_boot: bool) -> None:
-    """`at_boot`: start every unit (queued); otherwise only what the plan says."""
+def deploy(run: Run, rendered: Rendered, *, at_boot: bool, reload: bool = False) -> None:
+    """`at_boot`: start every unit (queued); otherwise only what the plan says. `reload`:
+    another drop-in changed already (encrypted directories'), so systemd must reload."""
     state, restart_due, start_due = recover(run, run.load_state())
     live_generation = run.store.current_generation()
     live: dict[str, UnitBytes] = {}
@@ -34,7 +35,7 @@ def deploy(run: Run, rendered: Rendered, *, at_boot: bool) -> None:
         live = {u: run.store.read_unit(live_generation, u)
                 for u in (*rendered.units, *rendered.skipped)}
     plan = plan_refresh(run.config, rendered, live, restart_due, start_due)
-    if write_dropins(run.paths, _dropins(run, rendered.units)):
+    if write_dropins(run.paths, _dropins(run, rendered.units)) or reload:
         run.systemctl.daemon_reload()
     # Nothing runs with secrets yet (a boot, or a re-provisioning after one): the units'
     # start jobs wait for bootsecrets.service, so queue them and do not wait.

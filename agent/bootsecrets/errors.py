@@ -139,6 +139,50 @@ class LockBusy(BootsecretsError):
     hint = "another bootsecrets run holds the lock; wait for it or retry later"
 
 
+# --- data at rest: checked before Vault ---------------------------------------------------
+
+
+class EncryptionUnsupported(BootsecretsError):
+    """An encrypted directory cannot be made at its path: tmpfs, ext4 without `encrypt`, a
+    kernel without fscrypt, another filesystem, a filesystem's root, or read-only here."""
+
+    exit_code = 16
+    summary = ("an encrypted directory cannot be made here (tmpfs, ext4 without `encrypt`, "
+               "no fscrypt in the kernel, read-only)")
+    hint = ("put the directory on an ext4 filesystem with the encrypt feature (or f2fs), "
+            "writable by bootsecrets.service; see docs/operations.md (data at rest)")
+
+
+class DataNotEmpty(BootsecretsError):
+    """First use of an encrypted directory whose path already holds data."""
+
+    exit_code = 17
+    summary = ("refusing to encrypt over existing data (a non-empty directory at first use, "
+               "or not a directory)")
+    hint = ("nothing was changed: move the data away, or point the config at an absent or "
+            "empty directory, then run again")
+
+
+class KeyRecordInvalid(BootsecretsError):
+    """The stored (Transit-encrypted) data key of encrypted data is missing or unreadable."""
+
+    exit_code = 18
+    summary = "the stored data key of an encrypted directory is missing or unreadable"
+    hint = ("restore the key record under /var/lib/bootsecrets/keys from a backup (it is "
+            "worthless without Vault); docs/operations.md (data at rest) says what else to do")
+
+
+class KeyMismatch(BootsecretsError):
+    """The directory and its stored key do not go together: it is missing, not encrypted, or
+    encrypted with another key than the record names."""
+
+    exit_code = 19
+    summary = ("an encrypted directory and its stored data key do not match (directory "
+               "missing, not encrypted, or encrypted with another key)")
+    hint = ("nothing was changed: find out who replaced the directory or the key record; "
+            "docs/operations.md (data at rest) says how to start the directory afresh")
+
+
 # --- Vault -----------------------------------------------------------------------------
 
 
@@ -269,6 +313,43 @@ class NotProvisioned(BootsecretsError):
     )
 
 
+class DataLocked(VaultError):
+    """Vault refused the data key of encrypted data (permission denied, or its key version
+    retired by min_decryption_version before this host rewrapped it), or the kernel refused
+    it: that data stays locked, the units needing it stay down, the others run."""
+
+    exit_code = 51
+    summary = ("encrypted data stays locked: Vault (or the kernel) refused its key; the units "
+               "needing it stay down, the others start (alert)")
+    message_id = "1a52b0e751ae42bda35d65f7fd42bce5"
+    hint = ("grant the role's policy `update` on the Transit key's datakey, decrypt and rewrap "
+            "paths (docs/operations.md); then `bootsecrets refresh` unlocks the data and starts "
+            "the units held back")
+
+
+class TransitKeyMissing(VaultError):
+    """The Transit key (or its mount) no longer exists: the data under it is crypto-shredded."""
+
+    exit_code = 52
+    summary = ("the Transit key of encrypted data no longer exists (crypto-shredded): it "
+               "cannot be unlocked again (alert)")
+    message_id = "ae03788be16f4724812dfb05da47b02e"
+    hint = ("if the key was deleted on purpose, the data is gone for good: run "
+            "`bootsecrets decommission`; otherwise check the transit mount and key names")
+
+
+class DataKeyRejected(VaultError):
+    """Transit rejected the stored ciphertext (altered), or it decrypts to a key that is not
+    the directory's (swapped): tampering."""
+
+    exit_code = 53
+    summary = ("the stored key of encrypted data was rejected by Transit or is not the "
+               "data's key: tampering (alert)")
+    message_id = "e0ad47d1f8574517bb24b305fe590e35"
+    hint = ("someone altered or swapped the key record under /var/lib/bootsecrets/keys: "
+            "restore it from a backup and find out who wrote it")
+
+
 # --- systemd ---------------------------------------------------------------------------
 
 
@@ -309,6 +390,15 @@ class ImageCheckUnreadable(BootsecretsError):
     exit_code = 41
     summary = "image tree unreadable"
     hint = "run image-check as root on a mounted image tree"
+
+
+# --- decommission -------------------------------------------------------------------------
+
+
+class DecommissionIncomplete(BootsecretsError):
+    exit_code = 50
+    summary = "decommission: a step failed (every step is reported; run it again)"
+    hint = "every step is idempotent: fix what the failed step names and run it again"
 
 
 # --- the process ---------------------------------------------------------------------------

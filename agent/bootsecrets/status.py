@@ -13,6 +13,7 @@ import datetime
 import json
 from typing import Any
 
+from bootsecrets import dirstatus
 from bootsecrets.config import RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.identity import load_token
@@ -69,6 +70,7 @@ def collect(ctx: Context) -> dict[str, Any]:
         "last_run": dataclasses.asdict(state.last_run) if state.last_run else None,
         "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
+        "directories": dirstatus.collect(config, store.paths),
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
     }
 
@@ -120,6 +122,7 @@ def format_text(report: dict[str, Any]) -> str:
                      f"secrets {secrets}, fetched {fetched}{flag}")
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
+    lines.extend(dirstatus.format_line(d) for d in report["directories"])
     if report["action"]:
         lines.append(f"action needed: {report['action']}")
     return "\n".join(lines)

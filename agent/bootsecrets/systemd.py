@@ -207,8 +207,11 @@ def check_dropins(paths: Paths, units: Iterable[str]) -> None:
         fsio.check_tree(paths.root, paths.dropin_root / f"{name}.d", files=[DROPIN_NAME])
 
 
-def write_dropins(paths: Paths, texts: Mapping[str, str]) -> list[str]:
-    """Write each unit's runtime drop-in (atomically); return the units whose text changed.
+def write_dropins(
+    paths: Paths, texts: Mapping[str, str], *, name: str = DROPIN_NAME
+) -> list[str]:
+    """Write each unit's runtime drop-in `name` (atomically); return the units whose text
+    changed.
 
     The directories are reached and the files replaced without following a symlink below
     `paths.root` (StoreError, exit 12, naming what was refused)."""
@@ -219,9 +222,9 @@ def write_dropins(paths: Paths, texts: Mapping[str, str]) -> list[str]:
         for unit, text in texts.items():
             data = text.encode()
             with dropin_root.child(f"{_unit_component(unit)}.d", create=0o755) as unit_dir:
-                if unit_dir.read_optional(DROPIN_NAME, MAX_DROPIN) == data:
+                if unit_dir.read_optional(name, MAX_DROPIN) == data:
                     continue
-                unit_dir.replace_file(DROPIN_NAME, data, mode=0o644)
+                unit_dir.replace_file(name, data, mode=0o644)
             changed.append(unit)
     return changed
 

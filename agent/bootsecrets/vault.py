@@ -327,6 +327,30 @@ class Vault:
         results = list(self._pool().map(one, refs))
         return {ref.name: result for ref, result in zip(refs, results, strict=True)}
 
+    # --- writes (Transit, token revocation) -----------------------------------------------
+
+    def write(
+        self, path: str, body: Mapping[str, Any], *, what: str, idempotent: bool,
+        refused: Callable[[int, str], BootsecretsError] | None = None,
+    ) -> dict[str, Any]:
+        """POST `body` to `path` with the run's token; Vault's `data` back ({} if none).
+        401/403: PermissionDenied(path). 400/404: `refused(status, Vault's error text)`,
+        a VaultError by default. The body and the answer are never part of an error."""
+        token = self._require_token().token
+        try:
+            response = self._call(what, lambda c: c.adapter.post(
+                f"/v1/{path}", json=dict(body), headers=self._headers(token)),
+                idempotent=idempotent)
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+            raise PermissionDenied(path) from None
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:
+            status = 404 if isinstance(err, hvac.exceptions.InvalidPath) else 400
+            if refused is not None:
+                raise refused(status, vault_errors(err)) from None
+            raise VaultError(f"{what}: HTTP {status}: {vault_errors(err)}") from None
+        data = response.get("data") if isinstance(response, dict) else None
+        return data if isinstance(data, dict) else {}
+
 
 def _data(response: object, what: str) -> dict[str, Any]:
     data = response.get("data") if isinstance(response, dict) else None

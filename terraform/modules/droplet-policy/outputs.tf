@@ -1,0 +1,4 @@
+output "policy" {
+  description = "The policy document (HCL) for vault_policy."
+  value       = local.policy
+}
