@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bootsecrets import fscrypt
+from bootsecrets import fscrypt, fscrypt_uapi
 from bootsecrets.fscrypt import KeyState
 from support.loopfs import LoopFs, ext4_loop, tmpfs_mount
 
@@ -80,15 +80,15 @@ def assert_no_key_in(texts: list[str], key: bytearray) -> None:
 
 def test_request_numbers_and_struct_sizes_are_the_kernels() -> None:
     # The values of include/uapi/linux/fscrypt.h on x86_64 (as also listed by Go's x/sys/unix).
-    assert fscrypt.FS_IOC_SET_ENCRYPTION_POLICY == 0x800C6613
-    assert fscrypt.FS_IOC_GET_ENCRYPTION_POLICY_EX == 0xC0096616
-    assert fscrypt.FS_IOC_ADD_ENCRYPTION_KEY == 0xC0506617
-    assert fscrypt.FS_IOC_REMOVE_ENCRYPTION_KEY == 0xC0406618
-    assert fscrypt.FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS == 0xC0406619
-    assert fscrypt.FS_IOC_GET_ENCRYPTION_KEY_STATUS == 0xC080661A
-    assert ctypes.sizeof(fscrypt._PolicyV2) == 24
-    assert ctypes.sizeof(fscrypt._KeySpecifier) == 40
-    assert ctypes.sizeof(fscrypt._GetPolicyExArg) == 8 + 24
+    assert fscrypt_uapi.FS_IOC_SET_ENCRYPTION_POLICY == 0x800C6613
+    assert fscrypt_uapi.FS_IOC_GET_ENCRYPTION_POLICY_EX == 0xC0096616
+    assert fscrypt_uapi.FS_IOC_ADD_ENCRYPTION_KEY == 0xC0506617
+    assert fscrypt_uapi.FS_IOC_REMOVE_ENCRYPTION_KEY == 0xC0406618
+    assert fscrypt_uapi.FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS == 0xC0406619
+    assert fscrypt_uapi.FS_IOC_GET_ENCRYPTION_KEY_STATUS == 0xC080661A
+    assert ctypes.sizeof(fscrypt_uapi.PolicyV2) == 24
+    assert ctypes.sizeof(fscrypt_uapi.KeySpecifier) == 40
+    assert ctypes.sizeof(fscrypt_uapi.GetPolicyExArg) == 8 + 24
 
 
 # --- the proof: no plaintext on disk -------------------------------------------------------
@@ -383,7 +383,7 @@ def test_the_ioctl_buffer_is_handed_over_directly_and_zeroed(
     real_ioctl = fcntl.ioctl
 
     def spy(fd: int, request: int, arg: Any, mutate: bool = True) -> Any:
-        if request == fscrypt.FS_IOC_ADD_ENCRYPTION_KEY:
+        if request == fscrypt_uapi.FS_IOC_ADD_ENCRYPTION_KEY:
             seen.append(arg)
             assert bytes(arg)[80:80 + fscrypt.KEY_SIZE] == bytes(key)
         return real_ioctl(fd, request, arg, mutate)

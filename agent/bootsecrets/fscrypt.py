@@ -30,122 +30,41 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bootsecrets import fscrypt_uapi
+from bootsecrets.fscrypt_uapi import (
+    EXT4_SUPER_MAGIC,
+    F2FS_SUPER_MAGIC,
+    FS_IOC_ADD_ENCRYPTION_KEY,
+    FS_IOC_GET_ENCRYPTION_KEY_STATUS,
+    FS_IOC_GET_ENCRYPTION_POLICY_EX,
+    FS_IOC_REMOVE_ENCRYPTION_KEY,
+    FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS,
+    FS_IOC_SET_ENCRYPTION_POLICY,
+    FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY,
+    FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS,
+    FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER,
+    FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF,
+    FSCRYPT_MODE_AES_256_CTS,
+    FSCRYPT_MODE_AES_256_XTS,
+    FSCRYPT_POLICY_FLAGS_PAD_32,
+    FSCRYPT_POLICY_V2,
+    RAMFS_MAGIC,
+    TMPFS_MAGIC,
+    AddKeyBuffer,
+    GetKeyStatusArg,
+    GetPolicyExArg,
+    KeySpecifier,
+    PolicyUnion,
+    PolicyV2,
+    RemoveKeyArg,
+)
 from bootsecrets.process import libc
 
 log = logging.getLogger(__name__)
 
-KEY_SIZE = 64  # bytes; AES-256-XTS needs a 512-bit master key
-IDENTIFIER_SIZE = 16  # FSCRYPT_KEY_IDENTIFIER_SIZE
+KEY_SIZE = fscrypt_uapi.KEY_SIZE
+IDENTIFIER_SIZE = fscrypt_uapi.IDENTIFIER_SIZE
 
-# --- include/uapi/linux/fscrypt.h ----------------------------------------------------------
-
-FSCRYPT_POLICY_V1 = 0
-FSCRYPT_POLICY_V2 = 2
-FSCRYPT_MODE_AES_256_XTS = 1
-FSCRYPT_MODE_AES_256_CTS = 4
-FSCRYPT_POLICY_FLAGS_PAD_32 = 0x03
-FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER = 2
-FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY = 0x1
-FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS = 0x2
-FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF = 0x1
-
-# statfs(2) f_type values (linux/magic.h)
-EXT4_SUPER_MAGIC = 0xEF53
-F2FS_SUPER_MAGIC = 0xF2F52010
-TMPFS_MAGIC = 0x01021994
-RAMFS_MAGIC = 0x858458F6
-
-_u8, _u32, _u64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64
-
-
-class _PolicyV1(ctypes.Structure):
-    _fields_ = (
-        ("version", _u8),
-        ("contents_encryption_mode", _u8),
-        ("filenames_encryption_mode", _u8),
-        ("flags", _u8),
-        ("master_key_descriptor", _u8 * 8),
-    )
-
-
-class _PolicyV2(ctypes.Structure):
-    _fields_ = (
-        ("version", _u8),
-        ("contents_encryption_mode", _u8),
-        ("filenames_encryption_mode", _u8),
-        ("flags", _u8),
-        ("log2_data_unit_size", _u8),
-        ("reserved", _u8 * 3),
-        ("master_key_identifier", _u8 * IDENTIFIER_SIZE),
-    )
-
-
-class _PolicyUnion(ctypes.Union):
-    _fields_ = (("version", _u8), ("v1", _PolicyV1), ("v2", _PolicyV2))
-
-
-class _GetPolicyExArg(ctypes.Structure):
-    _fields_ = (("policy_size", _u64), ("policy", _PolicyUnion))
-
-
-class _KeySpecifier(ctypes.Structure):
-    _fields_ = (("type", _u32), ("reserved", _u32), ("u", _u8 * 32))
-
-
-class _AddKeyArg(ctypes.Structure):
-    _fields_ = (
-        ("key_spec", _KeySpecifier),
-        ("raw_size", _u32),
-        ("key_id", _u32),
-        ("flags", _u32),
-        ("reserved", _u32 * 7),
-        # `__u8 raw[]` follows in the kernel's struct; it is not part of the ioctl's size.
-    )
-
-
-_IOCTL_BUFSZ = 1024  # CPython's fcntl.ioctl copies mutable buffers up to this size
-
-
-class _AddKeyBuffer(ctypes.Structure):
-    _fields_ = (
-        ("arg", _AddKeyArg),
-        ("raw", _u8 * KEY_SIZE),
-        ("pad", _u8 * (_IOCTL_BUFSZ + 1 - ctypes.sizeof(_AddKeyArg) - KEY_SIZE)),
-    )
-
-
-class _RemoveKeyArg(ctypes.Structure):
-    _fields_ = (
-        ("key_spec", _KeySpecifier),
-        ("removal_status_flags", _u32),
-        ("reserved", _u32 * 5),
-    )
-
-
-class _GetKeyStatusArg(ctypes.Structure):
-    _fields_ = (
-        ("key_spec", _KeySpecifier),
-        ("reserved", _u32 * 6),
-        ("status", _u32),
-        ("status_flags", _u32),
-        ("user_count", _u32),
-        ("out_reserved", _u32 * 13),
-    )
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (ord("f") << 8) | nr
-
-
-_IOC_WRITE, _IOC_READ = 1, 2
-FS_IOC_SET_ENCRYPTION_POLICY = _ioc(_IOC_READ, 19, ctypes.sizeof(_PolicyV1))
-FS_IOC_GET_ENCRYPTION_POLICY_EX = _ioc(_IOC_READ | _IOC_WRITE, 22, 9)  # __u8[9]
-FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 23, ctypes.sizeof(_AddKeyArg))
-FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 24, ctypes.sizeof(_RemoveKeyArg))
-FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS = _ioc(
-    _IOC_READ | _IOC_WRITE, 25, ctypes.sizeof(_RemoveKeyArg))
-FS_IOC_GET_ENCRYPTION_KEY_STATUS = _ioc(
-    _IOC_READ | _IOC_WRITE, 26, ctypes.sizeof(_GetKeyStatusArg))
 
 # --- errors ----------------------------------------------------------------------------------
 
@@ -347,8 +266,8 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure, path: Path, operation: 
 
 
 def _get_policy(fd: int, path: Path) -> Policy | None:
-    arg = _GetPolicyExArg()
-    arg.policy_size = ctypes.sizeof(_PolicyUnion)
+    arg = GetPolicyExArg()
+    arg.policy_size = ctypes.sizeof(PolicyUnion)
     try:
         _ioctl(fd, FS_IOC_GET_ENCRYPTION_POLICY_EX, arg, path, "FS_IOC_GET_ENCRYPTION_POLICY_EX")
     except FscryptOSError as err:
@@ -376,7 +295,7 @@ def set_policy(path: Path, key_identifier: str) -> None:
     docs' recommendation). On a directory that already has exactly this policy it is a
     no-op (the kernel verifies instead of setting)."""
     identifier = _parse_identifier(key_identifier)
-    policy = _PolicyV2()
+    policy = PolicyV2()
     policy.version = FSCRYPT_POLICY_V2
     policy.contents_encryption_mode = FSCRYPT_MODE_AES_256_XTS
     policy.filenames_encryption_mode = FSCRYPT_MODE_AES_256_CTS
@@ -417,7 +336,7 @@ def _parse_identifier(key_identifier: str) -> bytes:
     return raw
 
 
-def _key_spec(spec: _KeySpecifier, key_identifier: str) -> None:
+def _key_spec(spec: KeySpecifier, key_identifier: str) -> None:
     spec.type = FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
     spec.u[:IDENTIFIER_SIZE] = list(_parse_identifier(key_identifier))
 
@@ -435,11 +354,11 @@ def add_key(path: Path, key: bytearray | memoryview) -> str:
     kernel records the claim). The caller zeroes its own copy of the key."""
     view = _key_view(key)
     root = mount_root(path)
-    buf = _AddKeyBuffer()
+    buf = AddKeyBuffer()
     try:
         buf.arg.key_spec.type = FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
         buf.arg.raw_size = KEY_SIZE
-        raw_offset = _AddKeyBuffer.raw.offset
+        raw_offset = AddKeyBuffer.raw.offset
         memoryview(buf).cast("B")[raw_offset:raw_offset + KEY_SIZE] = view
         with _opened(root) as fd:
             _ioctl(fd, FS_IOC_ADD_ENCRYPTION_KEY, buf, path, "FS_IOC_ADD_ENCRYPTION_KEY")
@@ -451,7 +370,7 @@ def add_key(path: Path, key: bytearray | memoryview) -> str:
 
 def key_status(path: Path, key_identifier: str) -> KeyStatus:
     """Whether the key is present in the filesystem holding `path`, for whom."""
-    arg = _GetKeyStatusArg()
+    arg = GetKeyStatusArg()
     _key_spec(arg.key_spec, key_identifier)
     with _opened(mount_root(path)) as fd:
         _ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, arg, path,
@@ -468,7 +387,7 @@ def remove_key(path: Path, key_identifier: str, *, all_users: bool = True) -> Re
     `all_users` (root only, the default for the agent) removes every user's claim; without
     it only this uid's claim goes. Calling it again after `files_busy` retries locking the
     files that were closed since."""
-    arg = _RemoveKeyArg()
+    arg = RemoveKeyArg()
     _key_spec(arg.key_spec, key_identifier)
     request = FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS if all_users else FS_IOC_REMOVE_ENCRYPTION_KEY
     operation = "FS_IOC_REMOVE_ENCRYPTION_KEY" + ("_ALL_USERS" if all_users else "")
