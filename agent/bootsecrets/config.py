@@ -390,6 +390,7 @@ def yaml_scalar(name: str) -> yaml.ScalarNode:
 def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
     """A path, or (leased secrets) a mapping with `path` and options."""
     options: dict[str, Node] = {}
+    owner = at
     if isinstance(at.node, yaml.MappingNode):
         options = at.mapping(frozenset({"path"}), None)
         at = options.pop("path")
@@ -407,7 +408,7 @@ def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
                 raise at.error("give the KV v2 path without `data/` (it is added for you)")
             if engine in (Engine.DATABASE, Engine.PKI):
                 return SecretRef(name, mount, rest, engine,
-                                 parse_leased(at, engine.value, rest, options))
+                                 parse_leased(owner, at, engine.value, rest, options))
             if options:
                 raise next(iter(options.values())).error(
                     "unknown key (options are for database and pki secrets only)")

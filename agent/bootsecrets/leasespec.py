@@ -110,10 +110,11 @@ def fraction(at: Node) -> float:
     return value
 
 
-def parse_leased(at: Node, kind: str, rest: str, fields: dict[str, Node]) -> LeasedSpec:
-    """The options of a secret on a `database` (kind) or `pki` mount; `rest` is its path
-    under the mount, `fields` its mapping's entries other than `path` (empty for a plain
-    path)."""
+def parse_leased(owner: Node, at: Node, kind: str, rest: str,
+                 fields: dict[str, Node]) -> LeasedSpec:
+    """The options of a secret (`owner`) on a `database` (kind) or `pki` mount; `at` is its
+    path, `rest` the path under the mount, `fields` its mapping's entries other than `path`
+    (empty for a plain path)."""
     if kind == "database":
         if not re.fullmatch(r"creds/[^/]+", rest):
             raise at.error("a database secret must be <mount>/creds/<role>")
@@ -126,7 +127,7 @@ def parse_leased(at: Node, kind: str, rest: str, fields: dict[str, Node]) -> Lea
         raise at.error("a pki secret must be <mount>/issue/<role> (not sign/)")
     _known(fields, {"common_name", "alt_names", "ip_sans", "ttl", "fraction"})
     if "common_name" not in fields:
-        raise at.child(at.node, "common_name").error(
+        raise owner.child(owner.node, "common_name").error(
             "missing required field (a pki secret must name its certificate)")
     return CertificateSpec(
         common_name=_dns(fields["common_name"], fields["common_name"].string()),

@@ -546,7 +546,7 @@ class Vault:
             if body is not None and isinstance(err, hvac.exceptions.InvalidRequest):
                 raise CertificateRefused(ref.name, ref.full_path,
                                          f"refused by the role: {_vault_errors(err)}") from None
-            raise VaultError(f"{what}: {_reason(err)}: {_vault_errors(err)}") from None
+            raise VaultError(f"{what}: {self._status(err)}: {_vault_errors(err)}") from None
         payload = response if isinstance(response, dict) else {}
         lease_id = str(payload.get("lease_id") or "")
         if lease_id and not self._lease_id_ok(lease_id):
@@ -577,13 +577,21 @@ class Vault:
                 headers=self._headers(token)))
         except (hvac.exceptions.VaultError, VaultError) as err:
             if isinstance(err, hvac.exceptions.VaultError):
-                text = f"{what}: {_reason(err)}: {_vault_errors(err)}"
+                text = f"{what}: {self._status(err)}: {_vault_errors(err)}"
             else:
                 text = str(err)
             for part in (lease_id, lease_id.rsplit("/", 1)[-1]):
                 text = text.replace(part, "<lease>")
             raise (VaultUnreachable if isinstance(err, VaultUnreachable) else VaultError)(
                 text) from None
+
+    @staticmethod
+    def _status(err: hvac.exceptions.VaultError) -> str:
+        """The HTTP status of the answers a caller maps (hvac's exceptions may not say)."""
+        codes = {hvac.exceptions.InvalidRequest: 400, hvac.exceptions.Unauthorized: 401,
+                 hvac.exceptions.Forbidden: 403, hvac.exceptions.InvalidPath: 404}
+        code = getattr(err, "status_code", None) or codes.get(type(err))
+        return f"HTTP {code}" if code else _reason(err)
 
     @staticmethod
     def _lease_id_ok(lease_id: str) -> bool:

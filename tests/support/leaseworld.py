@@ -122,10 +122,13 @@ class LeaseWorld:
     def kept(self) -> dict[str, Any]:
         """The memory-only leases.json (lease IDs inside: for the test's checks only)."""
         data: dict[str, Any] = json.loads((self.sandbox.store / "leases.json").read_text())
-        for held in data["current"].values():
+        held = [*data["current"].values(), *(h for hs in data["older"].values() for h in hs)]
+        for one in held:
             for key in ("password", "private_key"):
-                if key in held["data"]:
-                    CANARIES.add(str(held["data"][key]))
+                if key in one["data"]:
+                    CANARIES.add(str(one["data"][key]))
+        # Lease IDs are handles, not credentials, but must not leave the store either.
+        CANARIES.update(str(h["lease_id"]) for h in [*held, *data["revoke"]] if h["lease_id"])
         return data
 
     def lease_id(self) -> str:
@@ -160,6 +163,8 @@ class Holders:
         self.world = world
         self.unit = unit
         self.held: tuple[str, str] | None = None
+        #: Every set of credentials the unit was (re)started with, in order.
+        self.history: list[tuple[str, str]] = []
         self.violations: list[str] = []
         self.calls: list[tuple[tuple[str, ...], int]] = []
         world.sandbox.runner.on_call = self
@@ -169,6 +174,7 @@ class Holders:
         units = argv[argv.index("--") + 1:] if "--" in argv else ()
         if len(argv) > 1 and argv[1] in STARTING and self.unit in units:
             self.held = self.world.app_creds()
+            self.history.append(self.held)
         self.check(f"at `{' '.join(argv[1:3])}`")
 
     def check(self, when: str = "at the end") -> None:
