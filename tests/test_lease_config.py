@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -178,3 +179,14 @@ def test_a_secret_no_unit_uses_any_more_is_retired_whole() -> None:
                     rolled_back=False, at_boot=False)
     assert set(got.current) == {"db"}
     assert [r.lease_id for r in got.revoke] == ["id-1"]  # the certificate has no lease
+
+
+def test_the_readme_config_reference_parses() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Image config reference", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(block.encode(), "README.md")
+    assert config.secrets["tls"].spec == CertificateSpec(
+        "app.example.com", ("www.example.com",), ("10.0.0.5",), 259200.0, None)
+    assert config.secrets["pg_ro"].spec == DatabaseSpec(max_ttl=86400.0, fraction=0.5)
+    assert config.leases == Policy()

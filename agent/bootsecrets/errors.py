@@ -329,8 +329,8 @@ class LeaseRevokeFailed(_LeaseError):
     summary = "an old lease could not be revoked; tried again at the next run"
     message_id = "4e7390c872644576a6afa062358c8ddc"
     hint = ("the units run on the new credentials; check the database and that the policy "
-            "grants update on the role's leases under sys/leases/revoke (docs/leases.md); "
-            "an unrevoked lease still ends at its own expiry")
+            "lets the role revoke its own leases (docs/leases.md); an unrevoked lease still "
+            "ends at its own expiry")
 
 
 class LeaseExpired(_LeaseError):
