@@ -196,16 +196,21 @@ def test_a_bootstrap_failing_after_issuing_revokes_what_it_issued(
 
 
 def test_a_unit_failing_on_new_credentials_is_rolled_back_with_every_user(
-    world: LeaseWorld, openbao: OpenBao, pg: Postgres, caplog: pytest.LogCaptureFixture
+    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    conf = config(world)
+    # A 30 min term: the re-issue is due at 2/3 of it (1200 s), long before it ends.
+    world = LeaseWorld(openbao, pg, LeaseSandbox(sandbox_root, captured, openbao), unique,
+                       default_ttl="30m", max_ttl="1h")
+    conf = world.config()
+    conf["secrets"]["db"]["max_ttl"] = "30m"
     conf["services"]["worker.service"] = {"environment": {"DB_USER": "{{ secrets.db.username }}"}}
     boot(world, conf)
     old = world.app_creds()
     holders = Holders(world)
     holders.held = old
     world.sandbox.runner.unit_states["app.service"] = "failed"
-    world.sandbox.offset = 245
+    world.sandbox.offset = 1205
 
     code, _, err = world.sandbox.run("refresh")
 
@@ -229,7 +234,22 @@ def test_a_unit_failing_on_new_credentials_is_rolled_back_with_every_user(
     report = world.status()
     assert report["last_run"]["outcome"] == "rolled-back"
     db = world.lease_status("db")
-    assert db["version"] == 1 and db["action"] == "reissue"  # tried again on schedule
+    assert db["version"] == 1 and db["action"] == "reissue"  # tried again on schedule...
+    # ...halfway to the old lease's end less the margin, not every `floor` seconds (each try
+    # restarts the unit): (1800 - 60 - 1205) / 2 s from now.
+    assert 262 <= int(on_active(world).removeprefix("--on-active=").removesuffix("s")) <= 270
+
+
+def test_no_wakeup_after_an_outcome_that_needs_an_operator(
+    world: LeaseWorld, openbao: OpenBao
+) -> None:
+    boot(world)
+    accessor = world.state()["token"]["accessor"]
+    openbao.client.auth.token.revoke_accessor(accessor)
+    world.sandbox.offset = 245
+    code, _, _ = world.sandbox.run("refresh")
+    assert code == errors.TokenInvalid.exit_code
+    assert [c for c in world.sandbox.runner.calls if c[0] == "systemd-run"] == []
 
 
 def test_credentials_that_expired_are_reissued_and_alerted(

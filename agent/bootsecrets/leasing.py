@@ -223,9 +223,14 @@ class Session:
     def _settle(self, *, rolled_back: bool) -> None:
         """Adopt what the units hold (after a rollback: the old issue is current again),
         retire what none holds, revoke retired leases."""
-        state = self.run.load_state()
-        self._keep(reconcile(self.kept, state, self.run.config.users,
-                             rolled_back=rolled_back, at_boot=self.at_boot))
+        state, config = self.run.load_state(), self.run.config
+
+        def users(name: str) -> tuple[str, ...]:
+            ref = config.secrets.get(name)
+            return config.users(name) if ref is not None and ref.leased else ()
+
+        self._keep(reconcile(self.kept, state, users, rolled_back=rolled_back,
+                             at_boot=self.at_boot))
         self._revoke_retired()
         self._save()
 

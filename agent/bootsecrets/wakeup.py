@@ -25,8 +25,22 @@ from collections.abc import Iterator, Mapping
 from bootsecrets import leasestore
 from bootsecrets.config import SecretRef
 from bootsecrets.context import Run
-from bootsecrets.errors import BootsecretsError
-from bootsecrets.leases import Decision, Policy, next_wakeup, plan, timer_seconds
+from bootsecrets.errors import (
+    BootsecretsError,
+    CertificateRefused,
+    CommandFailed,
+    Interrupted,
+    LeaseExpired,
+    LeaseIssueFailed,
+    LeaseRenewalRefused,
+    LeaseRevokeFailed,
+    PermissionDenied,
+    SecretMissing,
+    UnitFailed,
+    VaultError,
+    VaultUnreachable,
+)
+from bootsecrets.leases import Action, Decision, Policy, next_wakeup, plan, timer_seconds
 from bootsecrets.leasespec import policy_for
 from bootsecrets.state import LeasedState
 from bootsecrets.systemd import Runner, Systemctl
@@ -68,15 +82,31 @@ def disarm(systemctl: Systemctl) -> None:
     systemctl("stop", "--", TIMER, check=False)
 
 
+#: Outcomes a run on the agent's own schedule may fix: after them the wake-up is armed
+#: again. Others (a tampered or lost token, a bad config) need an operator, and retrying
+#: every `floor` seconds would only repeat their alert.
+_RETRIED = (VaultUnreachable, PermissionDenied, SecretMissing, CommandFailed, Interrupted,
+            UnitFailed, LeaseIssueFailed, CertificateRefused, LeaseRevokeFailed, LeaseExpired,
+            LeaseRenewalRefused)
+
+
 @contextlib.contextmanager
 def scheduled(run: Run) -> Iterator[None]:
-    """After the run, whatever its outcome: arm the wake-up for the earliest deadline."""
+    """After the run, arm the wake-up for the earliest deadline: after success, and after a
+    failure the next run may fix (a re-issue that failed is then due: in `floor` seconds).
+    After a rollback (a unit failed on new credentials, which every retry restarts it
+    with), the retry comes halfway to the old credentials' end instead."""
+    leased = any(r.leased for r in run.config.secrets.values())
     try:
         yield
-    finally:
-        if any(r.leased for r in run.config.secrets.values()):
+    except BaseException as err:
+        if leased and (type(err) is VaultError or isinstance(err, _RETRIED)):
             with contextlib.suppress(BootsecretsError, OSError):
-                _arm(run)
+                _arm(run, backoff=isinstance(err, UnitFailed))
+        raise
+    if leased:
+        with contextlib.suppress(BootsecretsError, OSError):
+            _arm(run, backoff=False)
 
 
 def decisions(config_secrets: Mapping[str, SecretRef], kept_state: Mapping[str, LeasedState],
@@ -91,14 +121,17 @@ def decisions(config_secrets: Mapping[str, SecretRef], kept_state: Mapping[str, 
     return out
 
 
-def _arm(run: Run) -> None:
+def _arm(run: Run, *, backoff: bool) -> None:
     kept = leasestore.load(run.paths)
-    now = run.ctx.clock()
-    found = decisions(run.config.secrets, leasestore.to_state(kept), run.config.leases, now)
-    wake = next_wakeup(found, now, math.inf, run.config.leases)
+    now, policy = run.ctx.clock(), run.config.leases
+    found = decisions(run.config.secrets, leasestore.to_state(kept), policy, now)
+    if backoff:
+        found = [d if d.action is Action.NONE else dataclasses.replace(
+            d, due_at=now + max(0.0, (d.expires_at - policy.margin - now) / 2)) for d in found]
+    wake = next_wakeup(found, now, math.inf, policy)
     at = wake.at
     if kept.revoke:  # retried revocations: at the floor
-        at = min(at if at is not None else math.inf, now + run.config.leases.floor)
+        at = min(at if at is not None else math.inf, now + policy.floor)
     systemctl = run.systemctl
     if at is None:
         disarm(systemctl)
