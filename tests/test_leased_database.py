@@ -191,3 +191,36 @@ def test_status_text_shows_leases_without_values(world: LeaseWorld) -> None:
     assert "next reissue at" in out
     assert "wake-up:" in out
     assert world.lease_id() not in out
+
+
+def test_a_renewal_cut_at_max_ttl_is_followed_by_a_reissue_in_the_same_run(
+    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str
+) -> None:
+    """The max_ttl unknown to the agent: it renews until Vault cuts a renewal short, which
+    reveals the hard end; planned again at once, the lease is re-issued in the same run.
+    Real time here (Vault cuts by its own clock): a 20 s term, a 30 s max_ttl."""
+    world = LeaseWorld(openbao, pg, LeaseSandbox(sandbox_root, captured, openbao), unique,
+                       default_ttl="20s", max_ttl="30s")
+    config = world.config(leases={"floor": 1, "margin": 2})
+    del config["secrets"]["tls"]
+    del config["services"]["web.service"]
+    world.provision(config)
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err
+    first, _ = world.app_creds()
+    lease_id = world.lease_id()
+    world.sandbox.runner.calls.clear()
+    issued_at = world.lease_status("db")["issued_at"]
+    time.sleep(max(0.0, issued_at + 16 - time.time()))  # renewal due; Vault caps at +30 s
+    offset = openbao.audit_offset()
+
+    code, _, err = world.sandbox.run("refresh")
+
+    assert code == 0, err
+    assert lease_calls(openbao, offset, world.unique) == [
+        f"sys/leases/renew/{lease_id}", f"db-{world.unique}/creds/app",
+        f"sys/leases/revoke/{lease_id}"]
+    assert restarts(world) == [("try-restart", "--", "app.service")]
+    user, password = world.app_creds()
+    assert user != first and pg.whoami(user, password) == user
+    assert first not in pg.roles()
