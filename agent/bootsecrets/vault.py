@@ -545,8 +545,8 @@ class Vault:
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:
             if body is not None and isinstance(err, hvac.exceptions.InvalidRequest):
                 raise CertificateRefused(ref.name, ref.full_path,
-                                         f"refused by the role: {_vault_errors(err)}") from None
-            raise VaultError(f"{what}: {self._status(err)}: {_vault_errors(err)}") from None
+                                         f"refused by the role: {self._error_text(err)}") from None
+            raise VaultError(f"{what}: {self._status(err)}: {self._error_text(err)}") from None
         payload = response if isinstance(response, dict) else {}
         lease_id = str(payload.get("lease_id") or "")
         if lease_id and not self._lease_id_ok(lease_id):
@@ -577,7 +577,7 @@ class Vault:
                 headers=self._headers(token)))
         except (hvac.exceptions.VaultError, VaultError) as err:
             if isinstance(err, hvac.exceptions.VaultError):
-                text = f"{what}: {self._status(err)}: {_vault_errors(err)}"
+                text = f"{what}: {self._status(err)}: {self._error_text(err)}"
             else:
                 text = str(err)
             for part in (lease_id, lease_id.rsplit("/", 1)[-1]):
@@ -591,7 +591,13 @@ class Vault:
         codes = {hvac.exceptions.InvalidRequest: 400, hvac.exceptions.Unauthorized: 401,
                  hvac.exceptions.Forbidden: 403, hvac.exceptions.InvalidPath: 404}
         code = getattr(err, "status_code", None) or codes.get(type(err))
-        return f"HTTP {code}" if code else _reason(err)
+        return f"HTTP {code}" if code else type(err).__name__
+
+    @staticmethod
+    def _error_text(err: hvac.exceptions.VaultError) -> str:
+        """Vault's own error text, short (it names paths and statuses, not values)."""
+        errors = [str(e) for e in (getattr(err, "errors", None) or []) if e]
+        return "; ".join(errors)[:200] or "no details"
 
     @staticmethod
     def _lease_id_ok(lease_id: str) -> bool:
