@@ -2,17 +2,19 @@
 
 `bootstrap` runs at boot (bootsecrets.service); `refresh` applies rotated secrets on a live
 host and restarts only the units whose bytes changed (and any restart an interrupted run left
-due), rolling a unit back if it does not come up with its new values. Each step is a module:
-context (checks, store, lock), login, render, deploy.
+due), rolling a unit back if it does not come up with its new values; `revoke_leases` revokes
+every lease the agent holds. Each step is a module: context (checks, store, lock), login,
+leasing (leased secrets; wakeup: the agent's own schedule), render, deploy.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bootsecrets import encdirs, identity
+from bootsecrets import encdirs, identity, leasing, wakeup
 from bootsecrets.config import (
     Bootstrap,
     Config,
@@ -32,62 +34,84 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "bootstrap", "read_and_render", "refresh"]
+__all__ = ["Context", "bootstrap", "read_and_render", "refresh", "revoke_leases"]
 
 
 def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, unlock the encrypted
-    directories, render, start the units."""
-    with Run.open(ctx, "bootstrap") as run:
+    directories, issue or take up leased secrets, render, start the units."""
+    with Run.open(ctx, "bootstrap") as run, wakeup.scheduled(run):
         directories = encdirs.check(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
-        with encdirs.unlocking(run, vault, directories) as unlocked:
-            rendered = read_and_render(run.config, vault)
-        outcome = unlocked()
-        vault.close()
-        _deploy(run, directories, outcome, rendered, at_boot=True)
+        with leasing.Session(run, vault, at_boot=True) as leases:
+            with encdirs.unlocking(run, vault, directories) as unlocked:
+                rendered = read_and_render(run.config, vault, leases.prepare())
+            outcome = unlocked()
+            if not leases.active:
+                vault.close()
+            _deploy(run, directories, outcome, rendered, at_boot=True,
+                    together=leases.together())
+        encdirs.raise_failures(outcome)
 
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
-    """Re-read the secrets; switch and restart only what changed. With a wrapped secret-id
-    (read from standard input by the CLI), re-provision first."""
-    with Run.open(ctx, "refresh") as run:
+    """Re-read the secrets; switch and restart only what changed; renew or re-issue leased
+    secrets that are due; rewrap the data keys whose Transit key moved. With a wrapped
+    secret-id (read from standard input by the CLI), re-provision first."""
+    with Run.open(ctx, "refresh") as run, wakeup.scheduled(run):
         directories = encdirs.check(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
         if boot is None:
             renew_if_due(run, vault, token)
-        with encdirs.unlocking(run, vault, directories) as unlocked:
-            rendered = read_and_render(run.config, vault)
-        outcome = unlocked()
-        encdirs.rewrap(run, vault, directories, outcome)
-        vault.close()
-        _deploy(run, directories, outcome, rendered, at_boot=False)
+        with leasing.Session(run, vault, at_boot=False) as leases:
+            with encdirs.unlocking(run, vault, directories) as unlocked:
+                rendered = read_and_render(run.config, vault, leases.prepare())
+            outcome = unlocked()
+            encdirs.rewrap(run, vault, directories, outcome)
+            if not leases.active:
+                vault.close()
+            _deploy(run, directories, outcome, rendered, at_boot=False,
+                    together=leases.together())
+        encdirs.raise_failures(outcome)
 
 
 def _deploy(
     run: Run, directories: tuple[encdirs.Prepared, ...], outcome: encdirs.Outcome,
-    rendered: Rendered, *, at_boot: bool,
+    rendered: Rendered, *, at_boot: bool, together: tuple[frozenset[str], ...],
 ) -> None:
     """Start (or restart) what can run: the units needing a directory that stays locked are
-    held back; the run then ends with that directory's exit code."""
+    held back (the run then ends with that directory's exit code, raised by the caller once
+    the leases are settled)."""
     reload = encdirs.settle(run, directories, outcome)
     deploy(run, encdirs.hold_back(run.config, rendered, outcome), at_boot=at_boot,
-           reload=reload)
-    encdirs.raise_failures(outcome)
+           reload=reload, together=together)
 
 
-def read_and_render(config: Config, vault: Vault) -> Rendered:
-    """Read every used secret once and render every unit; pure after the reads.
+def revoke_leases(ctx: Context) -> None:
+    """Revoke every lease the agent holds (for decommission; docs/leases.md)."""
+    with Run.open(ctx, "revoke-leases") as run:
+        vault, _ = authenticate(run, None, lambda: None)
+        leasing.revoke_all(run, vault)
+        run.record(run.load_state())
+
+
+def read_and_render(
+    config: Config, vault: Vault,
+    leased: Mapping[str, SecretData | BootsecretsError] | None = None,
+) -> Rendered:
+    """Read every used secret once (leased ones come as `leased`, never read) and render
+    every unit; pure after the reads.
 
     A required unit whose secrets cannot be read or rendered fails the whole run (nothing
     has been written yet). An optional unit is left out with a warning.
     """
-    results = vault.read_all(config.used_secrets())
+    results = {**vault.read_all([r for r in config.used_secrets() if not r.leased]),
+               **(leased or {})}
     secrets = {name: r for name, r in results.items() if isinstance(r, SecretData)}
     units: dict[str, RenderedUnit] = {}
     skipped: dict[str, str] = {}
@@ -104,7 +128,7 @@ def read_and_render(config: Config, vault: Vault) -> Rendered:
             skipped[service.unit] = str(err)
             log.warning("optional unit %s left out: %s", service.unit, err,
                         extra={"UNIT": service.unit})
-    for data in secrets.values():
+    for data in (d for n, d in secrets.items() if not config.secrets[n].leased):
         log.info("read %s%s", data.path, f" version {data.version}" if data.version else "",
                  extra={"SECRET_PATH": data.path, "SECRET_VERSION": data.version or ""})
     return Rendered(units, secrets, skipped)

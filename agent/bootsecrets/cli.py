@@ -30,6 +30,9 @@ commands:
                 each encrypted directory: locked or unlocked, Transit key version
   decommission  stop the units, lock the encrypted directories, delete their stored keys,
                 the rendered store and the runtime drop-ins, revoke the Vault token
+                every lease and certificate: expiry, next action and when
+  revoke-leases revoke every lease the agent holds (database credentials), e.g. before a
+                droplet is destroyed; the units keep running on revoked credentials
   image-check   scan an image tree for secrets and unclean state before snapshotting
 """
 
@@ -49,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="log debug messages and show tracebacks")
     common.add_argument("--systemctl", default="systemctl", metavar="PROGRAM",
                         help="run PROGRAM instead of systemctl (a stand-in for sandboxes)")
+    common.add_argument("--systemd-run", default=None, metavar="PROGRAM", dest="systemd_run",
+                        help="run PROGRAM instead of systemd-run to arm the lease wake-up "
+                        "timer (default: systemd-run, or the --systemctl stand-in if given)")
     locked = argparse.ArgumentParser(add_help=False)
     locked.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
                         help="wait this long for another bootstrap/refresh to finish "
@@ -83,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
                               help="do it without asking (required when standard input "
                               "is not a terminal)")
     decommission.add_argument("--json", action="store_true", help="the steps as JSON")
+    commands.add_parser("revoke-leases", parents=[common, locked],
+                        help="revoke every lease the agent holds",
+                        description="Revoke every lease the agent holds (database "
+                        "credentials) with the kept token, and stop the lease wake-up "
+                        "timer: for decommission (docs/leases.md).")
     check = commands.add_parser("image-check", parents=[common],
                                 help="scan an image tree for secrets and unclean state")
     check.add_argument("--json", action="store_true", help="findings as JSON")
@@ -170,11 +181,14 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
     from bootsecrets import agent, process  # noqa: PLC0415 (hvac and jinja2 only when needed)
     from bootsecrets.context import Context  # noqa: PLC0415
 
-    if args.command in ("bootstrap", "refresh", "decommission"):
+    if args.command in ("bootstrap", "refresh", "decommission", "revoke-leases"):
         process.harden()  # secrets will be in this process's memory from here on
 
+    systemd_run = args.systemd_run or (
+        "systemd-run" if args.systemctl == "systemctl" else args.systemctl)
     ctx = context if isinstance(context, Context) else Context(
-        paths=Paths(args.root), systemctl_program=args.systemctl)
+        paths=Paths(args.root), systemctl_program=args.systemctl,
+        systemd_run_program=systemd_run)
     ctx.lock_wait = getattr(args, "wait", ctx.lock_wait)
     if args.command == "bootstrap":
         agent.bootstrap(ctx)
@@ -195,6 +209,8 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         out.write((decommission.format_json(steps) if args.json
                    else decommission.format_text(steps)) + "\n")
         decommission.check(steps)
+    elif args.command == "revoke-leases":
+        agent.revoke_leases(ctx)
     elif args.command == "status":
         from bootsecrets import status  # noqa: PLC0415
 

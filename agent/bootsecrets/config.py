@@ -19,6 +19,8 @@ import yaml
 from bootsecrets.dirconfig import EncryptedDirectory, parse_encrypted_directories
 from bootsecrets.envfile import ENV_NAME, PROTECTED_PREFIXES
 from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.leases import Policy
+from bootsecrets.leasespec import LeasedSpec, check_on_change, parse_leased, parse_settings
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
 from bootsecrets.templates import analyze
@@ -43,8 +45,12 @@ TOKEN_SHAPE = re.compile(r"[\x21-\x7e]{1,1024}\Z")
 class Engine(enum.Enum):
     KV2 = "kv-v2"
     KV1 = "kv-v1"
-    #: A plain read (dynamic, leased secrets such as database/creds/<role>).
+    #: A plain read, at every run (a dynamic secret here is issued anew each time).
     GENERIC = "generic"
+    #: Leased: `<mount>/creds/<role>`, renewed and re-issued on schedule (docs/leases.md).
+    DATABASE = "database"
+    #: `<mount>/issue/<role>`: certificates re-issued on schedule.
+    PKI = "pki"
 
 
 class OnChange(enum.Enum):
@@ -66,6 +72,13 @@ class SecretRef:
     mount: str
     path: str
     engine: Engine
+    #: The options of a leased secret (engine database or pki), else None.
+    spec: LeasedSpec | None = None
+
+    @property
+    def leased(self) -> bool:
+        """Issued, kept and renewed by the agent, never re-read (leasing.py)."""
+        return self.spec is not None
 
     @property
     def full_path(self) -> str:
@@ -145,6 +158,8 @@ class Config:
     restart_timeout: float = 30.0
     #: fscrypt directories unlocked with a data key from Vault's Transit engine (dirconfig).
     directories: tuple[EncryptedDirectory, ...] = ()
+    #: The schedule of leased secrets (`leases:`).
+    leases: Policy = dataclasses.field(default_factory=Policy)
 
     @property
     def wrapping_creation_path(self) -> str:
@@ -160,6 +175,10 @@ class Config:
         """Secrets some service uses, each once, in config order."""
         used = set().union(*(s.secrets for s in self.services))
         return tuple(ref for name, ref in self.secrets.items() if name in used)
+
+    def users(self, secret: str) -> tuple[str, ...]:
+        """The units whose files are rendered from `secret`."""
+        return tuple(s.unit for s in self.services if secret in s.secrets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +251,7 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
-CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories"})
+CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories", "leases"})
 #: Environment variables that override the image config, in order of precedence.
 ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
@@ -287,6 +306,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         store=_store_path(top["store"]) if "store" in top else DEFAULT_STORE,
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
         directories=directories,
+        leases=parse_settings(top["leases"]) if "leases" in top else Policy(),
     )
 
 
@@ -381,6 +401,12 @@ def yaml_scalar(name: str) -> yaml.ScalarNode:
 
 
 def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
+    """A path, or (leased secrets) a mapping with `path` and options."""
+    options: dict[str, Node] = {}
+    owner = at
+    if isinstance(at.node, yaml.MappingNode):
+        options = at.mapping(frozenset({"path"}), None)
+        at = options.pop("path")
     value = at.string()
     parts = value.split("/")
     if not all(PATH_COMPONENT.match(p) for p in parts) or {".", ".."} & set(parts):
@@ -393,6 +419,12 @@ def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
             rest = "/".join(parts[cut:])
             if engine is Engine.KV2 and rest.split("/", 1)[0] in ("data", "metadata"):
                 raise at.error("give the KV v2 path without `data/` (it is added for you)")
+            if engine in (Engine.DATABASE, Engine.PKI):
+                return SecretRef(name, mount, rest, engine,
+                                 parse_leased(owner, at, engine.value, rest, options))
+            if options:
+                raise next(iter(options.values())).error(
+                    "unknown key (options are for database and pki secrets only)")
             return SecretRef(name, mount, rest, engine)
     raise at.error("must start with a mount declared under `mounts`")
 
@@ -441,6 +473,12 @@ def _service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
     mode = 0o400 if credentials and not (environment or environment_from) else 0o600
     if "mode" in fields:
         mode = _file_mode(fields["mode"])
+    on_change = fields["on_change"].choice(OnChange) if "on_change" in fields \
+        else OnChange.RESTART
+    in_env = {e.secret for e in environment_from}.union(*(t.secrets for t in environment))
+    check_on_change(fields.get("on_change", at), on_change.value,
+                    sorted(n for n in in_env if secrets[n].leased),
+                    sorted(n for t in credentials for n in t.secrets if secrets[n].leased))
     return Service(
         unit=unit,
         environment=environment,
@@ -451,8 +489,7 @@ def _service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
         group=fields["group"].matching(USER_NAME, "a group name or gid") if "group" in fields
         else "root",
         mode=mode,
-        on_change=fields["on_change"].choice(OnChange) if "on_change" in fields
-        else OnChange.RESTART,
+        on_change=on_change,
         required=fields["required"].boolean() if "required" in fields else True,
     )
 

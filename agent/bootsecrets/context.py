@@ -15,6 +15,7 @@ import grp
 import logging
 import os
 import pwd
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,10 @@ class Context:
     runner: Runner = run
     #: The systemctl program; a sandbox can point this at a stand-in.
     systemctl_program: str = "systemctl"
+    #: systemd-run, which arms the agent's own wake-up timer (leased secrets: wakeup.py).
+    systemd_run_program: str = "systemd-run"
+    #: The wall clock lease and certificate times are taken from (tests move it).
+    clock: Callable[[], float] = time.time
     env: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(os.environ))
     #: How long bootstrap/refresh wait for another run's lock before giving up.
     lock_wait: float = 60.0

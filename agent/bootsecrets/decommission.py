@@ -1,16 +1,20 @@
 """`bootsecrets decommission`: the host's side of crypto-shredding.
 
-Five steps, in order, each idempotent; a step that fails does not stop the next, and each
+Six steps, in order, each idempotent; a step that fails does not stop the next, and each
 says what it did:
 
-1. `stop-units`: stop every unit that gets secrets (`systemctl stop`);
-2. `lock-keys`: remove each encrypted directory's key from the kernel (all users' claims),
+1. `stop-units`: stop every unit that gets secrets (`systemctl stop`), the refresh timer and
+   the agent's own wake-up timer, so nothing renews or re-issues behind it;
+2. `revoke-leases`: revoke every lease kept in the store (database credentials),
+   synchronously — each role is dropped when Vault answers; revoking the token (step 6)
+   would revoke them too, but in the background;
+3. `lock-keys`: remove each encrypted directory's key from the kernel (all users' claims),
    naming the processes that still hold files open in it (those files stay readable until
    closed: stop them and run it again);
-3. `remove-key-records`: delete the stored ciphertexts (/var/lib/bootsecrets/keys);
-4. `remove-store`: delete the rendered store (generations, state, unlock markers, bootstrap)
-   and the runtime drop-ins;
-5. `revoke-token`: `auth/token/revoke-self` with the kept token (its leases and child tokens
+4. `remove-key-records`: delete the stored ciphertexts (/var/lib/bootsecrets/keys);
+5. `remove-store`: delete the rendered store (generations, state, unlock markers, leases,
+   bootstrap) and the runtime drop-ins;
+6. `revoke-token`: `auth/token/revoke-self` with the kept token (its leases and child tokens
    go with it), then delete the token and identity files. A token that is already invalid
    counts as revoked; a revocation that fails keeps the token file, so running decommission
    again retries it, and prints the accessor to revoke it by hand.
@@ -26,11 +30,11 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bootsecrets import fscrypt, identity, keyrecord
+from bootsecrets import fscrypt, fsio, identity, keyrecord, leasestore, leasing
 from bootsecrets.config import Config, RebootPolicy, VaultSettings, env_address
 from bootsecrets.context import Context
 from bootsecrets.encdirs import DROPIN_NAME as ENCRYPTED_DROPIN
@@ -45,12 +49,17 @@ from bootsecrets.paths import DEFAULT_STORE, DROPIN_NAME, Paths
 from bootsecrets.state import State
 from bootsecrets.store import Store
 
+if TYPE_CHECKING:
+    from bootsecrets.vault import Vault
+
 log = logging.getLogger(__name__)
 
 DECOMMISSION_VERSION = 1
 #: Seconds to keep trying Vault for the revocation (not the boot deadline: a host being
 #: decommissioned should not wait minutes for a Vault that is gone).
 REVOKE_DEADLINE = 20.0
+#: Stopped with the units: nothing may refresh, renew or re-issue behind decommission.
+TIMERS = ("bootsecrets-refresh.timer", "bootsecrets-wakeup.timer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,7 @@ def decommission(ctx: Context, *, wait: float) -> list[Step]:
         kept = _kept_token(target)
         steps: list[Step] = [
             _guarded("stop-units", lambda: _stop_units(target, ctx)),
+            _guarded("revoke-leases", lambda: _revoke_leases(target, ctx, kept)),
             _guarded("lock-keys", lambda: _lock_keys(target)),
             _guarded("remove-key-records", lambda: _remove_records(target)),
             _guarded("remove-store", lambda: _remove_store(target, ctx)),
@@ -145,7 +155,7 @@ def _kept_token(target: _Target) -> identity.KeptToken | None:
 def _stop_units(target: _Target, ctx: Context) -> Step:
     if not target.units:
         return Step("stop-units", "nothing-to-do", "no unit gets secrets")
-    result = ctx.systemctl()("stop", "--", *target.units, check=False)
+    result = ctx.systemctl()("stop", "--", *TIMERS, *target.units, check=False)
     if result.returncode != 0:
         last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
         return Step("stop-units", "failed",
@@ -231,21 +241,23 @@ def _remove_records(target: _Target) -> Step:
 
 
 def _remove_store(target: _Target, ctx: Context) -> Step:
-    store = target.paths.store
+    """Everything rendered or kept in the store, and the runtime drop-ins, removed without
+    following a symlink (a planted one is removed itself, never what it points at)."""
+    store, root = target.paths.store, target.paths.root
     removed = []
-    for name in ("current", "state.json", "bootstrap.yaml"):
-        with contextlib.suppress(FileNotFoundError):
-            (store / name).unlink()
-            removed.append(name)
-    for name in ("generations", "unlocked"):
-        if (store / name).is_dir() and not (store / name).is_symlink():
-            shutil.rmtree(store / name)
-            removed.append(f"{name}/")
+    if os.path.lexists(store) and not os.path.islink(store):
+        with fsio.open_dir(root, store) as directory:
+            for name in ("current", "state.json", leasestore.FILE, "bootstrap.yaml",
+                         "generations", "unlocked"):
+                if directory.lstat(name) is not None:
+                    directory.remove_tree(name)
+                    removed.append(name)
     dropins = []
     for unit in target.units:
         for file_name in (DROPIN_NAME, ENCRYPTED_DROPIN):
-            with contextlib.suppress(FileNotFoundError):
-                (target.paths.dropin_root / f"{unit}.d" / file_name).unlink()
+            path = target.paths.dropin_root / f"{unit}.d" / file_name
+            if os.path.lexists(path):
+                fsio.unlink_nofollow(root, path)
                 dropins.append(f"{unit}/{file_name}")
     if dropins:
         ctx.systemctl().daemon_reload()
@@ -255,12 +267,30 @@ def _remove_store(target: _Target, ctx: Context) -> Step:
                 f"{store} and {len(dropins)} runtime drop-in(s)")
 
 
-def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> Step:
+def _revoke_leases(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> Step:
+    there = os.path.lexists(target.paths.store / leasestore.FILE)
+    held = leasestore.load(target.paths).lease_ids() if there else []
+    if not held:
+        return Step("revoke-leases", "nothing-to-do", "no lease is kept on this host")
     if kept is None:
-        _forget(target.paths)
-        return Step("revoke-token", "nothing-to-do", "no Vault token is kept on this host")
-    # As a run logs in: the address the token came from first, the image config's as
-    # fallbacks; an environment override (VAULT_ADDR) replaces them all.
+        return Step("revoke-leases", "failed", f"{len(held)} lease(s) kept but no token to "
+                    "revoke them with; revoke them in Vault (`bao lease revoke -prefix`)")
+    try:
+        vault = _session(target, ctx, kept)
+    except BootsecretsError as err:
+        return Step("revoke-leases", "failed", str(err))
+    with vault:
+        vault.use_token(kept.token)
+        revoked, failed = leasing.revoke_kept(target.paths, vault)
+    if failed:
+        return Step("revoke-leases", "failed",
+                    f"revoked {revoked}; not revoked: " + "; ".join(str(f) for f in failed))
+    return Step("revoke-leases", "done", f"revoked {revoked} lease(s)")
+
+
+def _session(target: _Target, ctx: Context, kept: identity.KeptToken) -> Vault:
+    """A Vault session as a run logs in: the address the token came from first, the image
+    config's as fallbacks; an environment override (VAULT_ADDR) replaces them all."""
     settings = target.config.vault if target.config else None
     configured = settings.addresses if settings else ()
     addresses: tuple[str, ...] = configured
@@ -270,10 +300,17 @@ def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> S
         override = _env_address(ctx)
         addresses = (override,) if override else addresses
         settings = VaultSettings(addresses=addresses)
+    return ctx.make_vault(settings, addresses=addresses, config_root=target.paths.root,
+                          deadline=min(settings.boot_deadline, REVOKE_DEADLINE))
+
+
+def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> Step:
+    if kept is None:
+        _forget(target.paths)
+        return Step("revoke-token", "nothing-to-do", "no Vault token is kept on this host")
     by_hand = f"revoke it by hand: `bao token revoke -accessor {kept.accessor}`"
     try:
-        vault = ctx.make_vault(settings, addresses=addresses, config_root=target.paths.root,
-                               deadline=min(settings.boot_deadline, REVOKE_DEADLINE))
+        vault = _session(target, ctx, kept)
     except BootsecretsError as err:
         return Step("revoke-token", "failed", f"{err}; {by_hand}")
     with vault:

@@ -25,10 +25,15 @@ from bootsecrets.systemd import dropin_text, write_dropins
 log = logging.getLogger(__name__)
 
 
-def deploy(run: Run, rendered: Rendered, *, at_boot: bool, reload: bool = False) -> None:
+def deploy(run: Run, rendered: Rendered, *, at_boot: bool, reload: bool = False,
+           together: Iterable[frozenset[str]] = ()) -> None:
     """`at_boot`: start every unit (queued); otherwise only what the plan says. `reload`:
-    another drop-in changed already (encrypted directories'), so systemd must reload."""
+    another drop-in changed already (encrypted directories'), so systemd must reload.
+    `together`: groups of units that roll back as one (the users of re-issued credentials:
+    the old credentials are still valid, the new ones are revoked once none of them holds
+    them)."""
     state, restart_due, start_due = recover(run, run.load_state())
+    before = dict(state.units)
     live_generation = run.store.current_generation()
     live: dict[str, UnitBytes] = {}
     if live_generation is not None:
@@ -45,7 +50,7 @@ def deploy(run: Run, rendered: Rendered, *, at_boot: bool, reload: bool = False)
     units = _unit_states(run, rendered, state, live_generation)
     generation = live_generation
     if plan.switches or generation is None:
-        generation = _switch(run, state, rendered, plan, live_generation)
+        generation = _switch(run, state, rendered, plan, live_generation, units)
         stale = {} if queue_only else run.systemctl.invocation_ids(
             [*plan.restart, *plan.reload])
         units = {u: dataclasses.replace(
@@ -67,7 +72,10 @@ def deploy(run: Run, rendered: Rendered, *, at_boot: bool, reload: bool = False)
 
     failed = _restart(run, plan, restarted, queue_only=queue_only)
     if failed:
-        _roll_back(run, rendered, state, units, plan, failed, live_generation, generation)
+        with_them = [u for group in together if group & set(failed) for u in sorted(group)
+                     if u not in failed and u in plan.write]
+        _roll_back(run, rendered, state, units, plan, failed, live_generation, generation,
+                   with_them=list(dict.fromkeys(with_them)), before=before)
     run.store.remove_generations(keep=frozenset({generation}))
     run.record(state, generation=generation, units=units, skipped=rendered.skipped)
     done_text = "; ".join(f"{verb} {', '.join(names)}" for verb, names in (
@@ -110,7 +118,8 @@ def recover(run: Run, state: State) -> tuple[State, frozenset[str], frozenset[st
 
 
 def _switch(
-    run: Run, state: State, rendered: Rendered, plan: RefreshPlan, live: int | None
+    run: Run, state: State, rendered: Rendered, plan: RefreshPlan, live: int | None,
+    units: Mapping[str, UnitState],
 ) -> int:
     """Write the new generation, note which units it changes, make it current. The previous
     generation stays until the restarted units are up (a rollback links from it)."""
@@ -118,7 +127,8 @@ def _switch(
     number = run.store.write_generation(
         {u: rendered.units[u] for u in plan.write}, run.specs, linked=kept,
         shared=shared_store(run.config))
-    run.save(dataclasses.replace(state, switching=Switch(number, plan.write)))
+    run.save(dataclasses.replace(state, switching=Switch(
+        number, plan.write, {u: units[u].secrets for u in plan.write if u in units})))
     run.store.switch(number)
     return number
 
@@ -145,33 +155,40 @@ def _restart(
 
 def _roll_back(
     run: Run, rendered: Rendered, state: State, units: dict[str, UnitState],
-    plan: RefreshPlan, failed: list[str], live: int | None, generation: int,
+    plan: RefreshPlan, failed: list[str], live: int | None, generation: int, *,
+    with_them: list[str], before: Mapping[str, UnitState],
 ) -> NoReturn:
-    """Give the failed units the values they ran with (kept in the previous generation) and
-    restart them; alert. A unit restarted only because an earlier run left it due has no
-    older values here: it is restarted once more and reported."""
-    restorable = [u for u in failed if u in plan.write] if live is not None else []
+    """Give the failed units (and `with_them`, units that must not stay on the values they
+    share with them) the values they ran with, kept in the previous generation, and restart
+    them; alert. A unit restarted only because an earlier run left it due has no older
+    values here: it is restarted once more and reported."""
+    restorable = [u for u in (*failed, *with_them) if u in plan.write] if live is not None \
+        else []
     rollback = generation
     if live is not None and restorable:
         linked = {u: live if u in restorable else generation for u in (*plan.write, *plan.keep)}
         rollback = run.store.write_generation({}, {}, linked=linked,
                                               shared=shared_store(run.config))
-        run.save(dataclasses.replace(state, switching=Switch(rollback, tuple(restorable))))
+        run.save(dataclasses.replace(state, switching=Switch(rollback, tuple(restorable), {
+            u: before[u].secrets for u in restorable if u in before})))
         run.store.switch(rollback)
-    for unit in failed:
+    for unit in (*failed, *(u for u in with_them if u in restorable)):
         run.systemctl.try_restart(unit)
     units = {u: dataclasses.replace(
         s, generation=rollback,
         values_generation=rollback if u in restorable else s.values_generation,
-        running_generation=rollback if u in restorable else s.running_generation)
+        running_generation=rollback if u in restorable else s.running_generation,
+        secrets=before[u].secrets if u in restorable and u in before else s.secrets)
         for u, s in units.items()}
     run.store.remove_generations(keep=frozenset({rollback}))
     paths_changed = sorted({p for u in failed if u in rendered.units
                             for p in rendered.units[u].secret_paths})
+    also = [u for u in with_them if u in restorable]
     err = UnitFailed(
         f"{', '.join(failed)} did not become active with new values from "
         f"{', '.join(paths_changed) or 'the config'}; "
         + ("previous values restored" if restorable else "no previous values to restore")
+        + (f" (also for {', '.join(also)}, which shared them)" if also else "")
     )
     logs.alert(err, UNIT=",".join(failed), SECRET_PATH=",".join(paths_changed))
     run.record(state, outcome="rolled-back", error=err, generation=rollback, units=units,

@@ -56,3 +56,15 @@ class TemplateProblem(Exception):
         super().__init__(message)
         self.message = message
         self.line = line
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseGrant:
+    """What Vault answered to an issue (`database/creds/<role>`, `pki/issue/<role>`):
+    values and the lease's handle, both hidden from `repr`. `lease_id` is "" when there is
+    no lease (a certificate)."""
+
+    data: Mapping[str, Any] = dataclasses.field(repr=False)
+    lease_id: str = dataclasses.field(repr=False)
+    lease_duration: int
+    renewable: bool

@@ -2,7 +2,8 @@
 
 Written by every bootstrap and refresh, read by the next run and by `status`. It holds
 names, paths, versions, generation numbers, times and systemd invocation IDs — never a value,
-a token or a secret-id. `STATE_VERSION` changes when a field changes meaning (CHANGELOG.md).
+a token, a secret-id or a lease ID (leased values and lease IDs are in `leases.json` next to
+it: leasestore.py). `STATE_VERSION` changes when a field changes meaning (CHANGELOG.md).
 
 Restarts survive an interrupted run: before `current` moves to a new generation, `switching`
 names the units whose values change; a unit whose live values are newer than the ones it was
@@ -88,10 +89,38 @@ class TokenState:
 
 @dataclasses.dataclass(frozen=True)
 class Switch:
-    """Written before `current` moves to `to`: the units whose values change with it."""
+    """Written before `current` moves to `to`: the units whose values change with it, and
+    what their new values were rendered from."""
 
     to: int
     units: tuple[str, ...]
+    secrets: Mapping[str, tuple[SecretState, ...]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeasedState:
+    """One leased secret's current lease or certificate, for `status` (a copy of what
+    leasestore.py keeps, without the values and the lease ID). `version` counts the issues
+    on this host; the units' `secrets` say which version their files hold. Epoch seconds."""
+
+    kind: str  # "lease" | "certificate"
+    path: str
+    version: int
+    #: lease: issued_at/ttl/lease_duration/renewable/has_lease_id/renewed_at/max_expires_at
+    #: (leases.Lease); certificate: not_before/not_after/issued_at (= received_at).
+    issued_at: float
+    ttl: float = 0.0
+    lease_duration: float = 0.0
+    renewable: bool = False
+    has_lease_id: bool = False
+    renewed_at: float | None = None
+    max_expires_at: float | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+    serial_number: str | None = None
+    #: Older issues kept because a unit may still hold them, and old leases to revoke.
+    older: int = 0
+    revoke_pending: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +134,9 @@ class State:
     token: TokenState | None = None
     vault_addr: str | None = None
     switching: Switch | None = None
+    leases: Mapping[str, LeasedState] = dataclasses.field(default_factory=dict)
+    #: When bootsecrets-wakeup.timer fires (epoch seconds), if armed.
+    wakeup_at: float | None = None
 
     def settled(self, current: int | None) -> State:
         """The state once an interrupted switch is accounted for: if `current` (the live
@@ -121,7 +153,7 @@ class State:
                 elif old.values_generation != switch.to:
                     units[unit] = dataclasses.replace(
                         old, generation=switch.to, values_generation=switch.to,
-                        stale_invocation=None)
+                        stale_invocation=None, secrets=switch.secrets.get(unit, old.secrets))
         return dataclasses.replace(self, switching=None, units=units)
 
     def to_json(self) -> dict[str, Any]:
@@ -151,8 +183,13 @@ class State:
             token=_token(data.get("token")),
             vault_addr=_str(data.get("vault_addr")),
             switching=Switch(_int(switching.get("to")) or 0,
-                             tuple(u for u in switching.get("units") or () if isinstance(u, str)))
+                             tuple(u for u in switching.get("units") or () if isinstance(u, str)),
+                             {u: _secrets(v) for u, v in _mapping(switching.get("secrets")).items()
+                              if isinstance(u, str)})
             if _int(switching.get("to")) else None,
+            leases={n: leased for n, v in _mapping(data.get("leases")).items()
+                    if isinstance(n, str) and (leased := _leased(v)) is not None},
+            wakeup_at=_float(data.get("wakeup_at")),
         )
 
 
@@ -194,11 +231,7 @@ def _unit(value: object) -> UnitState | None:
     values = _int(raw.get("values_generation")) or generation
     # STATE_VERSION 1 called it restarted_generation.
     running = _int(raw.get("running_generation", raw.get("restarted_generation")))
-    secrets = tuple(
-        SecretState(str(s.get("name", "")), str(s.get("path", "")), _int(s.get("version")),
-                    _int(s.get("lease_duration")), _str(s.get("fetched_at")))
-        for s in raw.get("secrets") or () if isinstance(s, dict)
-    )
+    secrets = _secrets(raw.get("secrets"))
     return UnitState(
         generation=generation,
         values_generation=values,
@@ -208,3 +241,34 @@ def _unit(value: object) -> UnitState | None:
         on_change=str(raw.get("on_change", "restart")),
         secrets=secrets,
     )
+
+
+def _secrets(value: object) -> tuple[SecretState, ...]:
+    return tuple(
+        SecretState(str(s.get("name", "")), str(s.get("path", "")), _int(s.get("version")),
+                    _int(s.get("lease_duration")), _str(s.get("fetched_at")))
+        for s in (value if isinstance(value, list) else ()) if isinstance(s, dict)
+    )
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _leased(value: object) -> LeasedState | None:
+    raw = _mapping(value)
+    issued_at, version = _float(raw.get("issued_at")), _int(raw.get("version"))
+    if issued_at is None or version is None or raw.get("kind") not in ("lease", "certificate"):
+        return None
+    return LeasedState(
+        kind=str(raw["kind"]), path=str(raw.get("path", "")), version=version,
+        issued_at=issued_at, ttl=_float(raw.get("ttl")) or 0.0,
+        lease_duration=_float(raw.get("lease_duration")) or 0.0,
+        renewable=raw.get("renewable") is True, has_lease_id=raw.get("has_lease_id") is True,
+        renewed_at=_float(raw.get("renewed_at")),
+        max_expires_at=_float(raw.get("max_expires_at")),
+        not_before=_float(raw.get("not_before")), not_after=_float(raw.get("not_after")),
+        serial_number=_str(raw.get("serial_number")), older=_int(raw.get("older")) or 0,
+        revoke_pending=_int(raw.get("revoke_pending")) or 0)

@@ -14,11 +14,13 @@ import json
 from typing import Any
 
 from bootsecrets import dirstatus
-from bootsecrets.config import RebootPolicy
+from bootsecrets.config import Config, RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.identity import load_token
+from bootsecrets.leases import status_entry
 from bootsecrets.state import State
 from bootsecrets.store import Store
+from bootsecrets.wakeup import decisions
 
 STATUS_VERSION = 1
 
@@ -71,8 +73,31 @@ def collect(ctx: Context) -> dict[str, Any]:
         "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
         "directories": dirstatus.collect(config, store.paths),
+        "leases": _leases(config, state, ctx.clock()),
+        "wakeup_at": state.wakeup_at,
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
     }
+
+
+def _leases(config: Config, state: State, now: float) -> list[dict[str, Any]]:
+    """Every lease and certificate held: expiry, the action due now and the next one, with
+    when (epoch seconds, planned as the next run would). No value, no lease ID."""
+    out = []
+    for decision in decisions(config.secrets, state.leases, config.leases, now):
+        held = state.leases[decision.name]
+        entry = status_entry(decision)
+        entry.update(path=held.path, version=held.version, lease=held.has_lease_id,
+                     issued_at=held.issued_at, renewed_at=held.renewed_at,
+                     max_expires_at=held.max_expires_at, serial_number=held.serial_number,
+                     older=held.older, revoke_pending=held.revoke_pending)
+        out.append(entry)
+    return out
+
+
+def _at(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="seconds")
 
 
 def _recovery(policy: RebootPolicy, has_token: bool) -> str:
@@ -123,6 +148,14 @@ def format_text(report: dict[str, Any]) -> str:
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
     lines.extend(dirstatus.format_line(d) for d in report["directories"])
+    for lease in report["leases"]:
+        now = "" if lease["action"] == "none" else f"{lease['action']} now ({lease['reason']}); "
+        notes = f" [{', '.join(lease['notes'])}]" if lease["notes"] else ""
+        lines.append(f"{lease['kind']} {lease['name']} ({lease['path']}) v{lease['version']}: "
+                     f"expires {_at(lease['expires_at'])}; {now}next {lease['next_action']} "
+                     f"at {_at(lease['next_action_at'])}{notes}")
+    if report["leases"]:
+        lines.append(f"wake-up:       {_at(report['wakeup_at'])}")
     if report["action"]:
         lines.append(f"action needed: {report['action']}")
     return "\n".join(lines)

@@ -27,19 +27,21 @@ from bootsecrets.connect.failover import CALLER_MAPS, Failover, vault_errors
 from bootsecrets.connect.transport import Adapter, session_for
 from bootsecrets.errors import (
     BootsecretsError,
+    CertificateRefused,
     ConfigError,
     LoginDenied,
     PermissionDenied,
     SecretMissing,
     TokenInvalid,
     VaultError,
+    VaultUnreachable,
     WrappingPathMismatch,
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
 from bootsecrets.fsio import read_regular_file
 from bootsecrets.fsread import FileRefused
-from bootsecrets.model import SecretData
+from bootsecrets.model import LeaseGrant, SecretData
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -350,6 +352,79 @@ class Vault:
             raise VaultError(f"{what}: HTTP {status}: {vault_errors(err)}") from None
         data = response.get("data") if isinstance(response, dict) else None
         return data if isinstance(data, dict) else {}
+
+    # --- leased secrets (docs/leases.md, leasing.py) ---------------------------------------
+
+    def issue(self, ref: SecretRef, body: Mapping[str, Any] | None, *,
+              idempotent: bool) -> LeaseGrant:
+        """New credentials (`GET <mount>/creds/<role>`, body None) or a certificate (`POST
+        <mount>/issue/<role>` with body). 401/403: PermissionDenied; a pki 400:
+        CertificateRefused; other 400/404: VaultError. No value or lease ID in an error."""
+        token, what = self._require_token().token, f"issue {ref.full_path}"
+        try:
+            response = self._call(what, lambda c: c.adapter.request(
+                "GET" if body is None else "POST", f"/v1/{ref.full_path}",
+                headers=self._headers(token), json=None if body is None else dict(body)),
+                idempotent=idempotent)
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+            raise PermissionDenied(ref.full_path) from None
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:
+            if body is not None and isinstance(err, hvac.exceptions.InvalidRequest):
+                raise CertificateRefused(ref.name, ref.full_path,
+                                         f"refused by the role: {vault_errors(err)}") from None
+            raise VaultError(f"{what}: {self._status(err)}: {vault_errors(err)}") from None
+        payload = response if isinstance(response, dict) else {}
+        lease_id = str(payload.get("lease_id") or "")
+        if lease_id and not self._lease_id_ok(lease_id):
+            raise VaultError(f"{what}: Vault answered a lease ID of an unexpected shape")
+        return LeaseGrant(_data(response, what), lease_id,
+                          int(payload.get("lease_duration") or 0), bool(payload.get("renewable")))
+
+    def renew_lease(self, lease_id: str, increment: int, *, what: str) -> tuple[int, bool]:
+        """`PUT sys/leases/renew/<lease_id>`: (lease_duration, renewable) as answered."""
+        response = self._lease_call("renew", lease_id, {"increment": increment}, what)
+        payload = response if isinstance(response, dict) else {}
+        return int(payload.get("lease_duration") or 0), bool(payload.get("renewable"))
+
+    def revoke_lease(self, lease_id: str, *, what: str) -> None:
+        """`PUT sys/leases/revoke/<lease_id>`: synchronous; an unknown lease is no error."""
+        self._lease_call("revoke", lease_id, {}, what)
+
+    def _lease_call(self, verb: str, lease_id: str, body: Mapping[str, Any],
+                    what: str) -> object:
+        """The URL form, which a policy can scope to one role's leases. Every error is a
+        VaultError without the lease ID (Vault's text is scrubbed of it too)."""
+        token = self._require_token().token
+        if not self._lease_id_ok(lease_id):
+            raise VaultError(f"{what}: the kept lease ID has an unexpected shape")
+        try:
+            return self._call(what, lambda c: c.adapter.put(
+                f"/v1/sys/leases/{verb}/{lease_id}", json=dict(body),
+                headers=self._headers(token)))
+        except (hvac.exceptions.VaultError, VaultError) as err:
+            if isinstance(err, hvac.exceptions.VaultError):
+                text = f"{what}: {self._status(err)}: {vault_errors(err)}"
+            else:
+                text = str(err)
+            for part in (lease_id, lease_id.rsplit("/", 1)[-1]):
+                text = text.replace(part, "<lease>")
+            raise (VaultUnreachable if isinstance(err, VaultUnreachable) else VaultError)(
+                text) from None
+
+    @staticmethod
+    def _status(err: hvac.exceptions.VaultError) -> str:
+        """The HTTP status of the answers a caller maps (hvac's exceptions may not say)."""
+        codes = {hvac.exceptions.InvalidRequest: 400, hvac.exceptions.Unauthorized: 401,
+                 hvac.exceptions.Forbidden: 403, hvac.exceptions.InvalidPath: 404}
+        code = getattr(err, "status_code", None) or codes.get(type(err))
+        return f"HTTP {code}" if code else type(err).__name__
+
+    @staticmethod
+    def _lease_id_ok(lease_id: str) -> bool:
+        """`database/creds/app/AbC123`: it goes into a URL path, so nothing else."""
+        return all(part not in ("", ".", "..") and all(
+            ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in part)
+            for part in lease_id.split("/"))
 
 
 def _data(response: object, what: str) -> dict[str, Any]:
