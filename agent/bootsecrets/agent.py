@@ -12,7 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from bootsecrets import encdirs, identity
+from bootsecrets import encdirs, identity, volumes
 from bootsecrets.config import (
     Bootstrap,
     Config,
@@ -40,16 +40,18 @@ def bootstrap(ctx: Context) -> None:
     directories, render, start the units."""
     with Run.open(ctx, "bootstrap") as run:
         directories = encdirs.check(run)
+        disks = volumes.check(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
-        with encdirs.unlocking(run, vault, directories) as unlocked:
+        with (encdirs.unlocking(run, vault, directories) as unlocked,
+              volumes.unlocking(run, vault, disks) as mounted):
             rendered = read_and_render(run.config, vault)
-        outcome = unlocked()
+        outcome, disk_outcome = unlocked(), mounted()
         vault.close()
-        _deploy(run, directories, outcome, rendered, at_boot=True)
+        _deploy(run, (directories, outcome), (disks, disk_outcome), rendered, at_boot=True)
 
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
@@ -57,28 +59,36 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     (read from standard input by the CLI), re-provision first."""
     with Run.open(ctx, "refresh") as run:
         directories = encdirs.check(run)
+        disks = volumes.check(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
         if boot is None:
             renew_if_due(run, vault, token)
-        with encdirs.unlocking(run, vault, directories) as unlocked:
+        with (encdirs.unlocking(run, vault, directories) as unlocked,
+              volumes.unlocking(run, vault, disks) as mounted):
             rendered = read_and_render(run.config, vault)
-        outcome = unlocked()
+        outcome, disk_outcome = unlocked(), mounted()
         encdirs.rewrap(run, vault, directories, outcome)
+        volumes.rewrap(run, vault, disks, disk_outcome)
         vault.close()
-        _deploy(run, directories, outcome, rendered, at_boot=False)
+        _deploy(run, (directories, outcome), (disks, disk_outcome), rendered, at_boot=False)
 
 
 def _deploy(
-    run: Run, directories: tuple[encdirs.Prepared, ...], outcome: encdirs.Outcome,
-    rendered: Rendered, *, at_boot: bool,
+    run: Run, directories: tuple[tuple[encdirs.Prepared, ...], encdirs.Outcome],
+    disks: tuple[tuple[volumes.Prepared, ...], volumes.Outcome], rendered: Rendered, *,
+    at_boot: bool,
 ) -> None:
-    """Start (or restart) what can run: the units needing a directory that stays locked are
-    held back; the run then ends with that directory's exit code."""
-    reload = encdirs.settle(run, directories, outcome)
-    deploy(run, encdirs.hold_back(run.config, rendered, outcome), at_boot=at_boot,
-           reload=reload)
+    """Start (or restart) what can run: the units needing a directory that stays locked, or
+    a volume that is not mounted, are held back; the run then ends with that exit code."""
+    (prepared, outcome), (vols, mounted) = directories, disks
+    reload = encdirs.settle(run, prepared, outcome)
+    reload = volumes.settle(run, vols, mounted) or reload
+    held = volumes.hold_back(run.config, encdirs.hold_back(run.config, rendered, outcome),
+                             mounted)
+    deploy(run, held, at_boot=at_boot, reload=reload)
     encdirs.raise_failures(outcome)
+    volumes.raise_failures(mounted)
 
 
 def read_and_render(config: Config, vault: Vault) -> Rendered:

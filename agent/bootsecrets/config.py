@@ -22,6 +22,7 @@ from bootsecrets.errors import BootstrapError, ConfigError
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
 from bootsecrets.templates import analyze
+from bootsecrets.volconfig import EncryptedVolume, parse_encrypted_volumes
 from bootsecrets.yamldoc import Node, parse_document, read_document
 
 #: systemd's unit-name grammar (unit_name_is_valid() in src/basic/unit-name.c), for the only
@@ -145,6 +146,8 @@ class Config:
     restart_timeout: float = 30.0
     #: fscrypt directories unlocked with a data key from Vault's Transit engine (dirconfig).
     directories: tuple[EncryptedDirectory, ...] = ()
+    #: LUKS2 block volumes opened with a data key from Vault's Transit engine (volconfig).
+    volumes: tuple[EncryptedVolume, ...] = ()
 
     @property
     def wrapping_creation_path(self) -> str:
@@ -232,7 +235,8 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
-CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories"})
+CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories",
+                             "encrypted_volumes"})
 #: Environment variables that override the image config, in order of precedence.
 ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
@@ -276,6 +280,9 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
     directories = parse_encrypted_directories(
         top["encrypted_directories"], [s.unit for s in services], role,
     ) if "encrypted_directories" in top else ()
+    volumes = parse_encrypted_volumes(
+        top["encrypted_volumes"], [s.unit for s in services], role, directories,
+    ) if "encrypted_volumes" in top else ()
     return Config(
         source=doc.source,
         vault=vault,
@@ -287,6 +294,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         store=_store_path(top["store"]) if "store" in top else DEFAULT_STORE,
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
         directories=directories,
+        volumes=volumes,
     )
 
 

@@ -1,9 +1,11 @@
 """`bootsecrets decommission`: the host's side of crypto-shredding.
 
-Five steps, in order, each idempotent; a step that fails does not stop the next, and each
+Eight steps, in order, each idempotent; a step that fails does not stop the next, and each
 says what it did:
 
 1. `stop-units`: stop every unit that gets secrets (`systemctl stop`);
+   `unmount-volumes`, `close-volumes`, `erase-volumes`: the encrypted volumes unmounted,
+   closed and their LUKS2 keyslots and tokens erased (voldecommission);
 2. `lock-keys`: remove each encrypted directory's key from the kernel (all users' claims),
    naming the processes that still hold files open in it (those files stay readable until
    closed: stop them and run it again);
@@ -30,7 +32,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bootsecrets import fscrypt, identity, keyrecord
+from bootsecrets import blockdev, fscrypt, identity, keyrecord, voldecommission
 from bootsecrets.config import Config, RebootPolicy, VaultSettings, env_address
 from bootsecrets.context import Context
 from bootsecrets.encdirs import DROPIN_NAME as ENCRYPTED_DROPIN
@@ -68,6 +70,7 @@ class _Target:
     paths: Paths
     units: tuple[str, ...]
     directories: tuple[tuple[str, str], ...]  # (name, host path)
+    volumes: tuple[voldecommission.Target, ...] = ()
 
 
 def decommission(ctx: Context, *, wait: float) -> list[Step]:
@@ -78,6 +81,7 @@ def decommission(ctx: Context, *, wait: float) -> list[Step]:
         kept = _kept_token(target)
         steps: list[Step] = [
             _guarded("stop-units", lambda: _stop_units(target, ctx)),
+            *_volume_steps(target, ctx),
             _guarded("lock-keys", lambda: _lock_keys(target)),
             _guarded("remove-key-records", lambda: _remove_records(target)),
             _guarded("remove-store", lambda: _remove_store(target, ctx)),
@@ -126,7 +130,24 @@ def _target(ctx: Context) -> _Target:
     else:
         state = State.from_json(Store(paths).load_state()) if paths.store.is_dir() else State()
         units = tuple(sorted(state.units))
-    return _Target(config, paths, units, tuple(sorted(directories.items())))
+    return _Target(config, paths, units, tuple(sorted(directories.items())),
+                   voldecommission.targets(config, paths))
+
+
+def _volume_steps(target: _Target, ctx: Context) -> list[Step]:
+    volumes, runner = target.volumes, ctx.block_runner
+    steps: dict[str, Callable[[], voldecommission.Result]] = {
+        "unmount-volumes": lambda: voldecommission.unmount(volumes, target.paths,
+                                                           ctx.systemctl(), runner),
+        "close-volumes": lambda: voldecommission.close(volumes, runner),
+        "erase-volumes": lambda: voldecommission.erase(volumes, target.paths, runner),
+    }
+    done = []
+    for name, step in steps.items():
+        def one(name: str = name, step: Callable[[], voldecommission.Result] = step) -> Step:
+            return Step(name, *step())
+        done.append(_guarded(name, one))
+    return done
 
 
 def _kept_token(target: _Target) -> identity.KeptToken | None:
@@ -243,7 +264,7 @@ def _remove_store(target: _Target, ctx: Context) -> Step:
             removed.append(f"{name}/")
     dropins = []
     for unit in target.units:
-        for file_name in (DROPIN_NAME, ENCRYPTED_DROPIN):
+        for file_name in (DROPIN_NAME, ENCRYPTED_DROPIN, blockdev.VOLUME_DROPIN):
             with contextlib.suppress(FileNotFoundError):
                 (target.paths.dropin_root / f"{unit}.d" / file_name).unlink()
                 dropins.append(f"{unit}/{file_name}")

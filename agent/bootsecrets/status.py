@@ -13,7 +13,7 @@ import datetime
 import json
 from typing import Any
 
-from bootsecrets import dirstatus
+from bootsecrets import dirstatus, volstatus
 from bootsecrets.config import RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.identity import load_token
@@ -71,6 +71,7 @@ def collect(ctx: Context) -> dict[str, Any]:
         "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
         "directories": dirstatus.collect(config, store.paths),
+        "volumes": volstatus.collect(config, store.paths, ctx.block_runner),
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
     }
 
@@ -123,6 +124,7 @@ def format_text(report: dict[str, Any]) -> str:
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
     lines.extend(dirstatus.format_line(d) for d in report["directories"])
+    lines.extend(volstatus.format_line(v) for v in report["volumes"])
     if report["action"]:
         lines.append(f"action needed: {report['action']}")
     return "\n".join(lines)
