@@ -163,8 +163,16 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
 
     # Decommission: unmounted, closed, erased; idempotent.
     saved = rewrapped.ciphertext
+    dm.calls.clear()
+    sandbox.runner.calls.clear()
     code, out, err = sandbox.run("decommission", "--yes", "--json")
     assert code == 0, err
+    verbs = sandbox.runner.verbs()
+    assert verbs[:3] == [("stop", "--", "app.service", "worker.service"),
+                         ("stop", "--", "srv-data.mount"), ("daemon-reload",)]
+    commands = [argv for argv in dm.argvs() if argv[1] in ("close", "token", "erase")]
+    assert commands == [luks.close_argv("data"), luks.token_remove_argv(Path(device), 0),
+                        luks.erase_argv(Path(device))]
     steps = {s["step"]: s for s in json.loads(out)["steps"]}
     assert list(steps) == ["stop-units", "unmount-volumes", "close-volumes", "erase-volumes",
                            "lock-keys", "remove-key-records", "remove-store", "revoke-token"]
