@@ -371,3 +371,23 @@ def test_the_agent_units_let_the_others_start_exactly_on_the_per_data_outcomes()
         unit = configparser.ConfigParser(strict=False, interpolation=None)
         unit.read(repo / "systemd" / name)
         assert {int(c) for c in unit["Service"]["SuccessExitStatus"].split()} == expected
+
+
+def test_a_mount_only_pid1_sees(vols: Volumes, caplog: pytest.LogCaptureFixture) -> None:
+    """`systemctl start` succeeds but the agent's namespace shows no mount: PID 1's word
+    (`is-active`) decides. Active: the units start; inactive: held back (59)."""
+    vols.transit()
+    vols.image("data")
+    vols.sandbox.pid1.unseen.add("srv-data.mount")
+    code, err = first_boot(vols)
+    assert code == 0, err
+    assert ("is-active", "--", "srv-data.mount") in vols.sandbox.runner.verbs()
+    assert sorted(vols.sandbox.started_units()) == ["app.service", "worker.service"]
+
+    vols.reboot()
+    vols.sandbox.pid1.unit_states["srv-data.mount"] = "inactive"
+    vols.sandbox.runner.calls.clear()
+    code, _, err = vols.sandbox.run("bootstrap")
+    assert code == errors.VolumeFailed.exit_code, err
+    assert "PID 1 did not mount /dev/mapper/data at /srv/data" in err
+    assert_held_back(vols, caplog, errors.VolumeFailed)

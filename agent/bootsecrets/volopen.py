@@ -16,7 +16,8 @@ never formatted.
 
 Then, for every open volume not mounted yet: its mount unit written, one daemon-reload,
 `systemctl start <unit>` (blocking: the mount unit is not ordered after bootsecrets.service),
-and the mount checked in the mount table by device number.
+and the mount checked in the mount table by device number (PID 1's mounts propagate into
+the agent's namespace) or, failing that, by PID 1 (`systemctl is-active`).
 """
 
 from __future__ import annotations
@@ -190,7 +191,9 @@ def _mount_all(run: Run, opened: list[tuple[Prepared, luks.TransitToken]],
     for item, token in waiting:
         unit = blockdev.unit_name_for(item.volume.mount)
         result = run.systemctl("start", "--", unit, check=False)
-        if result.returncode == 0 and blockdev.mounted_from(item.mount, item.mapper):
+        # The mount table as the agent's namespace sees it, or PID 1's word for it.
+        if result.returncode == 0 and (blockdev.mounted_from(item.mount, item.mapper)
+                                       or run.systemctl.is_active(unit) == "active"):
             outcome.mounted[item.volume.name] = token
             log.info("%s mounted at %s (%s)", item.what, item.volume.mount, unit,
                      extra={"VOLUME": item.volume.name, "UNIT": unit})

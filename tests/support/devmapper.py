@@ -142,6 +142,9 @@ class Pid1(RecordingRunner):
     root: Path = Path("/")
     #: Units whose `start` fails (as a mount that systemd gives up on).
     failing: set[str] = dataclasses.field(default_factory=set)
+    #: Units whose `start` succeeds without mounting anything where the agent looks (as
+    #: when PID 1's mount did not propagate into the agent's namespace).
+    unseen: set[str] = dataclasses.field(default_factory=set)
 
     def __call__(self, argv: Sequence[str], *, check: bool = True) -> Completed:
         command = tuple(argv)
@@ -171,6 +174,8 @@ class Pid1(RecordingRunner):
         unit = self.unit(name)
         if unit is None or name in self.failing:
             return 5  # "Unit ... not found." / a failed job
+        if name in self.unseen:
+            return 0
         where, what = unit["Where"], unit["What"]
         if blockdev.unit_name_for(Path(where)) != name:
             return 1  # systemd: "Where= setting doesn't match unit name. Refusing."
