@@ -35,9 +35,26 @@ What the harness provides
    check=, input=)` returning a CompletedProcess[str] (tests/e2e/e2e_vm.VM.ssh has that
    shape).
 
-Then `prove(machine, openbao, role, disks)` does the rest (about two boots' time). Nothing
-it prints or asserts with holds the canary or a key: the guest compares sha256 sums; the
-data key (decrypted as root on the host) becomes a leak-guard canary.
+Then `prove(machine, openbao, role, disks)` does the rest (two boots; each run of the agent
+also waits 5 s for the volume that is never attached). Nothing it prints or asserts with
+holds the canary or a key: the guest compares sha256 sums; the data key (decrypted as root
+on the host) becomes a leak-guard canary.
+
+Run it as an e2e test of its own, with its own image config: under persist-token the
+agent's Vault token is kept on the root disk (root 0600, by design), which the main e2e
+test's disk scan rightly counts as a leak. Wiring, for example:
+
+    @pytest.mark.e2e
+    def test_encrypted_volumes_end_to_end(image_with_volumes, workdir, openbao):
+        disks = volume_vm.make_disks(workdir)
+        role_id = openbao.approle("demo", 'path "secret/data/demo/*" { capabilities = ["read"] }',
+                                  token_ttl="2h", token_max_ttl="4h")
+        ...  # user-data and seed as in test_e2e.py
+        machine = ...  # boot(): VM(..., extra drives: for each (volume, serial) in DISKS
+                       #  with an image in `disks`: -drive file=<image>,format=raw,if=none,
+                       #  id=<serial> -device virtio-blk-pci,drive=<serial>,serial=<serial>),
+                       #  wait_ssh, yield the VM, poweroff
+        volume_vm.prove(machine, openbao, "demo", disks)
 """
 
 from __future__ import annotations
