@@ -101,3 +101,14 @@ variable "transit_min_decryption_version" {
   type        = number
   default     = 1
 }
+
+variable "volumes" {
+  description = "Block volumes to create unformatted and attach, for the image config's encrypted_volumes: DigitalOcean volume name => size in GiB. Each gets its own Transit key bootsecrets-volume-<name> (the config's transit_key); its device is /dev/disk/by-id/scsi-0DO_Volume_<name>."
+  type        = map(number)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for name, size in var.volumes : can(regex("^[a-z][a-z0-9-]{0,63}$", name)) && size >= 1 && floor(size) == size])
+    error_message = "volumes: names are lower-case letters, digits and '-', starting with a letter, at most 64 (DigitalOcean's rule); sizes are whole GiB, at least 1."
+  }
+}

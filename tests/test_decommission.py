@@ -61,8 +61,8 @@ def test_a_failed_revocation_does_not_stop_the_other_steps_and_is_retried(
 
     assert code == errors.DecommissionIncomplete.exit_code, err
     steps = steps_of(out)
-    assert [s["outcome"] for s in steps.values()] == [
-        "done", "nothing-to-do", "done", "done", "done", "failed"]
+    assert [s["outcome"] for s in steps.values()] == (
+        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 3 + ["failed"])  # no volumes, no leases
     assert f"bao token revoke -accessor {accessor}" in steps["revoke-token"]["detail"]
     assert "revoke-token failed" in err
     assert not fscrypt.is_unlocked(srv / "appdata")

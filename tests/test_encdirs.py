@@ -160,9 +160,8 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     code, out, err = sandbox.run("decommission", "--yes", "--json")
     assert code == 0, err
     steps = {s["step"]: s for s in json.loads(out)["steps"]}
-    assert {k: s["outcome"] for k, s in steps.items()} == {
-        "stop-units": "done", "revoke-leases": "nothing-to-do", "lock-keys": "done",
-        "remove-key-records": "done", "remove-store": "done", "revoke-token": "done"}, steps
+    assert [s["outcome"] for s in steps.values()] == (
+        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 4), steps  # no volumes, no leases
     assert "key removed, directory locked" in steps["lock-keys"]["detail"]
     assert not fscrypt.is_unlocked(directory)
     assert CANARY_NAME not in os.listdir(directory)

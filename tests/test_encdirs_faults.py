@@ -368,7 +368,8 @@ def test_the_agent_unit_lets_the_others_start_exactly_on_these_outcomes() -> Non
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read(REPO / "systemd/bootsecrets.service")
     codes = {int(c) for c in unit["Service"]["SuccessExitStatus"].split()}
-    assert codes == {cls.exit_code for cls in encdirs.DIRECTORY_FAILURES}
+    # The encrypted volumes' outcomes too (tests/test_volumes_faults.py).
+    assert {cls.exit_code for cls in encdirs.DIRECTORY_FAILURES} <= codes
 
 
 def test_a_refused_rewrap_is_a_warning_and_a_deleted_key_an_alert(

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bootsecrets import encdirs, identity, leasing, wakeup
+from bootsecrets import encdirs, identity, leasing, volumes, wakeup
 from bootsecrets.config import (
     Bootstrap,
     Config,
@@ -42,20 +42,23 @@ def bootstrap(ctx: Context) -> None:
     directories, issue or take up leased secrets, render, start the units."""
     with Run.open(ctx, "bootstrap") as run, wakeup.scheduled(run):
         directories = encdirs.check(run)
+        disks = volumes.check(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
         with leasing.Session(run, vault, at_boot=True) as leases:
-            with encdirs.unlocking(run, vault, directories) as unlocked:
+            with (encdirs.unlocking(run, vault, directories) as unlocked,
+                  volumes.unlocking(run, vault, disks) as mounted):
                 rendered = read_and_render(run.config, vault, leases.prepare())
-            outcome = unlocked()
+            outcome, disk_outcome = unlocked(), mounted()
             if not leases.active:
                 vault.close()
-            _deploy(run, directories, outcome, rendered, at_boot=True,
-                    together=leases.together())
+            _deploy(run, (directories, outcome), (disks, disk_outcome), rendered,
+                    at_boot=True, together=leases.together())
         encdirs.raise_failures(outcome)
+        volumes.raise_failures(disk_outcome)
 
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
@@ -64,32 +67,40 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     secret-id (read from standard input by the CLI), re-provision first."""
     with Run.open(ctx, "refresh") as run, wakeup.scheduled(run):
         directories = encdirs.check(run)
+        disks = volumes.check(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
         if boot is None:
             renew_if_due(run, vault, token)
         with leasing.Session(run, vault, at_boot=False) as leases:
-            with encdirs.unlocking(run, vault, directories) as unlocked:
+            with (encdirs.unlocking(run, vault, directories) as unlocked,
+                  volumes.unlocking(run, vault, disks) as mounted):
                 rendered = read_and_render(run.config, vault, leases.prepare())
-            outcome = unlocked()
+            outcome, disk_outcome = unlocked(), mounted()
             encdirs.rewrap(run, vault, directories, outcome)
+            volumes.rewrap(run, vault, disks, disk_outcome)
             if not leases.active:
                 vault.close()
-            _deploy(run, directories, outcome, rendered, at_boot=False,
-                    together=leases.together())
+            _deploy(run, (directories, outcome), (disks, disk_outcome), rendered,
+                    at_boot=False, together=leases.together())
         encdirs.raise_failures(outcome)
+        volumes.raise_failures(disk_outcome)
 
 
 def _deploy(
-    run: Run, directories: tuple[encdirs.Prepared, ...], outcome: encdirs.Outcome,
-    rendered: Rendered, *, at_boot: bool, together: tuple[frozenset[str], ...],
+    run: Run, directories: tuple[tuple[encdirs.Prepared, ...], encdirs.Outcome],
+    disks: tuple[tuple[volumes.Prepared, ...], volumes.Outcome], rendered: Rendered, *,
+    at_boot: bool, together: tuple[frozenset[str], ...],
 ) -> None:
-    """Start (or restart) what can run: the units needing a directory that stays locked are
-    held back (the run then ends with that directory's exit code, raised by the caller once
-    the leases are settled)."""
-    reload = encdirs.settle(run, directories, outcome)
-    deploy(run, encdirs.hold_back(run.config, rendered, outcome), at_boot=at_boot,
-           reload=reload, together=together)
+    """Start (or restart) what can run: the units needing a directory that stays locked, or
+    a volume that is not mounted, are held back (the run then ends with that exit code,
+    raised by the caller once the leases are settled)."""
+    (prepared, outcome), (vols, mounted) = directories, disks
+    reload = encdirs.settle(run, prepared, outcome)
+    reload = volumes.settle(run, vols, mounted) or reload
+    held = volumes.hold_back(run.config, encdirs.hold_back(run.config, rendered, outcome),
+                             mounted)
+    deploy(run, held, at_boot=at_boot, reload=reload, together=together)
 
 
 def revoke_leases(ctx: Context) -> None:

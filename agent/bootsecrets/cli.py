@@ -27,10 +27,12 @@ commands:
   refresh       re-read secrets and restart only the units whose values changed; with
                 `--wrapped-secret-id -` re-provision from a new wrapped secret-id on stdin
   status        per unit: generation, secret paths and versions, active state; token TTL;
-                each encrypted directory: locked or unlocked, Transit key version
-  decommission  stop the units, lock the encrypted directories, delete their stored keys,
-                the rendered store and the runtime drop-ins, revoke the Vault token
-                every lease and certificate: expiry, next action and when
+                each encrypted directory: locked or unlocked, Transit key version; each
+                encrypted volume: open or closed, mounted, Transit key version; every lease
+                and certificate: expiry, next action and when
+  decommission  stop the units, revoke the leases, unmount, close and erase the encrypted
+                volumes, lock the encrypted directories, delete their stored keys, the
+                rendered store and the runtime drop-ins, revoke the Vault token
   revoke-leases revoke every lease the agent holds (database credentials), e.g. before a
                 droplet is destroyed; the units keep running on revoked credentials
   image-check   scan an image tree for secrets and unclean state before snapshotting
@@ -82,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     decommission = commands.add_parser(
         "decommission", parents=[common, locked],
         help="crypto-shred this host's side: lock data, delete keys, revoke the token",
-        description="Stop the units, remove the encrypted directories' keys from the "
+        description="Stop the units, unmount, close and erase the encrypted volumes "
+        "(their LUKS2 keyslots and tokens), remove the encrypted directories' keys from the "
         "kernel, delete the stored ciphertexts, the rendered store and the drop-ins, and "
         "revoke the Vault token. Each step is idempotent and reported.")
     decommission.add_argument("--yes", action="store_true",
@@ -223,8 +226,9 @@ def _confirm(stdin: TextIO) -> None:
     """Without --yes: ask on a terminal, refuse otherwise (a script must say --yes)."""
     if not stdin.isatty():
         raise UsageError("decommission needs --yes when standard input is not a terminal")
-    print("This stops the units, locks the encrypted directories for good (their stored "
-          "keys are deleted) and revokes this host's Vault token.\n"
+    print("This stops the units, erases the encrypted volumes' keyslots, locks the "
+          "encrypted directories for good (their stored keys are deleted) and revokes this "
+          "host's Vault token.\n"
           "Type `decommission` to go on:", file=sys.stderr)
     if stdin.readline(64).strip() != "decommission":
         raise UsageError("decommission not confirmed; nothing was done")

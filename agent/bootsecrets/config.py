@@ -24,6 +24,7 @@ from bootsecrets.leasespec import LeasedSpec, check_on_change, parse_leased, par
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
 from bootsecrets.templates import analyze
+from bootsecrets.volconfig import EncryptedVolume, parse_encrypted_volumes
 from bootsecrets.yamldoc import Node, parse_document, read_document
 
 #: systemd's unit-name grammar (unit_name_is_valid() in src/basic/unit-name.c), for the only
@@ -160,6 +161,8 @@ class Config:
     directories: tuple[EncryptedDirectory, ...] = ()
     #: The schedule of leased secrets (`leases:`).
     leases: Policy = dataclasses.field(default_factory=Policy)
+    #: LUKS2 block volumes opened with a data key from Vault's Transit engine (volconfig).
+    volumes: tuple[EncryptedVolume, ...] = ()
 
     @property
     def wrapping_creation_path(self) -> str:
@@ -251,7 +254,8 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
-CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories", "leases"})
+CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories",
+                             "encrypted_volumes", "leases"})
 #: Environment variables that override the image config, in order of precedence.
 ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
@@ -295,6 +299,9 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
     directories = parse_encrypted_directories(
         top["encrypted_directories"], [s.unit for s in services], role,
     ) if "encrypted_directories" in top else ()
+    volumes = parse_encrypted_volumes(
+        top["encrypted_volumes"], [s.unit for s in services], role, directories,
+    ) if "encrypted_volumes" in top else ()
     return Config(
         source=doc.source,
         vault=vault,
@@ -307,6 +314,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
         directories=directories,
         leases=parse_settings(top["leases"]) if "leases" in top else Policy(),
+        volumes=volumes,
     )
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from bootsecrets import luks
 from bootsecrets.config import Config, Service, load_config
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import BootsecretsError, ConfigError, LockBusy, UnitFailed
@@ -61,6 +62,9 @@ class Context:
     after_lookup: Callable[[], None] | None = None
     #: Called between the login and the reads (tests fail a Vault node over there).
     after_login: Callable[[], None] | None = None
+    #: Runs cryptsetup, blkid, mkfs and mount for encrypted volumes (stdin for keys); tests
+    #: swap in a stand-in where the host has no device-mapper.
+    block_runner: luks.Runner = luks.run
 
     def load_config(self) -> Config:
         return load_config(self.paths.config, env=self.env)

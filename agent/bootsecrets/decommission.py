@@ -1,20 +1,22 @@
 """`bootsecrets decommission`: the host's side of crypto-shredding.
 
-Six steps, in order, each idempotent; a step that fails does not stop the next, and each
+Nine steps, in order, each idempotent; a step that fails does not stop the next, and each
 says what it did:
 
 1. `stop-units`: stop every unit that gets secrets (`systemctl stop`), the refresh timer and
    the agent's own wake-up timer, so nothing renews or re-issues behind it;
 2. `revoke-leases`: revoke every lease kept in the store (database credentials),
-   synchronously — each role is dropped when Vault answers; revoking the token (step 6)
-   would revoke them too, but in the background;
-3. `lock-keys`: remove each encrypted directory's key from the kernel (all users' claims),
+   synchronously — each role is dropped when Vault answers; revoking the token (the last
+   step) would revoke them too, but in the background;
+3. `unmount-volumes`, `close-volumes`, `erase-volumes`: the encrypted volumes unmounted,
+   closed and their LUKS2 keyslots and tokens erased (voldecommission);
+4. `lock-keys`: remove each encrypted directory's key from the kernel (all users' claims),
    naming the processes that still hold files open in it (those files stay readable until
    closed: stop them and run it again);
-4. `remove-key-records`: delete the stored ciphertexts (/var/lib/bootsecrets/keys);
-5. `remove-store`: delete the rendered store (generations, state, unlock markers, leases,
+5. `remove-key-records`: delete the stored ciphertexts (/var/lib/bootsecrets/keys);
+6. `remove-store`: delete the rendered store (generations, state, unlock markers, leases,
    bootstrap) and the runtime drop-ins;
-6. `revoke-token`: `auth/token/revoke-self` with the kept token (its leases and child tokens
+7. `revoke-token`: `auth/token/revoke-self` with the kept token (its leases and child tokens
    go with it), then delete the token and identity files. A token that is already invalid
    counts as revoked; a revocation that fails keeps the token file, so running decommission
    again retries it, and prints the accessor to revoke it by hand.
@@ -34,7 +36,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bootsecrets import fscrypt, fsio, identity, keyrecord, leasestore, leasing
+from bootsecrets import (
+    blockdev,
+    fscrypt,
+    fsio,
+    identity,
+    keyrecord,
+    leasestore,
+    leasing,
+    voldecommission,
+)
 from bootsecrets.config import Config, RebootPolicy, VaultSettings, env_address
 from bootsecrets.context import Context
 from bootsecrets.encdirs import DROPIN_NAME as ENCRYPTED_DROPIN
@@ -77,6 +88,7 @@ class _Target:
     paths: Paths
     units: tuple[str, ...]
     directories: tuple[tuple[str, str], ...]  # (name, host path)
+    volumes: tuple[voldecommission.Target, ...] = ()
 
 
 def decommission(ctx: Context, *, wait: float) -> list[Step]:
@@ -88,6 +100,7 @@ def decommission(ctx: Context, *, wait: float) -> list[Step]:
         steps: list[Step] = [
             _guarded("stop-units", lambda: _stop_units(target, ctx)),
             _guarded("revoke-leases", lambda: _revoke_leases(target, ctx, kept)),
+            *_volume_steps(target, ctx),
             _guarded("lock-keys", lambda: _lock_keys(target)),
             _guarded("remove-key-records", lambda: _remove_records(target)),
             _guarded("remove-store", lambda: _remove_store(target, ctx)),
@@ -136,7 +149,24 @@ def _target(ctx: Context) -> _Target:
     else:
         state = State.from_json(Store(paths).load_state()) if paths.store.is_dir() else State()
         units = tuple(sorted(state.units))
-    return _Target(config, paths, units, tuple(sorted(directories.items())))
+    return _Target(config, paths, units, tuple(sorted(directories.items())),
+                   voldecommission.targets(config, paths))
+
+
+def _volume_steps(target: _Target, ctx: Context) -> list[Step]:
+    volumes, runner = target.volumes, ctx.block_runner
+    steps: dict[str, Callable[[], voldecommission.Result]] = {
+        "unmount-volumes": lambda: voldecommission.unmount(volumes, target.paths,
+                                                           ctx.systemctl(), runner),
+        "close-volumes": lambda: voldecommission.close(volumes, runner),
+        "erase-volumes": lambda: voldecommission.erase(volumes, target.paths, runner),
+    }
+    done = []
+    for name, step in steps.items():
+        def one(name: str = name, step: Callable[[], voldecommission.Result] = step) -> Step:
+            return Step(name, *step())
+        done.append(_guarded(name, one))
+    return done
 
 
 def _kept_token(target: _Target) -> identity.KeptToken | None:
@@ -254,7 +284,7 @@ def _remove_store(target: _Target, ctx: Context) -> Step:
                     removed.append(name)
     dropins = []
     for unit in target.units:
-        for file_name in (DROPIN_NAME, ENCRYPTED_DROPIN):
+        for file_name in (DROPIN_NAME, ENCRYPTED_DROPIN, blockdev.VOLUME_DROPIN):
             path = target.paths.dropin_root / f"{unit}.d" / file_name
             if os.path.lexists(path):
                 fsio.unlink_nofollow(root, path)

@@ -346,8 +346,85 @@ class DataKeyRejected(VaultError):
     summary = ("the stored key of encrypted data was rejected by Transit or is not the "
                "data's key: tampering (alert)")
     message_id = "e0ad47d1f8574517bb24b305fe590e35"
-    hint = ("someone altered or swapped the key record under /var/lib/bootsecrets/keys: "
-            "restore it from a backup and find out who wrote it")
+    hint = ("someone altered or swapped the stored key (a key record under "
+            "/var/lib/bootsecrets/keys, or the token in a volume's LUKS2 header): restore it "
+            "from a backup and find out who wrote it")
+
+
+# --- data at rest: encrypted volumes (one volume's failure; the others go on) -------------
+
+
+class VolumeMissing(BootsecretsError):
+    """The volume's device did not appear within its attach timeout."""
+
+    exit_code = 54
+    summary = ("an encrypted volume's device did not appear in time (not attached, or a wrong "
+               "device path); the units needing it stay down, the others start (alert)")
+    message_id = "828e10e321f54f25888badc6c71be618"
+    hint = ("attach the volume (Terraform: the droplet's volume_ids) or fix `device:` in the "
+            "image config; `bootsecrets refresh` then opens it and starts the units held back")
+
+
+class VolumeNotBlank(BootsecretsError):
+    """First use of a volume whose device holds something bootsecrets did not write."""
+
+    exit_code = 55
+    summary = ("refusing to format an encrypted volume: its device holds a filesystem, a "
+               "partition table, another LUKS header or data; left untouched (alert)")
+    message_id = "64bb98387183496d8a0288723f815bdf"
+    hint = ("nothing was changed: point `device:` at the right volume, or, if what is on it "
+            "is not needed, wipe it (`wipefs -a`, then zero its first MiB); see "
+            "docs/operations.md (data at rest)")
+
+
+class VolumeBlank(BootsecretsError):
+    """The device is blank and the config does not allow formatting it."""
+
+    exit_code = 56
+    summary = ("an encrypted volume's device is blank and the config says `format: never` "
+               "(alert)")
+    message_id = "72147c00798746e4834d52a736686aa3"
+    hint = ("attach the volume that holds the data, or set `format: if-blank` for a new "
+            "volume in the image config")
+
+
+class VolumeTokenInvalid(BootsecretsError):
+    """The LUKS2 header has no bootsecrets token, or one that is not what bootsecrets
+    writes."""
+
+    exit_code = 57
+    summary = ("an encrypted volume's LUKS2 header has no bootsecrets token, or an altered "
+               "one: tampering, or a first use cut short (alert)")
+    message_id = "cf97d789113d4e329395dd46c687d9de"
+    hint = ("nothing was changed: find out who wrote the header; restore it from a header "
+            "backup (`cryptsetup luksHeaderRestore`), or start the volume afresh "
+            "(docs/operations.md, data at rest)")
+
+
+class VolumeMismatch(BootsecretsError):
+    """Another volume than the one this host formatted, or one whose token names another
+    Transit key than the config."""
+
+    exit_code = 58
+    summary = ("another volume is attached than the one this host formatted (another LUKS "
+               "UUID, or blank where it was), or its token names another Transit key (alert)")
+    message_id = "337ff6cfad4a4a448e41b6bceb24befe"
+    hint = ("nothing was changed: attach the volume this host formatted; to adopt another "
+            "one on purpose, delete its record under /var/lib/bootsecrets/volumes "
+            "(docs/operations.md, data at rest)")
+
+
+class VolumeFailed(BootsecretsError):
+    """cryptsetup, mkfs or the mount failed (or device-mapper is out of reach)."""
+
+    exit_code = 59
+    summary = ("an encrypted volume could not be opened, formatted or mounted (cryptsetup, "
+               "mkfs or the mount failed, or device-mapper is out of bootsecrets' reach) "
+               "(alert)")
+    message_id = "56e50effe57b4399affcec349d6ed59a"
+    hint = ("the message names the command and its error; an image with volumes needs "
+            "systemd/encrypted-volumes.conf as a drop-in of bootsecrets.service and "
+            "bootsecrets-refresh.service (docs/operations.md, data at rest)")
 
 
 # --- systemd ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ _MAPPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,126}")
 _MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 _KEY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]*):[A-Za-z0-9+/]+={0,2}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 Stdin = bytes | bytearray | memoryview
 
@@ -173,11 +174,16 @@ def run(argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True) 
 # --- command lines ---------------------------------------------------------------------------
 
 
-def format_argv(device: Path) -> tuple[str, ...]:
+def format_argv(device: Path, uuid: str | None = None) -> tuple[str, ...]:
+    """`uuid`: the header's UUID, chosen by the caller (so that a record can name the
+    volume before its header exists)."""
+    if uuid is not None and not _UUID.fullmatch(uuid):
+        raise ValueError("a LUKS UUID is 36 lower-case hex digits and dashes")
     return (CRYPTSETUP, "luksFormat", "--batch-mode", "--type", "luks2",
             "--cipher", CIPHER, "--key-size", str(VOLUME_KEY_BITS),
             "--pbkdf", "pbkdf2", "--hash", "sha256",
             "--pbkdf-force-iterations", str(PBKDF2_MIN_ITERATIONS),
+            *(("--uuid", uuid) if uuid is not None else ()),
             "--key-slot", str(KEYSLOT), "--key-file=-", str(device))
 
 
@@ -427,7 +433,7 @@ def require_blank(device: Path, runner: Runner = run) -> Blankness:
 
 
 def format_volume(device: Path, key: bytearray | memoryview, token: TransitToken,
-                  runner: Runner = run) -> LuksHeader:
+                  runner: Runner = run, *, uuid: str | None = None) -> LuksHeader:
     """First use: refuse unless the device is provably blank, then luksFormat (LUKS2,
     keyslot 0 with `key` as its passphrase, PBKDF2 at the minimum), import the token and
     read the header back to check both are there. The caller runs mkfs on the opened
@@ -439,7 +445,7 @@ def format_volume(device: Path, key: bytearray | memoryview, token: TransitToken
     view = _key_view(key)
     try:
         require_blank(device, runner)
-        _cryptsetup(runner, format_argv(device), device, stdin=view)
+        _cryptsetup(runner, format_argv(device, uuid), device, stdin=view)
     finally:
         view.release()
     log.info("LUKS2 header written on %s", device)

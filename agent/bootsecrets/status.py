@@ -13,7 +13,7 @@ import datetime
 import json
 from typing import Any
 
-from bootsecrets import dirstatus
+from bootsecrets import dirstatus, volstatus
 from bootsecrets.config import Config, RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.identity import load_token
@@ -73,6 +73,7 @@ def collect(ctx: Context) -> dict[str, Any]:
         "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
         "directories": dirstatus.collect(config, store.paths),
+        "volumes": volstatus.collect(config, store.paths, ctx.block_runner),
         "leases": _leases(config, state, ctx.clock()),
         "wakeup_at": state.wakeup_at,
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
@@ -148,6 +149,7 @@ def format_text(report: dict[str, Any]) -> str:
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
     lines.extend(dirstatus.format_line(d) for d in report["directories"])
+    lines.extend(volstatus.format_line(v) for v in report["volumes"])
     for lease in report["leases"]:
         now = "" if lease["action"] == "none" else f"{lease['action']} now ({lease['reason']}); "
         notes = f" [{', '.join(lease['notes'])}]" if lease["notes"] else ""

@@ -24,3 +24,14 @@ variable "transit_key" {
     error_message = "transit_key must be one Transit key name (letters, digits, _.@=+-), not a path."
   }
 }
+
+variable "volume_transit_keys" {
+  description = "Transit keys of the droplet's encrypted volumes (one per volume: its LUKS2 keyslot's data key is wrapped by it), granted the same three paths as transit_key."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for key in var.volume_transit_keys : can(regex("^[A-Za-z0-9_.@=+-]+$", key))])
+    error_message = "volume_transit_keys must be Transit key names (letters, digits, _.@=+-), not paths."
+  }
+}
