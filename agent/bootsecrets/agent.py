@@ -38,27 +38,16 @@ __all__ = ["Context", "bootstrap", "read_and_render", "refresh", "revoke_leases"
 
 
 def bootstrap(ctx: Context) -> None:
-    """First boot (or a reboot under persist-token): log in, unlock the encrypted
-    directories, issue or take up leased secrets, render, start the units."""
+    """First boot (or a reboot under persist-token): log in, unlock the encrypted data,
+    issue or take up leased secrets, render, start the units."""
     with Run.open(ctx, "bootstrap") as run, wakeup.scheduled(run):
-        directories = encdirs.check(run)
-        disks = volumes.check(run)
+        data = _check_data(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
         if ctx.after_login is not None:
             ctx.after_login()
-        with leasing.Session(run, vault, at_boot=True) as leases:
-            with (encdirs.unlocking(run, vault, directories) as unlocked,
-                  volumes.unlocking(run, vault, disks) as mounted):
-                rendered = read_and_render(run.config, vault, leases.prepare())
-            outcome, disk_outcome = unlocked(), mounted()
-            if not leases.active:
-                vault.close()
-            _deploy(run, (directories, outcome), (disks, disk_outcome), rendered,
-                    at_boot=True, together=leases.together())
-        encdirs.raise_failures(outcome)
-        volumes.raise_failures(disk_outcome)
+        _render_and_deploy(run, vault, data, at_boot=True)
 
 
 def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
@@ -66,41 +55,45 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     secrets that are due; rewrap the data keys whose Transit key moved. With a wrapped
     secret-id (read from standard input by the CLI), re-provision first."""
     with Run.open(ctx, "refresh") as run, wakeup.scheduled(run):
-        directories = encdirs.check(run)
-        disks = volumes.check(run)
+        data = _check_data(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
         if boot is None:
             renew_if_due(run, vault, token)
-        with leasing.Session(run, vault, at_boot=False) as leases:
-            with (encdirs.unlocking(run, vault, directories) as unlocked,
-                  volumes.unlocking(run, vault, disks) as mounted):
-                rendered = read_and_render(run.config, vault, leases.prepare())
-            outcome, disk_outcome = unlocked(), mounted()
+        _render_and_deploy(run, vault, data, at_boot=False)
+
+
+_Data = tuple[tuple[encdirs.Prepared, ...], tuple[volumes.Prepared, ...]]
+
+
+def _check_data(run: Run) -> _Data:
+    """The encrypted directories and volumes, checked before anything is spent."""
+    return encdirs.check(run), volumes.check(run)
+
+
+def _render_and_deploy(run: Run, vault: Vault, data: _Data, *, at_boot: bool) -> None:
+    """Unlock the data while the secrets are read (leased ones issued or taken up), then
+    start (or restart) what can run: the units needing a directory that stays locked, or a
+    volume that is not mounted, are held back, and the run ends with that exit code once
+    the leases are settled."""
+    directories, disks = data
+    with leasing.Session(run, vault, at_boot=at_boot) as leases:
+        with (encdirs.unlocking(run, vault, directories) as unlocked,
+              volumes.unlocking(run, vault, disks) as mounted):
+            rendered = read_and_render(run.config, vault, leases.prepare())
+        outcome, disk_outcome = unlocked(), mounted()
+        if not at_boot:
             encdirs.rewrap(run, vault, directories, outcome)
             volumes.rewrap(run, vault, disks, disk_outcome)
-            if not leases.active:
-                vault.close()
-            _deploy(run, (directories, outcome), (disks, disk_outcome), rendered,
-                    at_boot=False, together=leases.together())
-        encdirs.raise_failures(outcome)
-        volumes.raise_failures(disk_outcome)
-
-
-def _deploy(
-    run: Run, directories: tuple[tuple[encdirs.Prepared, ...], encdirs.Outcome],
-    disks: tuple[tuple[volumes.Prepared, ...], volumes.Outcome], rendered: Rendered, *,
-    at_boot: bool, together: tuple[frozenset[str], ...],
-) -> None:
-    """Start (or restart) what can run: the units needing a directory that stays locked, or
-    a volume that is not mounted, are held back (the run then ends with that exit code,
-    raised by the caller once the leases are settled)."""
-    (prepared, outcome), (vols, mounted) = directories, disks
-    reload = encdirs.settle(run, prepared, outcome)
-    reload = volumes.settle(run, vols, mounted) or reload
-    held = volumes.hold_back(run.config, encdirs.hold_back(run.config, rendered, outcome),
-                             mounted)
-    deploy(run, held, at_boot=at_boot, reload=reload, together=together)
+        if not leases.active:
+            vault.close()
+        reload = encdirs.settle(run, directories, outcome)
+        reload = volumes.settle(run, disks, disk_outcome) or reload
+        held = volumes.hold_back(
+            run.config, encdirs.hold_back(run.config, rendered, outcome), disk_outcome)
+        deploy(run, held, at_boot=at_boot, reload=reload, together=leases.together())
+    encdirs.raise_failures(outcome)
+    volumes.raise_failures(disk_outcome)
 
 
 def revoke_leases(ctx: Context) -> None:
