@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bootsecrets.config import load_bootstrap
+from bootsecrets.bootstrapfile import load_bootstrap
 from bootsecrets.errors import BootstrapError
 from support.terraform import REPO, render_template, render_user_data
 

@@ -10,7 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootsecrets.config import Config, parse_bootstrap, parse_config
+from bootsecrets.bootstrapfile import parse_bootstrap
+from bootsecrets.config import Config, parse_config
 from bootsecrets.errors import BootstrapError, ConfigError
 
 VALID: dict[str, Any] = {

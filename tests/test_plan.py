@@ -7,16 +7,10 @@ import dataclasses
 
 import pytest
 
-from bootsecrets.config import (
-    Config,
-    OnChange,
-    RebootPolicy,
-    Service,
-    Template,
-    VaultSettings,
-)
+from bootsecrets.config import Config, OnChange, RebootPolicy, Service, Template
 from bootsecrets.model import Rendered, RenderedUnit, UnitBytes
 from bootsecrets.plan import NOTHING, RefreshPlan, plan_refresh
+from bootsecrets.vaultconfig import VaultSettings
 
 A, B, C = "a.service", "b.service", "c.service"
 OLD, NEW = b'X="old"\n', b'X="new"\n'

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bootsecrets.config import load_bootstrap
+from bootsecrets.bootstrapfile import load_bootstrap
 from support.terraform import (
     MODULE,
     REPO,

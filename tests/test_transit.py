@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bootsecrets import transit
-from bootsecrets.config import VaultSettings
 from bootsecrets.errors import DataKeyRejected, DataLocked, TransitKeyMissing, VaultError
 from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vaultconfig import VaultSettings
 from support.openbao import CANARIES, OpenBao
 from support.transit import create_key, delete_key, droplet_policy, rotate
 

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bootsecrets.config import VaultSettings
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.vault import Vault
+from bootsecrets.vaultconfig import VaultSettings
 from conftest import Sandbox
 from support.openbao import OpenBao
 from support.world import World

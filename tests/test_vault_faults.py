@@ -11,7 +11,7 @@ import requests
 import responses
 import urllib3.exceptions
 
-from bootsecrets.config import Engine, SecretRef, VaultSettings
+from bootsecrets.config import Engine, SecretRef
 from bootsecrets.errors import (
     PermissionDenied,
     ResponseLost,
@@ -20,6 +20,7 @@ from bootsecrets.errors import (
     WrappingTokenInvalid,
 )
 from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vaultconfig import VaultSettings
 
 A = "http://vault-a.invalid:8200"
 B = "http://vault-b.invalid:8200"

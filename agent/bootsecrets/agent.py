@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from bootsecrets import encdirs, identity, leasing, volumes, wakeup
-from bootsecrets.config import (
+from bootsecrets.bootstrapfile import (
     Bootstrap,
-    Config,
     load_bootstrap,
     parse_bootstrap,
     parse_wrapped_secret_id,
 )
+from bootsecrets.config import Config
 from bootsecrets.context import Context, Run
 from bootsecrets.deploy import deploy
 from bootsecrets.errors import BootsecretsError, BootstrapError

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
@@ -18,12 +17,13 @@ import yaml
 
 from bootsecrets.dirconfig import EncryptedDirectory, parse_encrypted_directories
 from bootsecrets.envfile import ENV_NAME, PROTECTED_PREFIXES
-from bootsecrets.errors import BootstrapError, ConfigError
+from bootsecrets.errors import ConfigError
 from bootsecrets.leases import Policy
 from bootsecrets.leasespec import LeasedSpec, check_on_change, parse_leased, parse_settings
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
 from bootsecrets.templates import analyze
+from bootsecrets.vaultconfig import VaultSettings, absolute_path, parse_vault_settings
 from bootsecrets.volconfig import EncryptedVolume, parse_encrypted_volumes
 from bootsecrets.yamldoc import Node, parse_document, read_document
 
@@ -40,7 +40,6 @@ CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
-TOKEN_SHAPE = re.compile(r"[\x21-\x7e]{1,1024}\Z")
 
 
 class Engine(enum.Enum):
@@ -136,17 +135,6 @@ class Service:
 
 
 @dataclasses.dataclass(frozen=True)
-class VaultSettings:
-    addresses: tuple[str, ...]
-    ca_cert: Path | None = None
-    namespace: str | None = None
-    request_timeout: float = 10.0
-    boot_deadline: float = 300.0
-    #: VAULT_ADDR/BAO_ADDR replaced the configured addresses (and a user-data address).
-    address_from_env: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     source: str
     vault: VaultSettings
@@ -184,80 +172,11 @@ class Config:
         return tuple(s.unit for s in self.services if secret in s.secrets)
 
 
-@dataclasses.dataclass(frozen=True)
-class Bootstrap:
-    """What user-data delivers. `repr` hides the wrapped secret-id."""
-
-    role_id: str = dataclasses.field(repr=False)
-    wrapped_secret_id: str = dataclasses.field(repr=False)
-    vault_addr: str | None = None
-
-
-# --- bootstrap ----------------------------------------------------------------------------
-
-BOOTSTRAP_FIELDS = frozenset({"role_id", "wrapped_secret_id"})
-
-
-def parse_address(at: Node) -> str:
-    return _address(at, at.string())
-
-
-def _address(at: Node, value: str) -> str:
-    try:
-        parsed = urllib.parse.urlsplit(value)
-        port = parsed.port
-    except ValueError:
-        raise at.error("must be a URL like https://vault.example.com:8200") from None
-    if parsed.scheme not in ("https", "http"):
-        raise at.error("must start with https:// (or http:// for a loopback test server)")
-    if not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.fragment:
-        raise at.error("must be scheme://host[:port] with no path")
-    if parsed.username or parsed.password:
-        raise at.error("must not carry credentials")
-    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
-        raise at.error("must be printable ASCII without spaces")
-    del port
-    return value.rstrip("/")
-
-
-def load_bootstrap(path: Path) -> Bootstrap:
-    """The user-data bootstrap file: role_id, wrapped_secret_id, optional vault_addr.
-    Never read through a symlink: the single-use token must be in the store, where the
-    agent deletes it."""
-    return _bootstrap(read_document(path, BootstrapError, follow_symlinks=False))
-
-
-def parse_bootstrap(data: bytes, source: str = "<stdin>") -> Bootstrap:
-    """A bootstrap document given on standard input (`refresh --wrapped-secret-id -`)."""
-    return _bootstrap(parse_document(data, source, BootstrapError))
-
-
-def _bootstrap(doc: Node) -> Bootstrap:
-    fields = doc.mapping(BOOTSTRAP_FIELDS, frozenset({"vault_addr"}))
-    tokens = {
-        key: fields[key].matching(TOKEN_SHAPE, "a token: printable ASCII, no spaces, <= 1024 bytes")
-        for key in sorted(BOOTSTRAP_FIELDS)
-    }
-    addr = parse_address(fields["vault_addr"]) if "vault_addr" in fields else None
-    return Bootstrap(tokens["role_id"], tokens["wrapped_secret_id"], addr)
-
-
-def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
-    """A wrapped secret-id given on standard input (one line, surrounding space ignored)."""
-    token = text.strip()
-    if not TOKEN_SHAPE.match(token):
-        raise BootstrapError(source, None, "wrapped_secret_id",
-                             "must be one token: printable ASCII, no spaces, <= 1024 bytes")
-    return token
-
-
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
 CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories",
                              "encrypted_volumes", "leases"})
-#: Environment variables that override the image config, in order of precedence.
-ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 
 
 def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
@@ -274,7 +193,7 @@ def parse_config(
 
 def _config(doc: Node, env: Mapping[str, str]) -> Config:
     top = doc.mapping(CONFIG_FIELDS, CONFIG_OPTIONAL)
-    vault = _vault_settings(top["vault"], env)
+    vault = parse_vault_settings(top["vault"], env)
     approle = top["approle"].mapping(frozenset({"role"}), frozenset({"mount"}))
     approle_mount = (
         _mount_name(approle["mount"], approle["mount"].string()) if "mount" in approle
@@ -325,21 +244,11 @@ def _mount_name(at: Node, value: str) -> str:
     return value
 
 
-def _absolute_path(at: Node) -> Path:
-    value = at.string()
-    path = PurePosixPath(value)
-    if not path.is_absolute() or ".." in path.parts:
-        raise at.error("must be an absolute path without `..`")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise at.error("must not contain control characters")
-    return Path(value)
-
-
 def _store_path(at: Node) -> Path:
     """The store goes into every unit's drop-in (EnvironmentFile=, LoadCredential=): no
     control character (it would start a new directive) and no `%` (a specifier); the
     drop-in writer escapes the rest as systemd reads it back."""
-    path, raw = _absolute_path(at), at.string()
+    path, raw = absolute_path(at), at.string()
     if "%" in raw:
         raise at.error("must not contain `%` (a systemd specifier)")
     if raw != str(PurePosixPath(raw)) or raw.endswith(" "):
@@ -347,65 +256,6 @@ def _store_path(at: Node) -> Path:
     if not path.is_relative_to("/run") or path == Path("/run"):
         raise at.error("must be a directory under /run (memory-only)")
     return path
-
-
-def _vault_settings(at: Node, env: Mapping[str, str]) -> VaultSettings:
-    fields = at.mapping(
-        frozenset(),
-        frozenset({"address", "addresses", "ca_cert", "namespace", "request_timeout",
-                   "boot_deadline"}),
-    )
-    addresses: tuple[str, ...]
-    if "address" in fields and "addresses" in fields:
-        raise fields["addresses"].error("give either `address` or `addresses`, not both")
-    if "address" in fields:
-        addresses = (parse_address(fields["address"]),)
-    elif "addresses" in fields:
-        addresses = tuple(parse_address(a) for a in fields["addresses"].sequence())
-        if not addresses:
-            raise fields["addresses"].error("must list at least one address")
-    else:
-        addresses = ()
-    override = env_address(env)
-    if override is not None:
-        addresses = (override,)
-    ca_cert = _absolute_path(fields["ca_cert"]) if "ca_cert" in fields else None
-    if env.get("VAULT_CACERT"):
-        ca_cert = Path(env["VAULT_CACERT"])
-    namespace = fields["namespace"].string() if "namespace" in fields else None
-    if env.get("VAULT_NAMESPACE"):
-        namespace = env["VAULT_NAMESPACE"]
-    return VaultSettings(
-        addresses=addresses,
-        ca_cert=ca_cert,
-        namespace=namespace,
-        request_timeout=(
-            fields["request_timeout"].seconds(positive=True) if "request_timeout" in fields
-            else 10.0
-        ),
-        boot_deadline=(
-            fields["boot_deadline"].seconds(positive=True) if "boot_deadline" in fields
-            else 300.0
-        ),
-        address_from_env=override is not None,
-    )
-
-
-def env_address(env: Mapping[str, str]) -> str | None:
-    """The Vault address the environment sets (VAULT_ADDR, else BAO_ADDR), validated."""
-    for variable in ADDRESS_VARIABLES:
-        value = env.get(variable)
-        if value:
-            node = Node("environment", yaml_scalar(variable), variable)
-            return _address(node, value)
-    return None
-
-
-def yaml_scalar(name: str) -> yaml.ScalarNode:
-    """A string node standing for a value from outside a document (line 0 of `name`)."""
-    node = yaml.ScalarNode("tag:yaml.org,2002:str", "")
-    node.start_mark = yaml.Mark(name, 0, -1, 0, None, None)  # type: ignore[arg-type]
-    return node
 
 
 def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:

@@ -46,7 +46,7 @@ from bootsecrets import (
     leasing,
     voldecommission,
 )
-from bootsecrets.config import Config, RebootPolicy, VaultSettings, env_address
+from bootsecrets.config import Config, RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.encdirs import DROPIN_NAME as ENCRYPTED_DROPIN
 from bootsecrets.errors import (
@@ -59,6 +59,7 @@ from bootsecrets.errors import (
 from bootsecrets.paths import DEFAULT_STORE, DROPIN_NAME, Paths
 from bootsecrets.state import State
 from bootsecrets.store import Store
+from bootsecrets.vaultconfig import VaultSettings, env_address
 
 if TYPE_CHECKING:
     from bootsecrets.vault import Vault

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bootsecrets import identity, logs
-from bootsecrets.config import Bootstrap
+from bootsecrets.bootstrapfile import Bootstrap
 from bootsecrets.context import Run
 from bootsecrets.errors import (
     LoginDenied,

@@ -21,7 +21,7 @@ import hvac
 import hvac.exceptions
 import requests
 
-from bootsecrets.config import Engine, SecretRef, VaultSettings
+from bootsecrets.config import Engine, SecretRef
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.connect.failover import CALLER_MAPS, Failover, vault_errors
 from bootsecrets.connect.transport import Adapter, session_for
@@ -42,6 +42,7 @@ from bootsecrets.errors import (
 from bootsecrets.fsio import read_regular_file
 from bootsecrets.fsread import FileRefused
 from bootsecrets.model import LeaseGrant, SecretData
+from bootsecrets.vaultconfig import VaultSettings
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

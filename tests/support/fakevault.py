@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bootsecrets.config import Engine, SecretRef, VaultSettings
+from bootsecrets.config import Engine, SecretRef
 from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vaultconfig import VaultSettings
 from support.fakehttp import Handler, Reply, Request
 from support.openbao import CANARIES
 
