@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """bootsecrets against `bao agent` on the same first-boot job, side by side in one run.
 
-    python benchmarks/run.py           # full run (~8-12 min on 2 cores, as root); rewrites
+    python benchmarks/run.py           # full run (~5-8 min on 2 cores, as root); rewrites
                                        # the generated block of docs/performance.md
-    python benchmarks/run.py --quick   # fewer runs, smaller herd (~3-4 min); prints only
+    python benchmarks/run.py --quick   # fewer runs, smaller herd (~2-3 min); prints only
 
 What it does (everything on 127.0.0.1, every wait bounded, everything cleaned up):
 
@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="3 runs each, a herd of 50, a 60 s lease hour, no doc update (3-4 minutes)",
+        help="3 runs each, a herd of 50, a 60 s lease hour, no doc update (2-3 minutes)",
     )
     parser.add_argument("--runs", type=int, help="measured runs per agent and scenario")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up pairs per scenario")

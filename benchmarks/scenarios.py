@@ -33,15 +33,8 @@ RUN_TIMEOUT = 60.0  # one agent run
 AUDIT_SETTLE = 0.1  # after a child exits, before reading the audit log (not timed)
 #: systemctl verbs that would restart, reload, start or stop a unit.
 RESTARTING = frozenset(
-    {
-        "restart",
-        "try-restart",
-        "reload",
-        "try-reload-or-restart",
-        "reload-or-restart",
-        "start",
-        "stop",
-    }
+    {"restart", "try-restart", "reload", "try-reload-or-restart", "reload-or-restart"}
+    | {"start", "stop"}
 )
 
 
