@@ -202,12 +202,15 @@ def reaped(proc: subprocess.Popen[bytes], status: int) -> int:
 # the process's ru_maxrss, and a child spawned by this harness (vfork/fork) starts out in the
 # harness's ~35 MiB address space. So every agent is started by a tiny launcher (`python -S`,
 # a few MiB), which posix_spawn()s it, times it, and reports the agent's own wait4() rusage.
+# The launcher ignores SIGTERM (the agent gets it back at its default), so a SIGTERM to the
+# process group stops a long-running agent and still gets its report.
 LAUNCHER = """
-import os, sys, time
+import os, signal, sys, time
 out = int(sys.argv[1])
 argv = sys.argv[2:]
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 started = time.perf_counter()
-pid = os.posix_spawn(argv[0], argv, os.environ)
+pid = os.posix_spawn(argv[0], argv, os.environ, setsigdef=(signal.SIGTERM,))
 _, status, ru = os.wait4(pid, 0)
 wall = time.perf_counter() - started
 os.write(out, ("%d %.6f %d %.6f" % (os.waitstatus_to_exitcode(status), wall, ru.ru_maxrss,
@@ -215,42 +218,72 @@ os.write(out, ("%d %.6f %d %.6f" % (os.waitstatus_to_exitcode(status), wall, ru.
 """
 
 
+class Running:
+    """One child started through the launcher; `wait()` (or `stop()`) gives its Exit."""
+
+    def __init__(self, argv: Sequence[str], *, env: dict[str, str], log: Path) -> None:
+        self.name = Path(argv[0]).name
+        self.log = log
+        self._read, write_end = os.pipe()
+        try:
+            with log.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-S", "-E", "-c", LAUNCHER, str(write_end), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    pass_fds=(write_end,),
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(self._read)
+            raise
+        finally:
+            os.close(write_end)
+        track(self.proc)
+        _GROUPS.add(self.proc.pid)
+
+    def wait(self, timeout: float) -> Exit:
+        """Wait for the child to exit by itself (killed, and BenchError, after `timeout`)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill(self.proc)
+            self._close()
+            raise BenchError(f"{self.name} did not finish in {timeout:.0f}s") from None
+        return self._report()
+
+    def stop(self, grace: float = 10.0) -> Exit:
+        """SIGTERM to the child (the launcher stays to report it), SIGKILL after `grace`."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.wait(grace)
+
+    def _close(self) -> None:
+        _LIVE.pop(self.proc.pid, None)
+        _GROUPS.discard(self.proc.pid)
+        if self._read >= 0:
+            os.close(self._read)
+            self._read = -1
+
+    def _report(self) -> Exit:
+        try:
+            report = os.read(self._read, 4096).split()
+        finally:
+            self._close()
+        if self.proc.returncode != 0 or len(report) != 4:
+            raise BenchError(
+                f"launcher for {self.name} failed ({self.proc.returncode}); see {self.log}"
+            )
+        code, wall, rss, cpu = report
+        return Exit(int(code), float(wall), int(rss), float(cpu))
+
+
 def measure(argv: Sequence[str], *, env: dict[str, str], log: Path, timeout: float) -> Exit:
     """Run one child to completion: exit code, wall from its spawn to its exit, its own peak
     RSS and CPU time (see LAUNCHER). argv[0] must be an absolute path."""
-    read_end, write_end = os.pipe()
-    try:
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-S", "-E", "-c", LAUNCHER, str(write_end), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=(write_end,),
-                start_new_session=True,
-            )
-        track(proc)
-        _GROUPS.add(proc.pid)
-        os.close(write_end)
-        write_end = -1
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill(proc)
-            raise BenchError(f"{Path(argv[0]).name} did not finish in {timeout:.0f}s") from None
-        finally:
-            _LIVE.pop(proc.pid, None)
-            _GROUPS.discard(proc.pid)
-        report = os.read(read_end, 4096).split()
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    if proc.returncode != 0 or len(report) != 4:
-        raise BenchError(f"launcher for {Path(argv[0]).name} failed ({proc.returncode}); see {log}")
-    code, wall, rss, cpu = report
-    return Exit(int(code), float(wall), int(rss), float(cpu))
+    return Running(argv, env=env, log=log).wait(timeout)
 
 
 def kill(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """bootsecrets against `bao agent` on the same first-boot job, side by side in one run.
 
-    python benchmarks/run.py           # full run (~5-8 min on 2 cores); rewrites the
-                                       # generated block of docs/performance.md
-    python benchmarks/run.py --quick   # fewer runs, smaller herd (~1-2 min); prints only
+    python benchmarks/run.py           # full run (~5-8 min on 2 cores, as root); rewrites
+                                       # the generated block of docs/performance.md
+    python benchmarks/run.py --quick   # fewer runs, smaller herd (~2-3 min); prints only
 
 What it does (everything on 127.0.0.1, every wait bounded, everything cleaned up):
 
@@ -29,17 +29,26 @@ What it does (everything on 127.0.0.1, every wait bounded, everything cleaned up
 * checks every rendered file of both agents against the values written to OpenBao;
 * then: the 5x20 job through a latency-injecting TCP proxy (20 ms each way per chunk, plus one
   round trip for each new connection, standing in for the TCP handshake); a no-op
-  `bootsecrets refresh`; and a herd of agents bootstrapping at once against the one server.
+  `bootsecrets refresh`; and a herd of agents bootstrapping at once against the one server;
+* leases (issue 15): one database credential (a real PostgreSQL, OpenBao's database engine)
+  and one certificate (OpenBao's PKI engine) with the same templates for both agents: their
+  bootstraps side by side, then a simulated hour (TTLs of seconds) with `bao agent` running
+  as a daemon and ours refreshed whenever its wake-up timer would fire, requests by kind;
+* unlock (issue 13): the 5x20 bootstrap with 0, 1 and 4 fscrypt directories (first use and
+  a second boot) on an ext4 with `encrypt` on a loop device (needs root), on loopback and
+  over the 40 ms link; ours only, bao agent has no equivalent.
 
 Exit status: 0 when every run succeeded and our request count met the target (lookup +
-unwrap + login + one read per distinct path, and never more than bao agent); 1 otherwise.
+unwrap + login + one read per distinct path, or one issue per leased secret, and never more
+than bao agent) and a refresh with nothing due made no lease call; 1 otherwise.
 Timing and memory targets are reported, not enforced (figures live in a benchmark, never in a
 timed test).
 
 Modules: harness.py (installing our agent, measuring one child, stopping every child),
-proxy.py (the latency proxy), scenarios.py (the jobs, both agents' runs, refresh, herd,
-start-up cost), report.py (the Markdown report and docs/performance.md's generated block);
-this file parses the options and runs the parts in order.
+proxy.py (the latency proxy), scenarios.py (the jobs, both agents' runs, the no-op refresh),
+herd.py, startup.py (start-up cost), leasejob.py and leases.py (the leases part), unlock.py,
+report.py and reportparts.py (the Markdown report and docs/performance.md's generated
+block); this file parses the options and runs the parts in order.
 """
 
 from __future__ import annotations
@@ -58,12 +67,17 @@ from pathlib import Path
 from types import FrameType
 
 from bootsecrets_dev.openbao import OpenBao, dev_server
+from bootsecrets_dev.postgres import postgres_server
 from harness import REPO, BenchError, OursInstall, install_like_image, installed_here, kill_all_live
+from herd import Herd
+from leases import run_leases
 from report import Results, Setting, build_report, machine, write_doc
-from scenarios import Bench, Scenario, setup_approle, startup_costs
+from scenarios import Bench, Scenario, setup_approle
+from startup import startup_costs
+from unlock import run_unlock
 
 DOC = REPO / "docs" / "performance.md"
-PARTS = ("1x3", "5x20", "20x100", "5x20-rtt40", "refresh", "herd", "startup")
+PARTS = ("1x3", "5x20", "20x100", "5x20-rtt40", "refresh", "herd", "startup", "leases", "unlock")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,7 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="3 runs each, a herd of 50, no doc update (about 1-2 minutes)",
+        help="3 runs each, a herd of 50, a 60 s lease hour, no doc update (2-3 minutes)",
     )
     parser.add_argument("--runs", type=int, help="measured runs per agent and scenario")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up pairs per scenario")
@@ -87,6 +101,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=2 * (os.cpu_count() or 1),
         help="herd agents importing at once before the gate (default 2/core)",
+    )
+    parser.add_argument(
+        "--lease-hour",
+        type=float,
+        help="real seconds of the leases part's simulated hour (default 120; 60 with --quick)",
     )
     parser.add_argument(
         "--only",
@@ -115,10 +134,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.startup_repeats = 5 if args.quick else 9
     if args.herd is None:
         args.herd = 50 if args.quick else 200
+    if args.lease_hour is None:
+        args.lease_hour = 60.0 if args.quick else 120.0
     if args.quick:
         args.no_doc = True
-    if args.runs < 1 or args.herd < 0:
-        parser.error("--runs must be >= 1 and --herd >= 0")
+    if args.runs < 1 or args.herd < 0 or args.lease_hour < 30:
+        parser.error("--runs must be >= 1, --herd >= 0 and --lease-hour >= 30")
     return args
 
 
@@ -147,16 +168,37 @@ def run_parts(
     herd_sc = Scenario("herd", "5 units x 20 secrets", 5, 20)
     for sc in [*results.scenarios, refresh_sc, herd_sc]:
         sc.prepare(bao)
-    if not only or "startup" in only:
-        print("start-up cost ...", flush=True)
+    wanted = {part: not only or part in only for part in PARTS}
+
+    def start(part: str, what: str) -> None:
+        results.loads[part] = os.getloadavg()[0]
+        print(f"{what} ...", flush=True)
+
+    if wanted["startup"]:
+        start("startup", "start-up cost")
         results.startup = startup_costs(ours, args.startup_repeats)
     for sc in results.scenarios:
+        results.loads[sc.key] = os.getloadavg()[0]
         results.compared[sc.key] = bench.compare(sc, args.runs, args.warmup)
-    if not only or "refresh" in only:
+    if wanted["refresh"]:
+        start("refresh", "no-op refresh")
         results.refresh = bench.refresh_noop(refresh_sc, args.runs)
-    if (not only or "herd" in only) and args.herd:
-        print(f"herd of {args.herd} ...", flush=True)
-        results.herd = bench.herd(herd_sc, args.herd, args.herd_timeout, args.herd_slots)
+    if wanted["herd"] and args.herd:
+        start("herd", f"herd of {args.herd}")
+        results.herd = Herd(bench, herd_sc, args.herd, args.herd_timeout, args.herd_slots).run()
+    if wanted["leases"]:
+        start("leases", "leased secrets: PostgreSQL and PKI")
+        try:  # RuntimeError: PostgreSQL missing
+            with postgres_server() as pg:
+                results.leases = run_leases(bench, pg, args.lease_hour, args.runs, args.warmup)
+        except (BenchError, RuntimeError) as err:
+            bench.failures.append(f"leases: {err}")
+    if wanted["unlock"]:
+        start("unlock", "encrypted directories: ext4 with `encrypt` on a loop device")
+        try:  # RuntimeError: not root, or mkfs.ext4/losetup missing
+            results.unlock = run_unlock(bench, args.runs, args.warmup)
+        except (BenchError, RuntimeError) as err:
+            bench.failures.append(f"unlock: {err}")
     results.failures.extend(bench.failures)
 
 
@@ -177,6 +219,23 @@ def check_requests(args: argparse.Namespace, results: Results) -> None:
                     f"{sc.key}: ours made {o} requests; target <= "
                     f"{sc.min_requests} and <= bao's {b}"
                 )
+    leases = results.leases
+    if leases is not None:
+        for agent in ("ours", "bao"):
+            if len(leases.bootstrap.get(agent, [])) < args.runs:
+                results.failures.append(
+                    f"leases: {agent} has only {len(leases.bootstrap.get(agent, []))} bootstraps"
+                )
+        ours, bao = leases.bootstrap.get("ours"), leases.bootstrap.get("bao")
+        if ours and bao:
+            o, b = max(r.requests for r in ours), min(r.requests for r in bao)
+            if o > min(5, b):
+                results.failures.append(
+                    f"leases: ours made {o} requests at bootstrap; target <= 5 and <= bao's {b}"
+                )
+    for cell in results.unlock.cells if results.unlock else []:
+        if len(cell.runs) < args.runs:
+            results.failures.append(f"unlock {cell.link} {cell.title}: only {len(cell.runs)} runs")
 
 
 def write_json(path: Path, results: Results) -> None:
@@ -188,6 +247,8 @@ def write_json(path: Path, results: Results) -> None:
         "refresh": dataclasses.asdict(results.refresh) if results.refresh else None,
         "herd": dataclasses.asdict(results.herd) if results.herd else None,
         "startup": dataclasses.asdict(results.startup) if results.startup else None,
+        "leases": dataclasses.asdict(results.leases) if results.leases else None,
+        "unlock": dataclasses.asdict(results.unlock) if results.unlock else None,
         "failures": results.failures,
     }
     path.write_text(json.dumps(raw, indent=1, default=str))
@@ -242,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours,
         load_start,
         time.perf_counter() - began,
+        args.runs,
     )
     report = build_report(setting, results)
     print()

@@ -9,15 +9,11 @@ import collections
 import contextlib
 import dataclasses
 import json
-import os
 import secrets as pysecrets
-import selectors
 import shutil
-import statistics
-import subprocess
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bootsecrets_dev.envfile import parse
 from bootsecrets_dev.openbao import OpenBao, bao_binary, policy
@@ -26,11 +22,8 @@ from harness import (
     BenchError,
     OursInstall,
     clean_env,
-    kill,
     measure,
-    reaped,
     snapshot,
-    track,
 )
 from proxy import LatencyProxy
 
@@ -40,15 +33,8 @@ RUN_TIMEOUT = 60.0  # one agent run
 AUDIT_SETTLE = 0.1  # after a child exits, before reading the audit log (not timed)
 #: systemctl verbs that would restart, reload, start or stop a unit.
 RESTARTING = frozenset(
-    {
-        "restart",
-        "try-restart",
-        "reload",
-        "try-reload-or-restart",
-        "reload-or-restart",
-        "start",
-        "stop",
-    }
+    {"restart", "try-restart", "reload", "try-reload-or-restart", "reload-or-restart"}
+    | {"start", "stop"}
 )
 
 
@@ -74,6 +60,14 @@ def request_kind(path: str) -> str:
         return "mount look-up"
     if path.startswith("secret/"):
         return "read"
+    if path.startswith(("sys/leases/renew", "sys/leases/revoke")):
+        return path.split("/")[2]  # renew, revoke
+    if "/creds/" in path:
+        return "issue (database)"
+    if "/issue/" in path:
+        return "issue (certificate)"
+    if path.startswith("transit/"):
+        return "transit " + path.split("/")[1]  # datakey, decrypt, rewrap
     return path
 
 
@@ -87,6 +81,7 @@ class Scenario:
     units: int
     secrets: int
     rtt_ms: float = 0.0
+    role: str = ROLE
     values: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     unit_secrets: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
@@ -136,7 +131,7 @@ class Scenario:
             "  request_timeout: 30",
             "  boot_deadline: 120",
             "approle:",
-            f"  role: {ROLE}",
+            f"  role: {self.role}",
             "reboot_policy: reprovision",
             "mounts:",
             "  secret: kv-v2",
@@ -225,27 +220,6 @@ class RefreshResult:
     kinds: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class HerdResult:
-    title: str
-    count: int
-    ok: int
-    launched: float  # s to spawn them all
-    ready: float  # s from the first spawn until every one had imported
-    slots: int
-    times: list[float]  # completion after the gate opened, of those that succeeded
-    rss: list[int]
-    requests: int
-    server_cpu: float
-    agents_cpu: float
-
-
-@dataclasses.dataclass
-class StartupResult:
-    walls: dict[str, tuple[float, float]]  # label: (median wall s, median peak RSS KiB)
-    imports: dict[str, float]  # label: best-of-N seconds
-
-
 # --- the runs -------------------------------------------------------------------------------
 
 
@@ -264,8 +238,10 @@ class Bench:
         self.keep = keep
         self.counter = 0
         self.failures: list[str] = []
+        #: The audit entries of the last measured run.
+        self.last_entries: list[dict[str, Any]] = []
 
-    def _dir(self, tag: str) -> Path:
+    def workdir(self, tag: str) -> Path:
         self.counter += 1
         path = self.base / f"{self.counter:04d}-{tag}"
         path.mkdir(mode=0o700)
@@ -281,7 +257,7 @@ class Bench:
         self, sc: Scenario, addr: str, tag: str = "ours"
     ) -> tuple[Path, RecordingSystemctl]:
         """A host root with the image config and the bootstrap cloud-init would write."""
-        root = self._dir(f"{sc.key}-{tag}")
+        root = self.workdir(f"{sc.key}-{tag}")
         config = root / "etc/bootsecrets/config.yaml"
         config.parent.mkdir(parents=True)
         config.write_text(sc.ours_config(addr))
@@ -305,7 +281,7 @@ class Bench:
         return [*self.ours, *self.agent_args(verb, root, systemctl)]
 
     def bao_dir(self, sc: Scenario, addr: str) -> Path:
-        work = self._dir(f"{sc.key}-bao")
+        work = self.workdir(f"{sc.key}-bao")
         (work / "role_id").write_text(self.role_id)
         (work / "secret_id").write_text(self.bao.wrapped_secret_id(ROLE, ttl="15m"))
         (work / "templates").mkdir()
@@ -316,7 +292,7 @@ class Bench:
 
     # runs
 
-    def _measure(
+    def measured(
         self,
         agent: str,
         argv: list[str],
@@ -328,7 +304,7 @@ class Bench:
         conns = proxy.connections if proxy else 0
         result = measure(argv, env=env, log=log, timeout=RUN_TIMEOUT)
         time.sleep(AUDIT_SETTLE)  # let the server log what it was answering as we exited
-        entries = self.bao.audit_entries(offset)
+        entries = self.last_entries = self.bao.audit_entries(offset)
         root_accessor = self.bao.root_accessor
         if [e for e in entries if (e.get("auth") or {}).get("accessor") == root_accessor]:
             raise BenchError("the harness's own requests landed in a measured window")
@@ -345,7 +321,7 @@ class Bench:
         )
         return run, result.code
 
-    def _failed(self, run: Run, what: str, err: Exception) -> None:
+    def fail(self, run: Run, what: str, err: Exception) -> None:
         run.ok, run.error = False, f"{what}: {err}"
         self.failures.append(run.error)
 
@@ -353,7 +329,7 @@ class Bench:
         root, systemctl = self.ours_root(sc, addr)
         log = root / "agent.log"
         env = clean_env(root, systemctl.env())
-        run, code = self._measure(
+        run, code = self.measured(
             "ours", self.ours_argv("bootstrap", root, systemctl), env, log, proxy
         )
         try:
@@ -363,7 +339,7 @@ class Bench:
             if systemctl.started() != set(sc.unit_names()):
                 raise BenchError(f"units started: {sorted(systemctl.started())}")
         except (BenchError, OSError) as err:
-            self._failed(run, f"ours {sc.key}", err)
+            self.fail(run, f"ours {sc.key}", err)
         self.done_with(root)
         return run
 
@@ -371,7 +347,7 @@ class Bench:
         work = self.bao_dir(sc, addr)
         log = work / "agent.log"
         argv = [self.bao_bin, "agent", f"-config={work / 'agent.hcl'}"]
-        run, code = self._measure("bao", argv, clean_env(work), log, proxy)
+        run, code = self.measured("bao", argv, clean_env(work), log, proxy)
         try:
             if code != 0:
                 raise BenchError(f"exit {code}: {log.read_text()[-800:]}")
@@ -379,7 +355,7 @@ class Bench:
             if not (work / "token").read_text().strip():
                 raise BenchError("no token in the sink")
         except (BenchError, OSError) as err:
-            self._failed(run, f"bao {sc.key}", err)
+            self.fail(run, f"bao {sc.key}", err)
         self.done_with(work)
         return run
 
@@ -471,282 +447,3 @@ class Bench:
             flush=True,
         )
         return True
-
-    # many machines at once
-
-    def herd(self, sc: Scenario, count: int, timeout: float, slots: int) -> HerdResult:
-        return Herd(self, sc, count, timeout, slots).run()
-
-
-# --- a herd of agents bootstrapping at once ---------------------------------------------------
-
-#: Each herd agent: take a job slot, import everything `bootsecrets bootstrap` imports, give
-#: the slot back, say it is ready, wait at the gate, then run the console script's entry
-#: point with the rest of its arguments.
-HERD_AGENT = (
-    "import os, sys\n"
-    "jobs_r, jobs_w, ready_w, gate_r = map(int, sys.argv[1:5])\n"
-    "os.read(jobs_r, 1)\n"
-    "import bootsecrets.cli\n"
-    "bootsecrets.cli.prepare_process()\n"
-    "import bootsecrets.agent, bootsecrets.vault\n"
-    "os.write(jobs_w, b'+'); os.close(jobs_r); os.close(jobs_w)\n"
-    "os.write(ready_w, b'r'); os.close(ready_w)\n"
-    "os.read(gate_r, 1); os.close(gate_r)\n"
-    "sys.argv[1:] = sys.argv[5:]\n"
-    "bootsecrets.cli.run()\n"
-)
-
-
-@dataclasses.dataclass
-class HerdMember:
-    proc: subprocess.Popen[bytes]
-    root: Path
-    code: int | None = None
-    completion: float = 0.0  # s after the gate opened
-    maxrss_kb: int = 0
-    cpu: float = 0.0
-
-
-def wait_readable(fd: int, timeout: float) -> bool:
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        return bool(sel.select(max(0.0, timeout)))
-
-
-class Herd:
-    """`count` agents, all launched together, released at the same instant.
-
-    On a fleet every machine pays its own interpreter start-up on its own CPU; here all of
-    them share 2 cores. So each agent process starts, takes a job slot (at most `slots`
-    import at once), imports everything `bootsecrets bootstrap` imports, gives the slot back
-    and waits at a gate. When all are ready the gate opens (one close() wakes every one of
-    them) and each runs `bootsecrets.cli.run()` with `bootstrap ...` as its arguments.
-    Completion is measured from the gate opening to each process's exit.
-    """
-
-    def __init__(self, bench: Bench, sc: Scenario, count: int, timeout: float, slots: int):
-        self.bench = bench
-        self.sc = sc
-        self.count = count
-        self.timeout = timeout
-        self.slots = slots
-        self.members: dict[int, HerdMember] = {}
-        self.started = 0.0  # perf_counter() at the first spawn
-        self.launched = self.ready_after = 0.0
-
-    def run(self) -> HerdResult:
-        bench = self.bench
-        roots = [
-            bench.ours_root(self.sc, bench.bao.addr, tag=f"herd{i}") for i in range(self.count)
-        ]
-        jobs_r, jobs_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        gate_r, gate_w = os.pipe()
-        os.write(jobs_w, b"+" * self.slots)
-        sel = selectors.DefaultSelector()
-        offset, server_cpu = 0, 0.0
-        try:
-            self._launch(roots, (jobs_r, jobs_w, ready_w, gate_r), sel)
-            for fd in (jobs_r, jobs_w, ready_w, gate_r):
-                os.close(fd)
-            self._wait_ready(ready_r)
-            offset = bench.bao.audit_offset()
-            server_cpu = bench.bao.cpu_seconds()
-            os.close(gate_w)  # every agent wakes up now
-            gate_w = -1
-            self._reap(sel, time.perf_counter())
-        finally:
-            for fd in (ready_r, gate_w):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            for key in list(sel.get_map().values()):
-                os.close(key.fd)
-            sel.close()
-            for member in self.members.values():
-                kill(member.proc, grace=2.0)
-        time.sleep(AUDIT_SETTLE)
-        result = self._result(
-            requests=len(bench.bao.audit_entries(offset)),
-            server_cpu=bench.bao.cpu_seconds() - server_cpu,
-        )
-        for root, _ in roots:
-            bench.done_with(root)
-        return result
-
-    def _launch(
-        self,
-        roots: list[tuple[Path, RecordingSystemctl]],
-        fds: tuple[int, ...],
-        sel: selectors.BaseSelector,
-    ) -> None:
-        self.started = time.perf_counter()
-        for root, systemctl in roots:
-            with (root / "agent.log").open("ab") as out:
-                proc = subprocess.Popen(
-                    [
-                        self.bench.ours_python,
-                        "-c",
-                        HERD_AGENT,
-                        *map(str, fds),
-                        *self.bench.agent_args("bootstrap", root, systemctl),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=clean_env(root, systemctl.env()),
-                    pass_fds=fds,
-                )
-            track(proc)
-            sel.register(os.pidfd_open(proc.pid), selectors.EVENT_READ, proc.pid)
-            self.members[proc.pid] = HerdMember(proc, root)
-        self.launched = time.perf_counter() - self.started
-
-    def _wait_ready(self, ready_r: int) -> None:
-        ready = 0
-        give_up = time.monotonic() + self.timeout
-        while ready < self.count and time.monotonic() < give_up:
-            if not wait_readable(ready_r, give_up - time.monotonic()):
-                break
-            chunk = os.read(ready_r, 4096)
-            if not chunk:
-                break  # every writer gone: some died before getting ready
-            ready += len(chunk)
-        self.ready_after = time.perf_counter() - self.started
-        if ready < self.count:
-            raise BenchError(
-                f"herd: only {ready}/{self.count} agents got ready in {self.timeout:.0f}s"
-            )
-
-    def _reap(self, sel: selectors.BaseSelector, released: float) -> None:
-        deadline = released + self.timeout
-        done = 0
-        while done < self.count:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                break
-            for key, _ in sel.select(min(left, 1.0)):
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                member = self.members[key.data]
-                _, status, usage = os.wait4(member.proc.pid, 0)
-                member.completion = time.perf_counter() - released
-                member.code = reaped(member.proc, status)
-                member.maxrss_kb = int(usage.ru_maxrss)
-                member.cpu = usage.ru_utime + usage.ru_stime
-                done += 1
-
-    def _succeeded(self, member: HerdMember) -> bool:
-        if member.code != 0:
-            return False
-        try:
-            self.sc.check_env_files(member.root / "run/bootsecrets/current/env")
-        except (BenchError, OSError):
-            return False
-        return True
-
-    def _result(self, *, requests: int, server_cpu: float) -> HerdResult:
-        done = [m for m in self.members.values() if m.code is not None]
-        ok = 0
-        for member in done:
-            if self._succeeded(member):
-                ok += 1
-            else:
-                log = (member.root / "agent.log").read_text()[-400:]
-                self.bench.failures.append(
-                    f"herd agent in {member.root.name}: exit {member.code}: {log}"
-                )
-        if len(done) < self.count:
-            self.bench.failures.append(
-                f"herd: {self.count - len(done)} agents still running "
-                f"{self.timeout:.0f}s after the gate opened (killed)"
-            )
-        return HerdResult(
-            title=self.sc.title,
-            count=self.count,
-            ok=ok,
-            launched=self.launched,
-            ready=self.ready_after,
-            slots=self.slots,
-            times=[m.completion for m in done if m.code == 0],
-            rss=[m.maxrss_kb for m in done],
-            requests=requests,
-            server_cpu=server_cpu,
-            agents_cpu=sum(m.cpu for m in done),
-        )
-
-
-# --- start-up cost of our agent ---------------------------------------------------------------
-
-_BLOCK_DETECTOR = (
-    "import warnings; warnings.simplefilter('ignore'); "
-    "sys.modules['charset_normalizer'] = None; sys.modules['chardet'] = None; "
-)
-_NO_GC = "import gc; gc.disable(); "
-_TEARDOWN = "import bootsecrets.agent, bootsecrets.vault"
-IMPORT_PROBES = {
-    "import requests": "import requests",
-    "import requests, charset detector blocked (as cli.run() does)": _BLOCK_DETECTOR
-    + "import requests",
-    "import hvac (includes requests)": "import hvac",
-    "import yaml": "import yaml",
-    "import jinja2.sandbox (only for configs with real templates)": "import jinja2.sandbox",
-    "import bootsecrets.cli (argparse, logging)": "import bootsecrets.cli",
-    "import bootsecrets.agent (config, render, store, systemd; not hvac)": (
-        "import bootsecrets.agent"
-    ),
-    "import bootsecrets.agent + bootsecrets.vault (everything bootstrap imports)": _TEARDOWN,
-    "the same, GC off and charset detector blocked (as cli.run() does)": _NO_GC
-    + _BLOCK_DETECTOR
-    + _TEARDOWN,
-}
-
-
-def startup_costs(ours: OursInstall, repeats: int) -> StartupResult:
-    """Where our agent's start-up goes: whole-process walls, then import costs measured
-    inside a fresh `python -S` each time (our site-packages put on sys.path by hand), so that
-    .pth files of the interpreter's site are not charged to the module measured."""
-    py = ours.python
-    env = clean_env(Path(tempfile.gettempdir()))
-    processes = {
-        "python -S -c pass (bare interpreter)": [py, "-S", "-c", "pass"],
-        "python -c pass (with site)": [py, "-c", "pass"],
-        "bootsecrets --version": [*ours.command, "--version"],
-        "python -c 'import bootsecrets.agent, bootsecrets.vault' (exits normally)": [
-            py,
-            "-c",
-            _TEARDOWN,
-        ],
-        "the same, then os._exit(0) (no interpreter teardown, as cli.run() ends)": [
-            py,
-            "-c",
-            _TEARDOWN + "; import os; os._exit(0)",
-        ],
-    }
-    walls: dict[str, tuple[float, float]] = {}
-    for label, argv in processes.items():
-        runs = [measure(argv, env=env, log=Path(os.devnull), timeout=30) for _ in range(repeats)]
-        walls[label] = (
-            statistics.median(r.wall for r in runs),
-            statistics.median(r.maxrss_kb for r in runs),
-        )
-    imports = {
-        label: min(_import_time(py, ours.site, code, env, label) for _ in range(repeats))
-        for label, code in IMPORT_PROBES.items()
-    }  # best of N, as timeit does: the least disturbed run
-    return StartupResult(walls, imports)
-
-
-def _import_time(py: str, site: list[str], code: str, env: dict[str, str], label: str) -> float:
-    program = (
-        f"import sys; sys.path[:0] = {site!r}; "
-        f"import time; t = time.perf_counter(); {code}; "
-        "print(time.perf_counter() - t)"
-    )
-    out = subprocess.run(
-        [py, "-S", "-c", program], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-    if out.returncode != 0:
-        raise BenchError(f"start-up probe {label!r} failed: {out.stderr[-300:]}")
-    return float(out.stdout.split()[-1])
