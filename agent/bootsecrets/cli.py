@@ -35,7 +35,8 @@ exit codes: 0 ok, 2 usage, 10 config, 11 bootstrap/user-data, 12 store, 13 templ
   24 wrapped secret-id already unwrapped (interception), 25 login denied,
   26 permission denied on a path, 27 secret or key missing, 28 token revoked/expired,
   29 not provisioned, 30 systemctl failed, 31 unit failed after restart (rolled back),
-  32 answer to unwrap/login lost, 40 image-check findings, 41 image tree unreadable,
+  32 answer to unwrap/login lost, 33 Vault's TLS certificate does not verify,
+  40 image-check findings, 41 image tree unreadable,
   130/143 interrupted. See README.md.
 """
 

@@ -30,6 +30,7 @@ import requests.adapters
 import urllib3.connection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from bootsecrets import logs
 from bootsecrets.config import Engine, SecretRef, VaultSettings
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import (
@@ -39,6 +40,7 @@ from bootsecrets.errors import (
     PermissionDenied,
     ResponseLost,
     SecretMissing,
+    TLSVerifyFailed,
     TokenInvalid,
     VaultError,
     VaultUnreachable,
@@ -321,10 +323,12 @@ class Vault:
                     result = request(clients[index])
                 except requests.exceptions.SSLError:
                     # Not transient: retrying a certificate that does not verify only hides it.
-                    raise VaultError(
+                    tls = TLSVerifyFailed(
                         f"{what}: TLS verification of {self.addresses[index]} failed; check "
                         "vault.ca_cert (or VAULT_CACERT)"
-                    ) from None
+                    )
+                    logs.alert(tls, VAULT_ADDR=self.addresses[index])
+                    raise tls from None
                 except (requests.exceptions.RequestException, *_RETRYABLE_STATUS) as err:
                     last = f"{self.addresses[index]}: {_reason(err)}"
                     if not idempotent and not _never_sent(err):
