@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from bootsecrets import logs
+from bootsecrets import logs, userdata
 from bootsecrets.config import (
     Bootstrap,
     Config,
@@ -396,8 +396,21 @@ def bootstrap(ctx: Context) -> None:
     config, paths, store = ctx.load()
     with _failures_recorded(store, config, "bootstrap"), store.lock(ctx.lock_wait):
         boot = load_bootstrap(paths.bootstrap) if paths.bootstrap.exists() else None
-        vault, token, address = _authenticate(
-            ctx, config, paths, boot, lambda: paths.bootstrap.unlink(missing_ok=True))
+        spent = False
+
+        def consumed() -> None:
+            nonlocal spent
+            spent = True
+            paths.bootstrap.unlink(missing_ok=True)
+            if boot is not None:  # cloud-init's copies of the user-data on disk
+                userdata.scrub_and_log(boot.wrapped_secret_id, paths.root, unwrapped=True)
+
+        try:
+            vault, token, address = _authenticate(ctx, config, paths, boot, consumed)
+        except BaseException:
+            if boot is not None and not spent:  # still live: the store's copy stays for a retry
+                userdata.scrub_and_log(boot.wrapped_secret_id, paths.root, unwrapped=False)
+            raise
         if ctx.after_login is not None:
             ctx.after_login()
         with vault:
