@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import string
@@ -452,3 +453,11 @@ def test_unmodified_packaged_files_are_public(clean_tree: Path) -> None:
     # Edited after installation: no longer what the package shipped.
     conffile.write_text(example + "# edited\n")
     assert pairs(imagecheck.scan(clean_tree)) == {("/etc/app/example.conf", "private-key")}
+
+
+def test_the_operations_guide_lists_exactly_the_rules() -> None:
+    """docs/operations.md has one row per rule: its id, what to do, the Marketplace check."""
+    text = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    rows = re.findall(r"^\| `([a-z-]+)` \| (.+?) \| (.+?) \|$", text, re.M)
+    assert [(rule, fix, marketplace) for rule, fix, marketplace in rows] == [
+        (r.id, r.fix, r.marketplace or "—") for r in imagecheck.RULES]

@@ -145,6 +145,17 @@ def test_store_is_mounted_before_cloud_init_writes_the_bootstrap() -> None:
     assert "mode=0700" in store["Service"]["ExecStart"]
 
 
+def test_trim_runs_after_the_agent_with_nothing_but_fitrim() -> None:
+    unit = parse(REPO / "systemd/bootsecrets-trim.service")
+    assert "bootsecrets.service" in unit["Unit"]["After"].split()
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    service = unit["Service"]
+    assert service["ExecStart"].split()[0] == "/sbin/fstrim"
+    assert service["ExecStart"].split()[-1] == "/"
+    assert service["CapabilityBoundingSet"] == "CAP_SYS_ADMIN"
+    assert service["PrivateNetwork"] == "yes" and service["ProtectSystem"] == "strict"
+
+
 def test_timer_defaults() -> None:
     timer = parse(REPO / "systemd/bootsecrets-refresh.timer")["Timer"]
     assert timer["OnUnitActiveSec"] == "1h"
