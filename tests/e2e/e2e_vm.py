@@ -300,14 +300,15 @@ class VM:
         raise BootTimeout(f"no SSH after {timeout:.0f}s (last: {last})\n{self.tail()}")
 
     def wait_unit_done(self, unit: str, timeout: float) -> dict[str, str]:
-        """Wait until a oneshot unit has run (active or failed); its state properties."""
+        """Wait until a oneshot unit has run (active, failed, or inactive again without
+        RemainAfterExit=); its state properties."""
         deadline = time.monotonic() + timeout
         props = ("ActiveState", "Result", "ExecMainStatus", "ExecMainExitTimestampMonotonic")
         state: dict[str, str] = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
                 state = self.unit(unit, *props)
-                if state.get("ActiveState") in ("active", "failed") and state.get(
+                if state.get("ActiveState") in ("active", "failed", "inactive") and state.get(
                         "ExecMainExitTimestampMonotonic", "0") != "0":
                     log(f"{self.name}: {unit} {state['ActiveState']} at {self.elapsed():.0f}s")
                     return state

@@ -275,9 +275,13 @@ def test_the_packer_artifact_is_clean(image: Image, workdir: Path) -> None:
         key_body = image.build_key.split()[1]
         control = 'DEMO_URL: "postgresql://app:{{ secrets.a.password }}@db/app"'
         hits = e2e_disk.find_values(raw, [key_body, control])
+        dirty = e2e_disk.nonzero_free_blocks(raw)
         raw.unlink()
     assert hits.pop(control, 0), "the raw scan cannot see file contents"
     assert hits == {}, "the build's SSH key is still in the artifact's blocks"
+    # What is left in free blocks was freed after the zeroing, at the build VM's shutdown
+    # (emptied directories, a DHCP lease): a handful of blocks, logged, not asserted.
+    log(f"artifact: {dirty} free blocks are not zero")
 
 
 # --- 4-6. first boot, rotation, disk scan, reboots -------------------------------------------
@@ -314,6 +318,8 @@ def test_first_boot_rotation_disk_and_reboots(
             demo.remember()
             out = vm.sudo("bootsecrets", "refresh", timeout=180)
             captured.add("guest refresh", out)
+            vm.wait_http(check.DEMO_PORTS[DEMO_A], 60, until=lambda d: d["sha256"].get(
+                "DEMO_PASSWORD") == check.sha(demo.a["password"]))
             doc_a2 = check.demo_runs_with(vm, DEMO_A, demo.env_a(),
                                           {"api_key": demo.a["api_key"]})
             doc_b2 = vm.http_json(check.DEMO_PORTS[DEMO_B])
@@ -360,7 +366,10 @@ def test_first_boot_rotation_disk_and_reboots(
                     timeout=180)
             before_reboot = demo_is_up(vm, demo, 120)
         assert vm.ssh("sudo test -s /var/lib/bootsecrets/token", check=False).returncode == 0
-        check.status_shows(check.status(vm), policy="persist-token", generation=1,
+        # Starting the units also starts bootsecrets.service again (their drop-ins require
+        # it; it failed at this boot), which renders once more with the kept token: the
+        # generation is 1 or 2.
+        check.status_shows(check.status(vm), policy="persist-token", generation=None,
                            units={DEMO_A: {"secret/demo/a": demo.a_version},
                                   DEMO_B: {"secret/demo/b": 1}}, token_ttl=TOKEN_TTL)
         captured.add("guest journal, boot 2", check.journal_text(vm))
@@ -441,9 +450,16 @@ def test_a_certificate_from_another_ca_fails_closed(
         check.bootstrap_kept(vm)
         captured.add("guest journal, wrong CA", check.journal_text(vm))
 
-        # A retry against the right address (the operator's fix) unwraps it after all.
+        # The operator's fix, the address of a server with the right certificate for the
+        # agent's unit, and a restart: the kept bootstrap is unwrapped after all.
         with timed("wrong-ca-retry"):
-            vm.sudo("env", f"VAULT_ADDR={server.guest_addr}", "bootsecrets", "bootstrap",
-                    timeout=180)
+            vm.sudo("sh", "-c", "mkdir -p /run/systemd/system/bootsecrets.service.d && "
+                    "printf '[Service]\\nEnvironment=VAULT_ADDR=%s\\n' \"$0\" "
+                    "> /run/systemd/system/bootsecrets.service.d/50-vault-addr.conf",
+                    server.guest_addr)
+            vm.sudo("systemctl", "daemon-reload")
+            vm.sudo("systemctl", "restart", "bootsecrets.service", timeout=300)
+            check.agent_exited(vm, 0)
             demo_is_up(vm, demo, 120)
         check.bootstrap_consumed(vm)
+        check.user_data_scrubbed(vm, wrapped, unwrapped=False)  # still none on the disk
