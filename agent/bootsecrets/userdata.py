@@ -17,8 +17,9 @@ anything: the replacement is done on the bytes.
 
 The bytes are overwritten in place (`pwrite` + `fsync` on the same inode), not written to a
 new file and renamed: a rename would leave the old blocks, token included, in the disk's free
-space. What cloud-init wrote earlier and itself replaced may still be in free blocks; the
-end-to-end test scans the whole disk for the token and finds none.
+space. The versions cloud-init wrote earlier and replaced itself are in freed blocks already:
+bootsecrets-trim.service (fstrim, after this unit) has the disk discard them where it can, and
+the end-to-end test scans the whole disk for the token and finds none.
 
 Not covered: user-data that reaches cloud-init compressed (gzip) or base64-encoded (the
 token is not in it as bytes), the metadata service (DigitalOcean serves the user-data to the

@@ -94,6 +94,23 @@ def log(msg: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+#: Wall time per step of the end-to-end run; test_e2e.py prints it at the end.
+TIMINGS: dict[str, float] = {}
+
+
+class timed:
+    """Adds the wall time of its block to TIMINGS[name]."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        TIMINGS[self.name] = TIMINGS.get(self.name, 0) + time.monotonic() - self.started
+
+
 def kvm() -> bool:
     """BOOTSECRETS_E2E_KVM=1: KVM instead of TCG (KVM hangs on the reference machine)."""
     return os.environ.get("BOOTSECRETS_E2E_KVM") == "1"

@@ -46,6 +46,7 @@ from e2e_bao import Pki, Tls, TlsBao, make_tls, tls_dev_server
 from e2e_image import (
     PACKER_DIR,
     REPO,
+    TIMINGS,
     base_disk,
     build_rootfs,
     build_wheelhouse,
@@ -56,6 +57,7 @@ from e2e_image import (
     packer_build,
     seed_dir,
     ssh_key,
+    timed,
     to_raw,
 )
 from e2e_vm import VM, Drive, make_seed, overlay, running
@@ -69,32 +71,23 @@ BOOT_TIMEOUT = float(os.environ.get("BOOTSECRETS_E2E_BOOT_TIMEOUT", "480"))
 ROLE = "demo"  # packer/demo/config.yaml: approle.role
 TOKEN_TTL = 3600
 AGENT_FAILED = r"(?i)Failed to start .*bootsecrets|bootsecrets\.service: Main process exited"
-TIMINGS: dict[str, float] = {}
-
-
-class timed:
-    """Adds the wall time of its block to TIMINGS[name] (printed once the module is done)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        self.started = time.monotonic()
-
-    def __exit__(self, *exc: object) -> None:
-        TIMINGS[self.name] = TIMINGS.get(self.name, 0) + time.monotonic() - self.started
 
 
 @pytest.fixture(scope="module", autouse=True)
 def timings_line(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the module: one line of wall times per step (durations only, never a value),
+    shown even though pytest captures the output of passing tests."""
     started = time.monotonic()
     yield
     TIMINGS["total"] = time.monotonic() - started
-    line = "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
-    log(line)
+    line = "[e2e] timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in TIMINGS.items())
+    capture = request.config.pluginmanager.getplugin("capturemanager")
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:  # shown even when pytest captures output; durations only
-        reporter.write_line(f"[e2e] {line}")
+    if capture is None or reporter is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
 
 
 def awkward(tag: str, label: str) -> str:
