@@ -277,7 +277,7 @@ def test_tls_is_verified_against_the_configured_ca(
 
 
 def test_tls_with_the_wrong_ca_fails_at_once(
-    tls_openbao: OpenBao, sandbox: Sandbox, unique: str
+    tls_openbao: OpenBao, sandbox: Sandbox, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert tls_openbao.ca_cert is not None
     # A well-formed PEM that is not the server's CA: the server's own leaf certificate.
@@ -285,8 +285,10 @@ def test_tls_with_the_wrong_ca_fails_at_once(
                   30)
     started = time.monotonic()
     code, _, err = sandbox.run("bootstrap")
-    assert code == errors.VaultError.exit_code
+    assert code == errors.TLSVerifyFailed.exit_code
     assert "TLS verification" in err and "vault.ca_cert" in err
+    record = assert_alert(caplog, errors.TLSVerifyFailed)
+    assert getattr(record, "VAULT_ADDR", None) == tls_openbao.addr
     assert time.monotonic() - started < 10  # not retried until the 30 s deadline
     assert_nothing_rendered(sandbox)
 

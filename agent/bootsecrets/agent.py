@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bootsecrets import encdirs, identity, leasing, volumes, wakeup
+from bootsecrets import encdirs, identity, leasing, userdata, volumes, wakeup
 from bootsecrets.bootstrapfile import (
     Bootstrap,
     load_bootstrap,
@@ -41,10 +41,23 @@ def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, unlock the encrypted data,
     issue or take up leased secrets, render, start the units."""
     with Run.open(ctx, "bootstrap") as run, wakeup.scheduled(run):
-        data = _check_data(run)
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
-        vault, _ = authenticate(run, boot, run.store.remove_bootstrap)
+        spent = False
+
+        def consumed() -> None:
+            nonlocal spent
+            spent = True
+            run.store.remove_bootstrap()
+
+        try:
+            data = _check_data(run)
+            vault, _ = authenticate(run, boot, consumed)
+        finally:
+            # cloud-init's copies on disk: spent or not (a failure before the unwrap leaves
+            # it live, and the copy in the store stays for a retry), it is not left there.
+            if boot is not None:
+                userdata.scrub_and_log(boot.wrapped_secret_id, run.paths.root, unwrapped=spent)
         if ctx.after_login is not None:
             ctx.after_login()
         _render_and_deploy(run, vault, data, at_boot=True)

@@ -2,15 +2,26 @@
 # Provisioner 30: the agent's systemd units and the image's (non-secret) config.
 #   /tmp/bootsecrets/systemd/    -> /etc/systemd/system/   (bootsecrets*.service|.timer)
 #   /tmp/bootsecrets/config.yaml -> /etc/bootsecrets/config.yaml   (Packer var `config_file`)
+#   /tmp/bootsecrets/vault-ca.pem -> /etc/bootsecrets/vault-ca.pem  (Packer var `vault_ca_file`;
+#                                    empty upload: not installed)
 #   /tmp/bootsecrets/demo/       -> demo units + app, only with BOOTSECRETS_INSTALL_DEMO=1
-# Enables the store, the agent and the refresh timer. Application units are NOT enabled:
-# the agent starts them once their secrets are rendered.
+# Enables the store, the agent, the refresh timer and the free-block trim after the agent.
+# Application units are NOT enabled: the agent starts them once their secrets are rendered.
 set -eu
 src=/tmp/bootsecrets
 
 install -d -m 0755 /etc/bootsecrets
 install -m 0644 "$src/config.yaml" /etc/bootsecrets/config.yaml
-for unit in bootsecrets-store.service bootsecrets.service bootsecrets-refresh.service bootsecrets-refresh.timer; do
+rm -f /etc/bootsecrets/vault-ca.pem
+if [ -s "$src/vault-ca.pem" ]; then
+    install -m 0644 "$src/vault-ca.pem" /etc/bootsecrets/vault-ca.pem
+    # A bundle OpenSSL cannot load would fail every droplet's first boot: fail the build.
+    python3 -c 'import ssl, sys; ssl.create_default_context(cafile=sys.argv[1])' \
+        /etc/bootsecrets/vault-ca.pem || { echo "30-install-config: vault_ca_file is not a PEM CA bundle" >&2; exit 1; }
+    echo "30-install-config: Vault CA bundle installed as /etc/bootsecrets/vault-ca.pem"
+fi
+for unit in bootsecrets-store.service bootsecrets.service bootsecrets-refresh.service \
+            bootsecrets-refresh.timer bootsecrets-trim.service; do
     install -m 0644 "$src/systemd/$unit" "/etc/systemd/system/$unit"
 done
 # persist-token policy keeps its token here (root 0700); empty in the image.
@@ -23,16 +34,22 @@ if [ "${BOOTSECRETS_INSTALL_DEMO:-0}" = 1 ]; then
     echo "30-install-config: demo units installed (not enabled)"
 fi
 
-systemctl enable bootsecrets-store.service bootsecrets.service bootsecrets-refresh.timer
+systemctl enable bootsecrets-store.service bootsecrets.service bootsecrets-refresh.timer \
+    bootsecrets-trim.service
 
-# The config must parse with the agent that will read it (errors name the line, never a value).
+# The config must parse with the agent that will read it (errors name the line, never a
+# value), and the CA bundle it names must be in the image.
 /opt/bootsecrets/bin/python -c 'import pathlib, sys
 from bootsecrets.config import load_config
 from bootsecrets.errors import ConfigError
 try:
-    load_config(pathlib.Path("/etc/bootsecrets/config.yaml"))
+    config = load_config(pathlib.Path("/etc/bootsecrets/config.yaml"), env={})
 except ConfigError as e:
-    sys.exit(f"30-install-config: {e}")'
+    sys.exit(f"30-install-config: {e}")
+ca = config.vault.ca_cert
+if ca is not None and not ca.is_file():
+    sys.exit(f"30-install-config: vault.ca_cert names {ca}, which is not in the image "
+             "(Packer variable vault_ca_file)")'
 
 # Every installed unit must pass systemd's own verifier.
 units=$(ls /etc/systemd/system/bootsecrets*.service /etc/systemd/system/bootsecrets*.timer)

@@ -14,8 +14,10 @@ raw scan; values and tokens are far below that size.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Iterable, Iterator
@@ -113,3 +115,41 @@ def audited_hmacs(audit_log: Path, role_mount: str = "approle") -> dict[str, set
 def audit_hash(client: Any, device: str, value: str) -> str:
     response = client.adapter.post(f"/v1/sys/audit-hash/{device}", json={"input": value})
     return str(response["data"]["hash"])
+
+
+def free_ranges(raw: Path) -> list[tuple[int, int]]:
+    """The ext4 filesystem's free blocks (first, last), as dumpe2fs reads its bitmaps."""
+    out = subprocess.run(["dumpe2fs", str(raw)], capture_output=True, text=True,
+                         check=True).stdout
+    ranges = []
+    for listed in re.findall(r"^\s+Free blocks: (.*)$", out, re.M):
+        for part in filter(None, (p.strip() for p in listed.split(","))):
+            first, _, last = part.partition("-")
+            ranges.append((int(first), int(last or first)))
+    return ranges
+
+
+def nonzero_free_blocks(raw: Path, block: int = 4096) -> int:
+    """How many free blocks of the raw ext4 disk hold anything but zeros (holes skipped)."""
+    found = 0
+    with raw.open("rb") as f:
+        fd = f.fileno()
+        for first, last in free_ranges(raw):
+            pos, end = first * block, (last + 1) * block
+            while pos < end:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as err:
+                    if err.errno == errno.ENXIO:
+                        break
+                    raise
+                if data >= end:
+                    break
+                stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                start = data - data % block
+                f.seek(start)
+                for _ in range(start, stop, block):
+                    if f.read(block).strip(b"\0"):
+                        found += 1
+                pos = stop
+    return found

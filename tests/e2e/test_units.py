@@ -110,19 +110,29 @@ def test_agent_unit_contract() -> None:
                        "PrivateTmp": "yes", "LimitCORE": "0", "MemorySwapMax": "0",
                        "UMask": "0077"}.items():
         assert service[key] == value, key
-    assert service["ReadWritePaths"].split() == [
-        "/run/bootsecrets", "/run/systemd/system", "-/var/lib/bootsecrets"]
+    assert writable(REPO / "systemd/bootsecrets.service") == [
+        "/run/bootsecrets", "/run/systemd/system", "-/var/lib/bootsecrets", "-/var/lib/cloud",
+        "-/var/log/cloud-init.log", "-/var/log/cloud-init-output.log"]
     assert "Restart" not in service  # fail closed, no retry loop
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def writable(unit: Path) -> list[str]:
+    """Every ReadWritePaths= entry of a unit, in order (the key may be repeated)."""
+    return [path for line in unit.read_text().splitlines()
+            if line.startswith("ReadWritePaths=") for path in line.split("=", 1)[1].split()]
 
 
 def test_refresh_unit_is_as_hardened_as_the_agent() -> None:
     agent = parse(REPO / "systemd/bootsecrets.service")["Service"]
     refresh = parse(REPO / "systemd/bootsecrets-refresh.service")["Service"]
     assert refresh["ExecStart"] == "/usr/local/sbin/bootsecrets refresh"
-    skip = {"ExecStart", "RemainAfterExit", "TimeoutStartSec"}
+    skip = {"ExecStart", "RemainAfterExit", "TimeoutStartSec", "ReadWritePaths"}
     assert {k: v for k, v in agent.items() if k not in skip} == {
         k: v for k, v in refresh.items() if k not in skip}
+    # refresh never sees user-data: no write access to cloud-init's files.
+    assert writable(REPO / "systemd/bootsecrets-refresh.service") == [
+        "/run/bootsecrets", "/run/systemd/system", "-/var/lib/bootsecrets"]
 
 
 def test_store_is_mounted_before_cloud_init_writes_the_bootstrap() -> None:
@@ -133,6 +143,17 @@ def test_store_is_mounted_before_cloud_init_writes_the_bootstrap() -> None:
     assert "ProtectSystem" not in store["Service"] and "PrivateMounts" not in store["Service"]
     assert "noswap" in store["Service"]["ExecStart"]
     assert "mode=0700" in store["Service"]["ExecStart"]
+
+
+def test_trim_runs_after_the_agent_with_nothing_but_fitrim() -> None:
+    unit = parse(REPO / "systemd/bootsecrets-trim.service")
+    assert "bootsecrets.service" in unit["Unit"]["After"].split()
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    service = unit["Service"]
+    assert service["ExecStart"].split()[0] == "/sbin/fstrim"
+    assert service["ExecStart"].split()[-1] == "/"
+    assert service["CapabilityBoundingSet"] == "CAP_SYS_ADMIN"
+    assert service["PrivateNetwork"] == "yes" and service["ProtectSystem"] == "strict"
 
 
 def test_timer_defaults() -> None:

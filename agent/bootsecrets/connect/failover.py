@@ -35,6 +35,7 @@ from typing import TypeVar
 import hvac.exceptions
 import requests
 
+from bootsecrets import logs
 from bootsecrets.connect.deadline import time_limit
 from bootsecrets.connect.transport import (
     OriginRefused,
@@ -42,7 +43,7 @@ from bootsecrets.connect.transport import (
     ResponseTooLarge,
     origin_of,
 )
-from bootsecrets.errors import ResponseLost, VaultError, VaultUnreachable
+from bootsecrets.errors import ResponseLost, TLSVerifyFailed, VaultError, VaultUnreachable
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -156,10 +157,12 @@ class Failover:
                     raise VaultError(f"{what}: refused to send to {err.origin}") from None
                 except requests.exceptions.SSLError:
                     # Not transient: retrying a certificate that does not verify only hides it.
-                    raise VaultError(
+                    tls = TLSVerifyFailed(
                         f"{what}: TLS verification of {address} failed; check "
                         "vault.ca_cert (or VAULT_CACERT)"
-                    ) from None
+                    )
+                    logs.alert(tls, VAULT_ADDR=address)
+                    raise tls from None
                 except (requests.exceptions.RequestException, *_RETRYABLE_STATUS) as err:
                     last = f"{address}: {_reason(err)}"
                     if not idempotent and not _never_sent(err):

@@ -154,6 +154,19 @@ class VaultUnreachable(VaultError):
     hint = "check the network path and the Vault address; the units stay down until it answers"
 
 
+class TLSVerifyFailed(VaultError):
+    """Vault's TLS certificate does not verify against the configured CA bundle."""
+
+    exit_code = 33
+    summary = "Vault's TLS certificate does not verify against the configured CA bundle (alert)"
+    message_id = "f4bbaf765f4045f0acd56de2cb09f317"
+    hint = (
+        "the server's certificate is not signed by a CA in vault.ca_cert (or VAULT_CACERT), "
+        "or does not name the address: fix the CA bundle in the image, or find out who "
+        "answers at that address; the units stay down"
+    )
+
+
 class WrappingTokenInvalid(VaultError):
     """sys/wrapping/lookup does not know the token: unknown, expired or already unwrapped."""
 

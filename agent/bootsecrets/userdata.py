@@ -1,0 +1,174 @@
+"""Scrub the wrapped secret-id from cloud-init's copies of the user-data on disk.
+
+cloud-init delivers the bootstrap into the memory-only store, but it also keeps the whole
+user-data on the root disk for the droplet's life: `/var/lib/cloud/instances/<id>/`
+`user-data.txt` (as received), `user-data.txt.i` (the processed MIME message),
+`cloud-config.txt` (the merged cloud-config) and `obj.pkl` (its pickled datasource, which
+holds the user-data twice). Once the agent has sent the wrapping token for unwrapping it is
+spent, but a spent token on disk still says which role and server a droplet belongs to, and
+a token whose unwrap never happened (the boot failed before) is live until its TTL ends.
+
+`scrub(token)` replaces every occurrence of the token in cloud-init's files with a fixed
+marker of the same length and of the same alphabet (`scrubbed-by-bootsecrets-...`), so that
+everything else in them stays byte for byte what it was, SSH keys and other modules
+included, and every format stays valid: a pickle's strings carry their length, which does not
+change; YAML and MIME see one token-shaped word for another. The agent never unpickles
+anything: the replacement is done on the bytes.
+
+The bytes are overwritten in place (`pwrite` + `fsync` on the same inode), not written to a
+new file and renamed: a rename would leave the old blocks, token included, in the disk's free
+space. The versions cloud-init wrote earlier and replaced itself are in freed blocks already:
+bootsecrets-trim.service (fstrim, after this unit) has the disk discard them where it can, and
+the end-to-end test scans the whole disk for the token and finds none.
+
+Not covered: user-data that reaches cloud-init compressed (gzip) or base64-encoded (the
+token is not in it as bytes), the metadata service (DigitalOcean serves the user-data to the
+droplet for its life) and Terraform's state (see cloud-init/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Where cloud-init keeps what it got (relative to the root), walked recursively.
+CLOUD_DIRS = (Path("var/lib/cloud"),)
+#: cloud-init's logs: it does not log the user-data, but a module's output could.
+CLOUD_LOGS = (Path("var/log/cloud-init.log"), Path("var/log/cloud-init-output.log"))
+MARKER = b"scrubbed-by-bootsecrets-"
+#: Bigger files are not read (cloud-init's own files are a few KiB; its logs can grow).
+MAX_BYTES = 64 * 1024 * 1024
+#: What a token from Vault/OpenBao looks like. Anything shorter could occur by chance in
+#: cloud-init's files and must not be replaced there.
+_TOKEN = re.compile(rb"[A-Za-z0-9._+/=-]{16,1024}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scrubbed:
+    """What `scrub` did: the files it changed (image paths) and the copies it replaced."""
+
+    files: tuple[str, ...]
+    copies: int
+    #: Files it could not read or write (image paths); the token may still be in them.
+    failed: tuple[str, ...] = ()
+
+
+def marker(length: int) -> bytes:
+    """The replacement for a token of `length` bytes: `scrubbed-by-bootsecrets-scru...`."""
+    return (MARKER * (length // len(MARKER) + 1))[:length]
+
+
+def scrub(token: str, root: Path = Path("/")) -> Scrubbed:
+    """Replace every copy of `token` in cloud-init's files under `root` (in place).
+
+    Never raises for a file it cannot handle (it is listed in `failed`); raises ValueError
+    for a token that is not token-shaped (too short or with characters a token never has).
+    """
+    needle = token.encode("ascii", "replace")
+    if not _TOKEN.fullmatch(needle):
+        raise ValueError("not a token Vault issues: left in cloud-init's files")
+    replacement = marker(len(needle))
+    files: list[str] = []
+    failed: list[str] = []
+    copies = 0
+    for path in _candidates(root):
+        image_path = "/" + path.relative_to(root).as_posix()
+        try:
+            found = _replace_in_place(path, needle, replacement)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ELOOP):
+                failed.append(image_path)
+            continue
+        if found:
+            files.append(image_path)
+            copies += found
+    return Scrubbed(tuple(files), copies, tuple(failed))
+
+
+def scrub_and_log(token: str, root: Path, *, unwrapped: bool) -> Scrubbed | None:
+    """`scrub`, with one log line saying what was done and why; never raises.
+
+    `unwrapped`: the token was sent for unwrapping (it is spent). Otherwise the bootstrap
+    failed before the unwrap: the token is still live, the copy in the memory-only store is
+    kept for a retry, and only the disk copies go.
+    """
+    why = ("the wrapped secret-id was sent for unwrapping" if unwrapped else
+           "the bootstrap failed before the unwrap; the wrapped secret-id stays in the "
+           "memory-only store for a retry, its copies on disk are removed")
+    try:
+        done = scrub(token, root)
+    except ValueError as err:
+        log.warning("cloud-init's copies of the user-data not scrubbed: %s", err)
+        return None
+    except OSError as err:  # the walk itself failed
+        log.warning("cloud-init's copies of the user-data not scrubbed: %s", err.strerror)
+        return None
+    if done.failed:
+        log.warning("%s; could not scrub %s", why, ", ".join(done.failed),
+                    extra={"SCRUB_FAILED": ",".join(done.failed)})
+    if done.copies:
+        log.info("%s: replaced it in cloud-init's files (%s copies: %s)", why, done.copies,
+                 ", ".join(done.files), extra={"SCRUBBED_FILES": ",".join(done.files)})
+    elif not done.failed:
+        log.info("%s: no copy in cloud-init's files", why)
+    return done
+
+
+def _candidates(root: Path) -> Iterator[Path]:
+    """Regular files under cloud-init's directories (symlinks never followed), its logs."""
+    for rel in CLOUD_DIRS:
+        top = root / rel
+        for dirpath, _dirs, names in os.walk(top, followlinks=False):
+            for name in sorted(names):
+                yield Path(dirpath) / name
+    for rel in CLOUD_LOGS:
+        yield root / rel
+
+
+def _replace_in_place(path: Path, needle: bytes, replacement: bytes) -> int:
+    """Overwrite each occurrence of `needle` in the regular file `path`; their number.
+
+    Read-only first: a file without the token is never opened for writing.
+    """
+    data, identity = _read(path)
+    offsets = []
+    start = data.find(needle)
+    while start >= 0:
+        offsets.append(start)
+        start = data.find(needle, start + len(needle))
+    if not offsets:
+        return 0
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity:
+            raise OSError(errno.ESTALE, "replaced while being scrubbed")
+        for offset in offsets:
+            os.pwrite(fd, replacement, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(offsets)
+
+
+def _read(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """A regular file's bytes (nothing for a bigger one than MAX_BYTES) and its identity."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BYTES:
+            return b"", (st.st_dev, st.st_ino)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks), (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
