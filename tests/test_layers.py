@@ -140,3 +140,61 @@ def test_every_module_imports_on_its_own(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == ("['jinja2']" if module in ("jinja", "bounds") else "[]")
+
+
+# --- the drawing in docs/architecture.md ------------------------------------------------------
+
+DOC = PACKAGE.parents[1] / "docs" / "architecture.md"
+BEGIN = "<!-- import floors: written by `python tests/test_layers.py --write` -->"
+END = "<!-- end of import floors -->"
+
+
+def floors(graph: dict[str, set[str]]) -> dict[int, list[str]]:
+    """Each module on the floor above everything it imports (leaves on floor 0)."""
+    floor: dict[str, int] = {}
+
+    def of(module: str) -> int:
+        if module not in floor:
+            floor[module] = 1 + max((of(d) for d in graph[module]), default=-1)
+        return floor[module]
+
+    found: dict[int, list[str]] = {}
+    for module in sorted(graph):
+        found.setdefault(of(module), []).append(module)
+    return found
+
+
+def drawing(graph: dict[str, set[str]]) -> str:
+    lines = ["```"]
+    for number, modules in sorted(floors(graph).items(), reverse=True):
+        text = ", ".join(modules)
+        while len(text) > 86:
+            cut = text.rindex(", ", 0, 86)
+            lines.append(f"floor {number:>2}: {text[:cut + 1]}" if not lines[-1].startswith(
+                f"floor {number:>2}") else f"          {text[:cut + 1]}")
+            text = text[cut + 2:]
+        prefix = f"floor {number:>2}: " if not lines[-1].startswith(f"floor {number:>2}") \
+            else "          "
+        lines.append(prefix + text)
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def documented() -> str:
+    text = DOC.read_text()
+    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+
+
+def test_the_architecture_doc_draws_the_import_graph_as_it_is() -> None:
+    assert documented() == drawing(package_graph()), (
+        "docs/architecture.md's import floors are stale: run `python tests/test_layers.py "
+        "--write`")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        text = DOC.read_text()
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        DOC.write_text(f"{text[:start]}\n{drawing(package_graph())}\n{text[end:]}")
+    else:
+        print(drawing(package_graph()))
