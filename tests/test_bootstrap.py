@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import time
@@ -320,3 +321,22 @@ def test_user_data_address_goes_first_and_config_addresses_stay_as_fallbacks(
         assert vault.addresses == (dead, world.bao.addr)
     code, _, err = world.sandbox.run("bootstrap")
     assert code == 0, err
+
+
+def test_the_address_that_answered_is_kept_not_the_one_asked_for(world: World) -> None:
+    """User-data names an address where nothing answers; VAULT_ADDR overrides it for the
+    bootstrap. The next run, without the override, goes where Vault was found."""
+    from support.openbao import free_port
+
+    dead, also_dead = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    world.sandbox.write_config(world.config(
+        vault={"address": also_dead, "boot_deadline": 3, "request_timeout": 2}))
+    world.sandbox.write_bootstrap(world.role_id, world.bao.wrapped_secret_id(world.role), dead)
+    world.sandbox.env["VAULT_ADDR"] = world.bao.addr
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err
+    world.sandbox.env.clear()
+    code, _, err = world.sandbox.run("refresh")
+    assert code == 0, err
+    code, out, _ = world.sandbox.run("status", "--json")
+    assert json.loads(out)["last_run"]["outcome"] == "ok"

@@ -34,9 +34,11 @@ def authenticate(
     wrapped secret-id can no longer be used (the unwrap was sent), so the caller can drop
     its copy."""
     if boot is not None:
-        run.address = boot.vault_addr or identity.load_identity(run.paths).vault_addr
-        vault = run.connect(run.address)
+        vault = run.connect(boot.vault_addr or identity.load_identity(run.paths).vault_addr)
         token = _with_wrapped_secret_id(run, vault, boot, consumed)
+        # The address that answered is kept, not the one asked for: after a VAULT_ADDR
+        # override (or a failover), the next runs go where Vault was found.
+        run.address = vault.answering_address
         identity.save_token(run.config.reboot_policy, run.paths, token.token, token.accessor,
                             run.address)
         identity.save_identity(run.paths, identity.Identity(boot.role_id, run.address))

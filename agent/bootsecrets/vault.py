@@ -120,6 +120,11 @@ class Vault:
         ]
         return session, clients
 
+    @property
+    def answering_address(self) -> str:
+        """The address that answered last (where the next request goes first)."""
+        return self.addresses[self._failover.preferred]
+
     def close(self) -> None:
         if self._workers is not None:
             self._workers.shutdown(wait=True, cancel_futures=True)
