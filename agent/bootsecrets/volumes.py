@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DROPIN_NAME", "VOLUME_FAILURES", "Outcome", "Prepared", "check", "hold_back",
-           "raise_failures", "rewrap", "settle", "unlocking"]
+__all__ = ["DROPIN_NAME", "VOLUME_FAILURES", "Outcome", "Prepared", "Volumes", "check",
+           "hold_back", "raise_failures", "rewrap", "settle", "unlocking"]
 
 DROPIN_NAME = blockdev.VOLUME_DROPIN
 
@@ -158,3 +158,36 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
 def raise_failures(outcome: Outcome) -> None:
     for err in (*outcome.failed.values(), *outcome.later.values()):
         raise err
+
+
+# --- the steps as one run's part (agent.py, through features.py) ---------------------------
+
+
+class Volumes:
+    """One run's encrypted volumes: checked when made (before Vault), then the steps above
+    in order, each on the outcome of the unlock."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.prepared = check(run)
+        self.outcome = Outcome()
+
+    @contextlib.contextmanager
+    def unlocking(self, vault: Vault) -> Iterator[Callable[[], None]]:
+        """`unlocking`; the callable it gives takes the outcome up (once the block is left)."""
+        with unlocking(self.run, vault, self.prepared) as mounted:
+            def done() -> None:
+                self.outcome = mounted()
+            yield done
+
+    def rewrap(self, vault: Vault) -> None:
+        rewrap(self.run, vault, self.prepared, self.outcome)
+
+    def settle(self) -> bool:
+        return settle(self.run, self.prepared, self.outcome)
+
+    def hold_back(self, rendered: Rendered) -> Rendered:
+        return hold_back(self.run.config, rendered, self.outcome)
+
+    def raise_failures(self) -> None:
+        raise_failures(self.outcome)
