@@ -187,6 +187,12 @@ class Config:
         used = set().union(*(s.secrets for s in self.services))
         return tuple(ref for name, ref in self.secrets.items() if name in used)
 
+    def requests_at_once(self) -> int:
+        """How many requests a run sends at once after the login: a read per secret used, a
+        Transit request per encrypted directory and volume (Vault.prepare_reads opens their
+        connections during the login)."""
+        return len(self.used_secrets()) + len(self.directories) + len(self.volumes)
+
     def users(self, secret: str) -> tuple[str, ...]:
         """The units whose files are rendered from `secret`."""
         return tuple(s.unit for s in self.services if secret in s.secrets)

@@ -10,8 +10,9 @@ The steps of a bootstrap or refresh, as for encrypted directories (encdirs):
    refused. Unlike a directory's refusal, a volume's is that volume's failure (54-59, or
    51-53 later at Vault): the units needing it stay down, the others start.
 2. `unlocking` (after the login, in a thread of its own while the secrets are read):
-   volopen does the work per volume (first use: format, mkfs; every boot: decrypt, open),
-   then waits for the devices not there yet, then has PID 1 mount what is open.
+   volopen does the work, every volume at once in a thread of its own (a device not there
+   yet waited for; first use: format, mkfs; every boot: decrypt, open), then has PID 1
+   mount what is open.
 3. `settle`: alert for each failure; every unit needing a volume gets a drop-in binding it
    to the volume's mount (blockdev.dependency_dropin); `hold_back` leaves the units needing
    a volume that is not mounted out of the start.
