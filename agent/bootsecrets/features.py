@@ -2,8 +2,8 @@
 encrypted directories (encdirs, fscrypt, keyrecord, transit...), encrypted volumes (volumes,
 volopen, luks, blockdev...) and leased secrets (leasing, leasestore, leases, wakeup).
 
-Most configs use none of them, and every bootstrap would otherwise import them all: ≈ 15-20
-ms of a small bootstrap's ≈ 150 (docs/performance.md). agent.py goes through here; a config
+Most configs use none of them, and every bootstrap would otherwise import them all: ≈ 15 ms
+of a small bootstrap's ≈ 150 (docs/performance.md). agent.py goes through here; a config
 without a feature gets a stand-in that does nothing, which is what the feature's own code
 does for such a config.
 """
