@@ -4,7 +4,8 @@
 host and restarts only the units whose bytes changed (and any restart an interrupted run left
 due), rolling a unit back if it does not come up with its new values; `revoke_leases` revokes
 every lease the agent holds. Each step is a module: context (checks, store, lock), login,
-leasing (leased secrets; wakeup: the agent's own schedule), render, deploy.
+features (data at rest and leased secrets, loaded only for a config that uses them), render,
+deploy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bootsecrets import encdirs, identity, leasing, userdata, volumes, wakeup
+from bootsecrets import features, identity, userdata
 from bootsecrets.bootstrapfile import (
     Bootstrap,
     load_bootstrap,
@@ -40,7 +41,7 @@ __all__ = ["Context", "bootstrap", "read_and_render", "refresh", "revoke_leases"
 def bootstrap(ctx: Context) -> None:
     """First boot (or a reboot under persist-token): log in, unlock the encrypted data,
     issue or take up leased secrets, render, start the units."""
-    with Run.open(ctx, "bootstrap") as run, wakeup.scheduled(run):
+    with Run.open(ctx, "bootstrap") as run, features.scheduled(run):
         bootstrap_file = run.paths.bootstrap
         boot = load_bootstrap(bootstrap_file) if os.path.lexists(bootstrap_file) else None
         spent = False
@@ -67,7 +68,7 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
     """Re-read the secrets; switch and restart only what changed; renew or re-issue leased
     secrets that are due; rewrap the data keys whose Transit key moved. With a wrapped
     secret-id (read from standard input by the CLI), re-provision first."""
-    with Run.open(ctx, "refresh") as run, wakeup.scheduled(run):
+    with Run.open(ctx, "refresh") as run, features.scheduled(run):
         data = _check_data(run)
         boot = _wrapped_from_stdin(wrapped_secret_id, run) if wrapped_secret_id else None
         vault, token = authenticate(run, boot, lambda: None)
@@ -76,43 +77,36 @@ def refresh(ctx: Context, *, wrapped_secret_id: str | None = None) -> None:
         _render_and_deploy(run, vault, data, at_boot=False)
 
 
-_Data = tuple[tuple[encdirs.Prepared, ...], tuple[volumes.Prepared, ...]]
-
-
-def _check_data(run: Run) -> _Data:
+def _check_data(run: Run) -> features.DataAtRest:
     """The encrypted directories and volumes, checked before anything is spent."""
-    return encdirs.check(run), volumes.check(run)
+    return features.DataAtRest.check(run)
 
 
-def _render_and_deploy(run: Run, vault: Vault, data: _Data, *, at_boot: bool) -> None:
+def _render_and_deploy(run: Run, vault: Vault, data: features.DataAtRest, *,
+                       at_boot: bool) -> None:
     """Unlock the data while the secrets are read (leased ones issued or taken up), then
     start (or restart) what can run: the units needing a directory that stays locked, or a
     volume that is not mounted, are held back, and the run ends with that exit code once
     the leases are settled."""
-    directories, disks = data
-    with leasing.Session(run, vault, at_boot=at_boot) as leases:
-        with (encdirs.unlocking(run, vault, directories) as unlocked,
-              volumes.unlocking(run, vault, disks) as mounted):
+    with features.leases(run, vault, at_boot=at_boot) as leases:
+        with data.unlocking(vault):
             rendered = read_and_render(run.config, vault, leases.prepare())
-        outcome, disk_outcome = unlocked(), mounted()
         if not at_boot:
-            encdirs.rewrap(run, vault, directories, outcome)
-            volumes.rewrap(run, vault, disks, disk_outcome)
+            data.rewrap(vault)
         if not leases.active:
             vault.close()
-        reload = encdirs.settle(run, directories, outcome)
-        reload = volumes.settle(run, disks, disk_outcome) or reload
-        held = volumes.hold_back(
-            run.config, encdirs.hold_back(run.config, rendered, outcome), disk_outcome)
-        deploy(run, held, at_boot=at_boot, reload=reload, together=leases.together())
-    encdirs.raise_failures(outcome)
-    volumes.raise_failures(disk_outcome)
+        reload = data.settle()
+        deploy(run, data.hold_back(rendered), at_boot=at_boot, reload=reload,
+               together=leases.together())
+    data.raise_failures()
 
 
 def revoke_leases(ctx: Context) -> None:
     """Revoke every lease the agent holds (for decommission; docs/leases.md)."""
     with Run.open(ctx, "revoke-leases") as run:
         vault, _ = authenticate(run, None, lambda: None)
+        from bootsecrets import leasing  # noqa: PLC0415 (lease code only when asked for)
+
         leasing.revoke_all(run, vault)
         run.record(run.load_state())
 

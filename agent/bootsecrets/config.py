@@ -12,20 +12,26 @@ import enum
 import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import yaml
 
-from bootsecrets.dirconfig import EncryptedDirectory, parse_encrypted_directories
 from bootsecrets.envfile import ENV_NAME, PROTECTED_PREFIXES
 from bootsecrets.errors import ConfigError
-from bootsecrets.leases import Policy
-from bootsecrets.leasespec import LeasedSpec, check_on_change, parse_leased, parse_settings
 from bootsecrets.model import TemplateProblem
 from bootsecrets.paths import DEFAULT_STORE
 from bootsecrets.templates import analyze
 from bootsecrets.vaultconfig import VaultSettings, absolute_path, parse_vault_settings
-from bootsecrets.volconfig import EncryptedVolume, parse_encrypted_volumes
 from bootsecrets.yamldoc import Node, parse_document, read_document
+
+if TYPE_CHECKING:
+    # The optional sections' modules (dirconfig, volconfig, leasespec and the lease planner)
+    # are loaded only for a config that has such a section or a leased secret: every
+    # bootstrap parses the config, and most configs use neither (docs/performance.md).
+    from bootsecrets.dirconfig import EncryptedDirectory
+    from bootsecrets.leases import Policy
+    from bootsecrets.leasespec import LeasedSpec
+    from bootsecrets.volconfig import EncryptedVolume
 
 #: systemd's unit-name grammar (unit_name_is_valid() in src/basic/unit-name.c), for the only
 #: type we manage (EnvironmentFile=/LoadCredential= are [Service] settings): a plain name or
@@ -147,10 +153,24 @@ class Config:
     restart_timeout: float = 30.0
     #: fscrypt directories unlocked with a data key from Vault's Transit engine (dirconfig).
     directories: tuple[EncryptedDirectory, ...] = ()
-    #: The schedule of leased secrets (`leases:`).
-    leases: Policy = dataclasses.field(default_factory=Policy)
+    #: The `leases:` section as given; None when there is none (see `leases`).
+    lease_settings: Policy | None = None
     #: LUKS2 block volumes opened with a data key from Vault's Transit engine (volconfig).
     volumes: tuple[EncryptedVolume, ...] = ()
+
+    @property
+    def leases(self) -> Policy:
+        """The schedule of leased secrets (`leases:`, or the defaults)."""
+        if self.lease_settings is not None:
+            return self.lease_settings
+        from bootsecrets.leases import Policy  # noqa: PLC0415 (only lease code asks)
+
+        return Policy()
+
+    @property
+    def has_leased(self) -> bool:
+        """Whether some secret is leased (database, pki): the lease modules are needed."""
+        return any(ref.leased for ref in self.secrets.values())
 
     @property
     def wrapping_creation_path(self) -> str:
@@ -166,6 +186,12 @@ class Config:
         """Secrets some service uses, each once, in config order."""
         used = set().union(*(s.secrets for s in self.services))
         return tuple(ref for name, ref in self.secrets.items() if name in used)
+
+    def requests_at_once(self) -> int:
+        """How many requests a run sends at once after the login: a read per secret used, a
+        Transit request per encrypted directory and volume (Vault.prepare_reads opens their
+        connections during the login)."""
+        return len(self.used_secrets()) + len(self.directories) + len(self.volumes)
 
     def users(self, secret: str) -> tuple[str, ...]:
         """The units whose files are rendered from `secret`."""
@@ -215,12 +241,23 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
     )
     if not services:
         raise top["services"].error("declare at least one service")
-    directories = parse_encrypted_directories(
-        top["encrypted_directories"], [s.unit for s in services], role,
-    ) if "encrypted_directories" in top else ()
-    volumes = parse_encrypted_volumes(
-        top["encrypted_volumes"], [s.unit for s in services], role, directories,
-    ) if "encrypted_volumes" in top else ()
+    directories: tuple[EncryptedDirectory, ...] = ()
+    if "encrypted_directories" in top:
+        from bootsecrets.dirconfig import parse_encrypted_directories  # noqa: PLC0415 (see imports)
+
+        directories = parse_encrypted_directories(
+            top["encrypted_directories"], [s.unit for s in services], role)
+    volumes: tuple[EncryptedVolume, ...] = ()
+    if "encrypted_volumes" in top:
+        from bootsecrets.volconfig import parse_encrypted_volumes  # noqa: PLC0415 (see imports)
+
+        volumes = parse_encrypted_volumes(
+            top["encrypted_volumes"], [s.unit for s in services], role, directories)
+    lease_settings = None
+    if "leases" in top:
+        from bootsecrets.leasespec import parse_settings  # noqa: PLC0415 (see imports)
+
+        lease_settings = parse_settings(top["leases"])
     return Config(
         source=doc.source,
         vault=vault,
@@ -232,7 +269,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         store=_store_path(top["store"]) if "store" in top else DEFAULT_STORE,
         restart_timeout=top["restart_timeout"].seconds() if "restart_timeout" in top else 30.0,
         directories=directories,
-        leases=parse_settings(top["leases"]) if "leases" in top else Policy(),
+        lease_settings=lease_settings,
         volumes=volumes,
     )
 
@@ -278,6 +315,8 @@ def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
             if engine is Engine.KV2 and rest.split("/", 1)[0] in ("data", "metadata"):
                 raise at.error("give the KV v2 path without `data/` (it is added for you)")
             if engine in (Engine.DATABASE, Engine.PKI):
+                from bootsecrets.leasespec import parse_leased  # noqa: PLC0415 (see imports)
+
                 return SecretRef(name, mount, rest, engine,
                                  parse_leased(owner, at, engine.value, rest, options))
             if options:
@@ -334,9 +373,14 @@ def _service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
     on_change = fields["on_change"].choice(OnChange) if "on_change" in fields \
         else OnChange.RESTART
     in_env = {e.secret for e in environment_from}.union(*(t.secrets for t in environment))
-    check_on_change(fields.get("on_change", at), on_change.value,
-                    sorted(n for n in in_env if secrets[n].leased),
-                    sorted(n for t in credentials for n in t.secrets if secrets[n].leased))
+    leased_in_env = sorted(n for n in in_env if secrets[n].leased)
+    leased_in_credentials = sorted(n for t in credentials for n in t.secrets
+                                   if secrets[n].leased)
+    if leased_in_env or leased_in_credentials:
+        from bootsecrets.leasespec import check_on_change  # noqa: PLC0415 (see imports)
+
+        check_on_change(fields.get("on_change", at), on_change.value, leased_in_env,
+                        leased_in_credentials)
     return Service(
         unit=unit,
         environment=environment,

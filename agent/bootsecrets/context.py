@@ -16,10 +16,9 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bootsecrets import luks
 from bootsecrets.config import Config, Service, load_config
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import BootsecretsError, ConfigError, LockBusy, UnitFailed
@@ -29,6 +28,8 @@ from bootsecrets.store import FileSpec, Store
 from bootsecrets.systemd import Runner, Systemctl, check_dropins, run
 
 if TYPE_CHECKING:
+    from bootsecrets import luks
+    from bootsecrets.luksformat import Stdin
     from bootsecrets.vault import TokenInfo, Vault
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ def _new_vault(*args: Any, **kwargs: Any) -> Vault:
     from bootsecrets.vault import Vault  # noqa: PLC0415
 
     return Vault(*args, **kwargs)
+
+
+def _run_block(argv: Sequence[str], *, stdin: Stdin | None = None,
+               check: bool = True) -> luks.Completed:
+    # luks.run, loaded on first use: only a config with encrypted volumes runs cryptsetup.
+    from bootsecrets import luks  # noqa: PLC0415
+
+    return luks.run(argv, stdin=stdin, check=check)
 
 
 @dataclasses.dataclass
@@ -64,7 +73,7 @@ class Context:
     after_login: Callable[[], None] | None = None
     #: Runs cryptsetup, blkid, mkfs and mount for encrypted volumes (stdin for keys); tests
     #: swap in a stand-in where the host has no device-mapper.
-    block_runner: luks.Runner = luks.run
+    block_runner: luks.Runner = _run_block
 
     def load_config(self) -> Config:
         return load_config(self.paths.config, env=self.env)

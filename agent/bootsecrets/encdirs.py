@@ -212,37 +212,46 @@ def _problem(err: BaseException) -> str:
 def unlocking(
     run: Run, vault: Vault, prepared: tuple[Prepared, ...]
 ) -> Iterator[Callable[[], Outcome]]:
-    """Unlock in a thread of its own while the body (the secret reads) runs; the callable
-    it gives returns the outcome. Leaving the block waits for the thread."""
-    if not any(p.state is not DirState.UNLOCKED for p in prepared):
+    """Unlock while the body (the secret reads) runs, every directory at once in a thread
+    of its own: they share nothing (each has its own key record, its own Transit request
+    and its own ioctls), so n directories cost one round trip to Vault, not n. The
+    callable it gives returns the outcome, in config order. Leaving the block waits for
+    the threads."""
+    pending = [p for p in prepared if p.state is not DirState.UNLOCKED or p.record is None]
+    if not pending:
         outcome = Outcome(unlocked={p.directory.name: p.record for p in prepared
                                     if p.record is not None})
         yield lambda: outcome
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unlock") as pool:
-        future = pool.submit(unlock_all, run, vault, prepared)
-        yield future.result
-
-
-def unlock_all(run: Run, vault: Vault, prepared: tuple[Prepared, ...]) -> Outcome:
-    outcome = Outcome()
     identifiers = {p.directory.name: p.record.key_identifier for p in prepared
                    if p.record is not None and p.record.key_identifier is not None}
-    for item in prepared:
-        name = item.directory.name
-        others = {i for n, i in identifiers.items() if n != name}
-        try:
-            if item.state is DirState.UNLOCKED and item.record is not None:
-                record = item.record
-            elif item.state is DirState.NEW:
-                record = _provision(run, vault, item)
-            else:
-                record = _unlock(run, vault, item, others)
-        except DIRECTORY_FAILURES as err:
-            outcome.failed[name] = err
-            continue
-        outcome.unlocked[name] = record
-    return outcome
+    with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="unlock") as pool:
+        futures = {p.directory.name: pool.submit(
+            unlock_one, run, vault, p,
+            {i for n, i in identifiers.items() if n != p.directory.name}) for p in pending}
+
+        def collect() -> Outcome:
+            done = Outcome()
+            for item in prepared:
+                name = item.directory.name
+                try:
+                    record = futures[name].result() if name in futures else item.record
+                except DIRECTORY_FAILURES as err:
+                    done.failed[name] = err
+                    continue
+                assert record is not None  # only an unlocked one with a record is not pending
+                done.unlocked[name] = record
+            return done
+
+        yield collect
+
+
+def unlock_one(run: Run, vault: Vault, item: Prepared, others: set[str]) -> KeyRecord:
+    """First use or unlock of one directory; `others`: the key identifiers of the other
+    directories (fscrypt.unlock)."""
+    if item.state is DirState.NEW:
+        return _provision(run, vault, item)
+    return _unlock(run, vault, item, others)
 
 
 def _provision(run: Run, vault: Vault, item: Prepared) -> KeyRecord:
@@ -415,3 +424,36 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
 def raise_failures(outcome: Outcome) -> None:
     for err in (*outcome.failed.values(), *outcome.later.values()):
         raise err
+
+
+# --- the steps as one run's part (agent.py, through features.py) ---------------------------
+
+
+class Directories:
+    """One run's encrypted directories: checked when made (before Vault), then the steps
+    above in order, each on the outcome of the unlock."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.prepared = check(run)
+        self.outcome = Outcome()
+
+    @contextlib.contextmanager
+    def unlocking(self, vault: Vault) -> Iterator[Callable[[], None]]:
+        """`unlocking`; the callable it gives takes the outcome up (once the block is left)."""
+        with unlocking(self.run, vault, self.prepared) as unlocked:
+            def done() -> None:
+                self.outcome = unlocked()
+            yield done
+
+    def rewrap(self, vault: Vault) -> None:
+        rewrap(self.run, vault, self.prepared, self.outcome)
+
+    def settle(self) -> bool:
+        return settle(self.run, self.prepared, self.outcome)
+
+    def hold_back(self, rendered: Rendered) -> Rendered:
+        return hold_back(self.run.config, rendered, self.outcome)
+
+    def raise_failures(self) -> None:
+        raise_failures(self.outcome)

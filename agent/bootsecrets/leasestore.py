@@ -31,12 +31,12 @@ from bootsecrets.errors import LeaseIssueFailed
 from bootsecrets.leases import Certificate, Kind, Lease, Record, issued_lease
 from bootsecrets.leasespec import CertificateSpec, DatabaseSpec
 from bootsecrets.model import LeaseGrant, SecretData
-from bootsecrets.paths import Paths
+from bootsecrets.paths import LEASES_FILE, Paths
 from bootsecrets.state import LeasedState
 
 log = logging.getLogger(__name__)
 
-FILE = "leases.json"
+FILE = LEASES_FILE
 MAX_FILE = 16 << 20
 
 

@@ -54,7 +54,7 @@ def authenticate(
         raise err
     run.address = kept.vault_addr
     vault = run.connect(run.address)
-    vault.prepare_reads(len(run.config.used_secrets()))  # while the token is checked
+    vault.prepare_reads(run.config.requests_at_once())  # while the token is checked
     try:
         run.token = vault.use_token(kept.token)
     except TokenInvalid as err:
@@ -86,7 +86,7 @@ def _with_wrapped_secret_id(
     log.info("wrapped secret-id checked: created at %s with a TTL of %ss", info.creation_path,
              info.creation_ttl, extra={"CREATION_PATH": info.creation_path})
     # Only TCP (and TLS) handshakes, nothing sent: they overlap the unwrap and login.
-    vault.prepare_reads(len(config.used_secrets()))
+    vault.prepare_reads(config.requests_at_once())
     if run.ctx.after_lookup is not None:
         run.ctx.after_lookup()
     try:

@@ -11,6 +11,8 @@ DEFAULT_BOOTSTRAP = DEFAULT_STORE / "bootstrap.yaml"
 DROPIN_DIR = Path("/run/systemd/system")
 STATE_DIR = Path("/var/lib/bootsecrets")
 DROPIN_NAME = "50-bootsecrets.conf"
+#: The leased secrets the agent holds, in the store (leasestore.py).
+LEASES_FILE = "leases.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Paths:
     @property
     def state_file(self) -> Path:
         return self.store / "state.json"
+
+    @property
+    def leases(self) -> Path:
+        return self.store / LEASES_FILE
 
     @property
     def runtime_token(self) -> Path:

@@ -13,14 +13,14 @@ import datetime
 import json
 from typing import Any
 
-from bootsecrets import dirstatus, volstatus
 from bootsecrets.config import Config, RebootPolicy
 from bootsecrets.context import Context
 from bootsecrets.identity import load_token
-from bootsecrets.leases import status_entry
 from bootsecrets.state import State
 from bootsecrets.store import Store
-from bootsecrets.wakeup import decisions
+
+# The modules of encrypted directories, volumes and leases are loaded only when there is
+# such a thing to show (features.py says why).
 
 STATUS_VERSION = 1
 
@@ -72,17 +72,38 @@ def collect(ctx: Context) -> dict[str, Any]:
         "last_run": dataclasses.asdict(state.last_run) if state.last_run else None,
         "last_success": dataclasses.asdict(state.last_success) if state.last_success else None,
         "units": units,
-        "directories": dirstatus.collect(config, store.paths),
-        "volumes": volstatus.collect(config, store.paths, ctx.block_runner),
+        "directories": _directories(config, store),
+        "volumes": _volumes(config, store, ctx),
         "leases": _leases(config, state, ctx.clock()),
         "wakeup_at": state.wakeup_at,
         "action": None if provisioned else _recovery(config.reboot_policy, has_token),
     }
 
 
+def _directories(config: Config, store: Store) -> list[dict[str, Any]]:
+    if not config.directories:
+        return []
+    from bootsecrets import dirstatus  # noqa: PLC0415 (see the imports)
+
+    return dirstatus.collect(config, store.paths)
+
+
+def _volumes(config: Config, store: Store, ctx: Context) -> list[dict[str, Any]]:
+    if not config.volumes:
+        return []
+    from bootsecrets import volstatus  # noqa: PLC0415 (see the imports)
+
+    return volstatus.collect(config, store.paths, ctx.block_runner)
+
+
 def _leases(config: Config, state: State, now: float) -> list[dict[str, Any]]:
     """Every lease and certificate held: expiry, the action due now and the next one, with
     when (epoch seconds, planned as the next run would). No value, no lease ID."""
+    if not state.leases:
+        return []
+    from bootsecrets.leases import status_entry  # noqa: PLC0415 (see the imports)
+    from bootsecrets.wakeup import decisions  # noqa: PLC0415
+
     out = []
     for decision in decisions(config.secrets, state.leases, config.leases, now):
         held = state.leases[decision.name]
@@ -148,8 +169,14 @@ def format_text(report: dict[str, Any]) -> str:
                      f"secrets {secrets}, fetched {fetched}{flag}")
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
-    lines.extend(dirstatus.format_line(d) for d in report["directories"])
-    lines.extend(volstatus.format_line(v) for v in report["volumes"])
+    if report["directories"]:
+        from bootsecrets import dirstatus  # noqa: PLC0415 (see the imports)
+
+        lines.extend(dirstatus.format_line(d) for d in report["directories"])
+    if report["volumes"]:
+        from bootsecrets import volstatus  # noqa: PLC0415 (see the imports)
+
+        lines.extend(volstatus.format_line(v) for v in report["volumes"])
     for lease in report["leases"]:
         now = "" if lease["action"] == "none" else f"{lease['action']} now ({lease['reason']}); "
         notes = f" [{', '.join(lease['notes'])}]" if lease["notes"] else ""

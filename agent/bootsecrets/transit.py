@@ -100,7 +100,7 @@ def _call(
     path = key.path(operation)
     try:
         return vault.write(path, body, what=f"{path} for {what}", idempotent=True,
-                           refused=_refused(key, what))
+                           refused=_refused(key, what), with_reads=True)
     except PermissionDenied:
         raise DataLocked(f"{what}: permission denied on {path}") from None
 

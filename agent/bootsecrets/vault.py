@@ -325,30 +325,39 @@ class Vault:
             except (PermissionDenied, SecretMissing) as err:
                 return err
 
-        # Connections being opened for these reads: let them finish rather than open more
-        # (each is bounded by the request timeout).
-        if self._preconnects is not None:
-            wait_for_futures(self._preconnects.result())
-            self._preconnects = None
+        self._connections_ready()
         # One batch: every distinct path in flight at once (20 paths read 8 at a time would
         # cost three round trips more on a distant Vault).
         results = list(self._pool().map(one, refs))
         return {ref.name: result for ref, result in zip(refs, results, strict=True)}
+
+    def _connections_ready(self) -> None:
+        """Connections being opened for the requests after the login (prepare_reads): let
+        them finish rather than open more (each is bounded by the request timeout)."""
+        preconnects = self._preconnects
+        if preconnects is not None:
+            wait_for_futures(preconnects.result())
+            self._preconnects = None
 
     # --- writes (Transit, token revocation) -----------------------------------------------
 
     def write(
         self, path: str, body: Mapping[str, Any], *, what: str, idempotent: bool,
         refused: Callable[[int, str], BootsecretsError] | None = None,
+        with_reads: bool = False,
     ) -> dict[str, Any]:
         """POST `body` to `path` with the run's token; Vault's `data` back ({} if none).
         401/403: PermissionDenied(path). 400/404: `refused(status, Vault's error text)`,
-        a VaultError by default. The body and the answer are never part of an error."""
+        a VaultError by default. The body and the answer are never part of an error.
+        `with_reads`: one of the requests sent at once with the reads (a Transit request of
+        the unlock), on their connections, opened during the login (prepare_reads)."""
         token = self._require_token().token
+        if with_reads:
+            self._connections_ready()
         try:
             response = self._call(what, lambda c: c.adapter.post(
                 f"/v1/{path}", json=dict(body), headers=self._headers(token)),
-                idempotent=idempotent)
+                idempotent=idempotent, clients=self._read_clients if with_reads else None)
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
             raise PermissionDenied(path) from None
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:

@@ -10,8 +10,9 @@ The steps of a bootstrap or refresh, as for encrypted directories (encdirs):
    refused. Unlike a directory's refusal, a volume's is that volume's failure (54-59, or
    51-53 later at Vault): the units needing it stay down, the others start.
 2. `unlocking` (after the login, in a thread of its own while the secrets are read):
-   volopen does the work per volume (first use: format, mkfs; every boot: decrypt, open),
-   then waits for the devices not there yet, then has PID 1 mount what is open.
+   volopen does the work, every volume at once in a thread of its own (a device not there
+   yet waited for; first use: format, mkfs; every boot: decrypt, open), then has PID 1
+   mount what is open.
 3. `settle`: alert for each failure; every unit needing a volume gets a drop-in binding it
    to the volume's mount (blockdev.dependency_dropin); `hold_back` leaves the units needing
    a volume that is not mounted out of the start.
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DROPIN_NAME", "VOLUME_FAILURES", "Outcome", "Prepared", "check", "hold_back",
-           "raise_failures", "rewrap", "settle", "unlocking"]
+__all__ = ["DROPIN_NAME", "VOLUME_FAILURES", "Outcome", "Prepared", "Volumes", "check",
+           "hold_back", "raise_failures", "rewrap", "settle", "unlocking"]
 
 DROPIN_NAME = blockdev.VOLUME_DROPIN
 
@@ -158,3 +159,36 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
 def raise_failures(outcome: Outcome) -> None:
     for err in (*outcome.failed.values(), *outcome.later.values()):
         raise err
+
+
+# --- the steps as one run's part (agent.py, through features.py) ---------------------------
+
+
+class Volumes:
+    """One run's encrypted volumes: checked when made (before Vault), then the steps above
+    in order, each on the outcome of the unlock."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.prepared = check(run)
+        self.outcome = Outcome()
+
+    @contextlib.contextmanager
+    def unlocking(self, vault: Vault) -> Iterator[Callable[[], None]]:
+        """`unlocking`; the callable it gives takes the outcome up (once the block is left)."""
+        with unlocking(self.run, vault, self.prepared) as mounted:
+            def done() -> None:
+                self.outcome = mounted()
+            yield done
+
+    def rewrap(self, vault: Vault) -> None:
+        rewrap(self.run, vault, self.prepared, self.outcome)
+
+    def settle(self) -> bool:
+        return settle(self.run, self.prepared, self.outcome)
+
+    def hold_back(self, rendered: Rendered) -> Rendered:
+        return hold_back(self.run.config, rendered, self.outcome)
+
+    def raise_failures(self) -> None:
+        raise_failures(self.outcome)
