@@ -41,15 +41,18 @@ def app(config: Config) -> dict[str, Any]:
 def env_template(source: str) -> Callable[[Config], None]:
     def apply(config: Config) -> None:
         app(config)["environment"]["HOSTILE"] = source
+
     return apply
 
 
 def credentials(**templates: str) -> Callable[[Config], None]:
     """app.service gets these credentials and no other use of the db secret."""
+
     def apply(config: Config) -> None:
         config["services"].pop("worker.service")
         app(config)["environment"] = {"API_KEY": "{{ secrets.api.key }}"}
         app(config)["credentials"] = templates
+
     return apply
 
 
@@ -62,51 +65,98 @@ HOSTILE = {
     "power-tower": "{{ 9**(9**9) }}",
     "string-repeat": "{{ 'x'*3000000000 }}",
     "nested-loops": "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}"
-                    "{% endfor %}{% endfor %}",
+    "{% endfor %}{% endfor %}",
     "format-width": "{{ '%999999999s' | format(secrets.db.password) }}",
     "join-huge-range": "{{ range(100000) | join(secrets.db.password * 1000) }}",
     "list-repeat": "{{ [secrets.db.password] * 1000000000 }}",
     "concat-in-a-loop": "{% set ns = namespace(s=secrets.db.password) %}{% for i in range(64) %}"
-                        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
     "silent-loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
-                    "{% endfor %}",
+    "{% endfor %}",
 }
 
 CASES = [
     # --- values systemd's EnvironmentFile= parser refuses (it would log them) ---
-    Case("value-noncharacter-fffe", ENCODE, "Unicode noncharacter",
-         secret={"username": "app", "password": f"{MARK}\ufffe"}),
-    Case("value-noncharacter-fdd0", ENCODE, "Unicode noncharacter",
-         secret={"username": "app", "password": f"{MARK}\ufdd0"}),
-    Case("value-noncharacter-plane-16", ENCODE, "Unicode noncharacter",
-         secret={"username": "app", "password": f"{MARK}\U0010ffff"}),
+    Case(
+        "value-noncharacter-fffe",
+        ENCODE,
+        "Unicode noncharacter",
+        secret={"username": "app", "password": f"{MARK}\ufffe"},
+    ),
+    Case(
+        "value-noncharacter-fdd0",
+        ENCODE,
+        "Unicode noncharacter",
+        secret={"username": "app", "password": f"{MARK}\ufdd0"},
+    ),
+    Case(
+        "value-noncharacter-plane-16",
+        ENCODE,
+        "Unicode noncharacter",
+        secret={"username": "app", "password": f"{MARK}\U0010ffff"},
+    ),
     # --- more than execve() or systemd's credential loader takes ---
-    Case("environment-over-1-mib", ENCODE, "over the 1 MiB",
-         secret={f"v{i}": MARK + "v" * 120_000 for i in range(20)} | {"username": "app",
-                                                                       "password": "x"},
-         config=environment_from_db),
-    Case("credential-over-1-mib", ENCODE, "larger than 1 MiB",
-         secret={"username": "app", "password": MARK * 80_000},
-         config=credentials(**{"tls.key": "{{ secrets.db.password }}"})),
-    Case("credentials-over-1-mib-in-all", ENCODE, "credentials total more than 1 MiB",
-         secret={"username": MARK * 40_000, "password": MARK * 40_000},
-         config=credentials(a="{{ secrets.db.username }}", b="{{ secrets.db.password }}")),
+    Case(
+        "environment-over-1-mib",
+        ENCODE,
+        "over the 1 MiB",
+        secret={f"v{i}": MARK + "v" * 120_000 for i in range(20)}
+        | {"username": "app", "password": "x"},
+        config=environment_from_db,
+    ),
+    Case(
+        "credential-over-1-mib",
+        ENCODE,
+        "larger than 1 MiB",
+        secret={"username": "app", "password": MARK * 80_000},
+        config=credentials(**{"tls.key": "{{ secrets.db.password }}"}),
+    ),
+    Case(
+        "credentials-over-1-mib-in-all",
+        ENCODE,
+        "credentials total more than 1 MiB",
+        secret={"username": MARK * 40_000, "password": MARK * 40_000},
+        config=credentials(a="{{ secrets.db.username }}", b="{{ secrets.db.password }}"),
+    ),
     # --- hostile templates: bounded evaluation ---
-    *(Case(f"template-{name}", RENDER, "unit app.service, variable HOSTILE: template stopped",
-           secret={"username": "app", "password": MARK}, config=env_template(source))
-      for name, source in HOSTILE.items()),
+    *(
+        Case(
+            f"template-{name}",
+            RENDER,
+            "unit app.service, variable HOSTILE: template stopped",
+            secret={"username": "app", "password": MARK},
+            config=env_template(source),
+        )
+        for name, source in HOSTILE.items()
+    ),
 ]
 
 #: Found at config load, before the wrapping lookup: the wrapped secret-id is not spent.
 AT_LOAD = [
-    Case("template-unknown-filter", CONFIG, "HOSTILE: no filter named `nosuch`",
-         config=env_template("{{ secrets.db.password | nosuch }}")),
-    Case("template-unknown-filter-in-if", CONFIG, "HOSTILE: no filter named `nosuch`",
-         config=env_template("{% if secrets.db.password %}{{ 1 | nosuch }}{% endif %}")),
-    Case("template-unknown-test", CONFIG, "HOSTILE: no test named `nosuch`",
-         config=env_template("{% if secrets.db.password is nosuch %}x{% endif %}")),
-    Case("template-include", CONFIG, "HOSTILE: include, extends and import are not available",
-         config=env_template("{% include 'x' %}")),
+    Case(
+        "template-unknown-filter",
+        CONFIG,
+        "HOSTILE: no filter named `nosuch`",
+        config=env_template("{{ secrets.db.password | nosuch }}"),
+    ),
+    Case(
+        "template-unknown-filter-in-if",
+        CONFIG,
+        "HOSTILE: no filter named `nosuch`",
+        config=env_template("{% if secrets.db.password %}{{ 1 | nosuch }}{% endif %}"),
+    ),
+    Case(
+        "template-unknown-test",
+        CONFIG,
+        "HOSTILE: no test named `nosuch`",
+        config=env_template("{% if secrets.db.password is nosuch %}x{% endif %}"),
+    ),
+    Case(
+        "template-include",
+        CONFIG,
+        "HOSTILE: include, extends and import are not available",
+        config=env_template("{% include 'x' %}"),
+    ),
 ]
 
 

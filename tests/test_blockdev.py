@@ -28,8 +28,9 @@ class Scripted:
         self.answer = (code, out, err)
         self.calls: list[tuple[str, ...]] = []
 
-    def __call__(self, argv: Sequence[str], *, stdin: luks.Stdin | None = None,
-                 check: bool = True) -> luks.Completed:
+    def __call__(
+        self, argv: Sequence[str], *, stdin: luks.Stdin | None = None, check: bool = True
+    ) -> luks.Completed:
         self.calls.append(tuple(argv))
         return luks.Completed(tuple(argv), *self.answer)
 
@@ -42,7 +43,13 @@ def test_the_uuid_given_to_luksformat_is_the_headers(tmp_path: Path) -> None:
     luks.format_volume(image, bytearray(secrets.token_bytes(64)), TOKEN, uuid=chosen)
     assert blockdev.luks_uuid(image) == chosen
     assert luks.format_argv(image, chosen)[-6:] == (
-        "--uuid", chosen, "--key-slot", "0", "--key-file=-", str(image))
+        "--uuid",
+        chosen,
+        "--key-slot",
+        "0",
+        "--key-file=-",
+        str(image),
+    )
     with pytest.raises(ValueError, match="LUKS UUID"):
         luks.format_argv(image, "not-a-uuid")
     with pytest.raises(luks.CryptsetupFailed, match="luksUUID"):
@@ -50,13 +57,15 @@ def test_the_uuid_given_to_luksformat_is_the_headers(tmp_path: Path) -> None:
 
 
 def test_the_device_behind_a_mapping() -> None:
-    active = Scripted(0, "/dev/mapper/data is active and is in use.\n  type:    LUKS2\n"
-                         "  cipher:  aes-xts-plain64\n  keysize: 512 bits\n"
-                         "  device:  /dev/sda\n  sector size:  512\n")
+    active = Scripted(
+        0,
+        "/dev/mapper/data is active and is in use.\n  type:    LUKS2\n"
+        "  cipher:  aes-xts-plain64\n  keysize: 512 bits\n"
+        "  device:  /dev/sda\n  sector size:  512\n",
+    )
     assert blockdev.mapped_device("data", active) == Path("/dev/sda")
     assert active.calls == [("cryptsetup", "status", "data")]
-    assert blockdev.mapped_device("data", Scripted(4, "/dev/mapper/data is inactive.\n")) \
-        is None
+    assert blockdev.mapped_device("data", Scripted(4, "/dev/mapper/data is inactive.\n")) is None
     with pytest.raises(luks.CryptsetupFailed, match="Cannot initialize device-mapper"):
         blockdev.mapped_device("data", Scripted(1, "", "Cannot initialize device-mapper.\n"))
     with pytest.raises(luks.CryptsetupFailed, match="named no device"):
@@ -66,9 +75,18 @@ def test_the_device_behind_a_mapping() -> None:
 def test_mkfs_command_lines() -> None:
     mapper = Path("/dev/mapper/data")
     assert blockdev.mkfs_argv(Filesystem.EXT4, mapper) == (
-        "mkfs.ext4", "-q", "-E", "nodiscard", "/dev/mapper/data")
+        "mkfs.ext4",
+        "-q",
+        "-E",
+        "nodiscard",
+        "/dev/mapper/data",
+    )
     assert blockdev.mkfs_argv(Filesystem.XFS, mapper) == (
-        "mkfs.xfs", "-q", "-K", "/dev/mapper/data")
+        "mkfs.xfs",
+        "-q",
+        "-K",
+        "/dev/mapper/data",
+    )
 
 
 def test_mountinfo_with_the_kernels_escapes(tmp_path: Path) -> None:
@@ -77,11 +95,15 @@ def test_mountinfo_with_the_kernels_escapes(tmp_path: Path) -> None:
         "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
         "90 22 253:3 / /srv/my\\040data rw,nodev,nosuid shared:50 - ext4 /dev/mapper/data rw\n"
         "91 90 0:55 / /srv/my\\040data rw shared:51 - tmpfs tmpfs rw\n"
-        "92 22 253:4 / /srv/tab\\011x rw master:3 - xfs /dev/mapper/x rw\n")
+        "92 22 253:4 / /srv/tab\\011x rw master:3 - xfs /dev/mapper/x rw\n"
+    )
     entries = blockdev.mounts(mountinfo)
     assert [(e.mount_point, e.fstype, e.source) for e in entries] == [
-        ("/", "ext4", "/dev/sda1"), ("/srv/my data", "ext4", "/dev/mapper/data"),
-        ("/srv/my data", "tmpfs", "tmpfs"), ("/srv/tab\tx", "xfs", "/dev/mapper/x")]
+        ("/", "ext4", "/dev/sda1"),
+        ("/srv/my data", "ext4", "/dev/mapper/data"),
+        ("/srv/my data", "tmpfs", "tmpfs"),
+        ("/srv/tab\tx", "xfs", "/dev/mapper/x"),
+    ]
     assert entries[1].device == os.makedev(253, 3)
     # What is visible at a mount point is what was mounted there last.
     top = blockdev.mounted_at(Path("/srv/my data"), mountinfo)
@@ -96,8 +118,10 @@ def test_the_real_mount_table_by_device_number() -> None:
         assert not blockdev.mounted_from(fs.mountpoint / "lost+found", Path(fs.device))
         handle = (fs.mountpoint / "open.log").open("w")
         try:
-            assert (os.getpid(), Path(f"/proc/{os.getpid()}/comm").read_text().strip()) in \
-                blockdev.users_of(fs.mountpoint)
+            assert (
+                os.getpid(),
+                Path(f"/proc/{os.getpid()}/comm").read_text().strip(),
+            ) in blockdev.users_of(fs.mountpoint)
         finally:
             handle.close()
         assert os.getpid() not in [pid for pid, _ in blockdev.users_of(fs.mountpoint)]
@@ -134,6 +158,5 @@ def test_waiting_for_a_device(tmp_path: Path) -> None:
         slept.append(seconds)
         clock[0] += seconds
 
-    assert not blockdev.wait_for(tmp_path / "never", 1.2, sleep=just_sleep,
-                                 clock=lambda: clock[0])
+    assert not blockdev.wait_for(tmp_path / "never", 1.2, sleep=just_sleep, clock=lambda: clock[0])
     assert sum(slept) == pytest.approx(1.2)

@@ -44,16 +44,22 @@ def test_happy_path_two_units_kv2_and_kv1(world: World, openbao: OpenBao) -> Non
         "API_KEY": world.api_key,
     }
     worker = read_env_file(sandbox.env_file("worker.service"))
-    assert worker == {"DB_PASSWORD": world.password, "LEGACY_TOKEN": world.legacy,
-                      "LEGACY_PORT": "5432"}
+    assert worker == {
+        "DB_PASSWORD": world.password,
+        "LEGACY_TOKEN": world.legacy,
+        "LEGACY_PORT": "5432",
+    }
     # The shared path is read once; the whole run is lookup + unwrap + login + 3 reads.
     paths = [r["path"] for r in openbao.audited_requests(offset)]
     assert paths.count(f"secret/data/{world.unique}/db") == 1
-    assert sorted(paths) == sorted(["sys/wrapping/lookup", "sys/wrapping/unwrap",
-                                    "auth/approle/login", *world.policy_paths])
+    assert sorted(paths) == sorted(
+        ["sys/wrapping/lookup", "sys/wrapping/unwrap", "auth/approle/login", *world.policy_paths]
+    )
     # systemd: one daemon-reload, then the units started without blocking.
     assert sandbox.runner.verbs() == [
-        ("daemon-reload",), ("start", "--no-block", "--", "app.service", "worker.service")]
+        ("daemon-reload",),
+        ("start", "--no-block", "--", "app.service", "worker.service"),
+    ]
     dropin = (sandbox.root / "run/systemd/system/app.service.d" / DROPIN_NAME).read_text()
     assert "EnvironmentFile=/run/bootsecrets/current/env/app.service.env" in dropin
     assert "Requires=bootsecrets.service" in dropin and "After=bootsecrets.service" in dropin
@@ -158,8 +164,9 @@ def test_permission_denied_names_the_path(world: World, openbao: OpenBao) -> Non
 def test_missing_secret(world: World, openbao: OpenBao) -> None:
     config = world.config()
     config["secrets"]["db"] = f"secret/{world.unique}/nothing-here"
-    openbao.approle(world.role, policy(*world.policy_paths,
-                                       f"secret/data/{world.unique}/nothing-here"))
+    openbao.approle(
+        world.role, policy(*world.policy_paths, f"secret/data/{world.unique}/nothing-here")
+    )
     world.provision(secrets=config["secrets"])
     code, _, err = world.sandbox.run("bootstrap")
     assert code == errors.SecretMissing.exit_code == 27
@@ -182,8 +189,11 @@ def test_vault_unreachable(world: World) -> None:
     from support.openbao import free_port
 
     config = world.config()
-    config["vault"] = {"address": f"http://127.0.0.1:{free_port()}", "boot_deadline": 1,
-                       "request_timeout": 1}
+    config["vault"] = {
+        "address": f"http://127.0.0.1:{free_port()}",
+        "boot_deadline": 1,
+        "request_timeout": 1,
+    }
     world.provision(vault=config["vault"])
     started = time.monotonic()
     code, _, err = world.sandbox.run("bootstrap")
@@ -198,8 +208,9 @@ def test_vault_unreachable(world: World) -> None:
 def test_optional_unit_is_left_out_when_its_secret_is_denied(
     world: World, openbao: OpenBao
 ) -> None:
-    openbao.approle(world.role, policy(f"secret/data/{world.unique}/db",
-                                       f"secret/data/{world.unique}/api"))
+    openbao.approle(
+        world.role, policy(f"secret/data/{world.unique}/db", f"secret/data/{world.unique}/api")
+    )
     config = world.config()
     config["services"]["worker.service"]["required"] = False
     config["services"]["worker.service"]["environment"] = {}
@@ -208,13 +219,13 @@ def test_optional_unit_is_left_out_when_its_secret_is_denied(
     assert code == 0, err
     assert world.sandbox.started_units() == ["app.service"]
     assert not world.sandbox.env_file("worker.service").exists()
-    assert f"optional unit worker.service left out: permission denied reading " \
-           f"kv1/{world.unique}/legacy" in err
+    assert (
+        f"optional unit worker.service left out: permission denied reading "
+        f"kv1/{world.unique}/legacy" in err
+    )
 
 
-def test_unencodable_value_fails_before_anything_is_written(
-    world: World, openbao: OpenBao
-) -> None:
+def test_unencodable_value_fails_before_anything_is_written(world: World, openbao: OpenBao) -> None:
     openbao.put("secret", f"{world.unique}/api", {"key": "x" * (200 * 1024)})
     world.provision()
     code, _, err = world.sandbox.run("bootstrap")
@@ -256,14 +267,20 @@ def tls_openbao() -> Iterator[OpenBao]:
         yield server
 
 
-def provision_tls(server: OpenBao, sandbox: Sandbox, unique: str, ca_source: Path,
-                  deadline: int) -> World:
+def provision_tls(
+    server: OpenBao, sandbox: Sandbox, unique: str, ca_source: Path, deadline: int
+) -> World:
     ca = sandbox.root / "etc/bootsecrets/vault-ca.pem"
     ca.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(ca_source, ca)
     world = World(server, sandbox, unique)
-    world.provision(vault={"address": server.addr, "ca_cert": "/etc/bootsecrets/vault-ca.pem",
-                           "boot_deadline": deadline})
+    world.provision(
+        vault={
+            "address": server.addr,
+            "ca_cert": "/etc/bootsecrets/vault-ca.pem",
+            "boot_deadline": deadline,
+        }
+    )
     return world
 
 
@@ -282,8 +299,7 @@ def test_tls_with_the_wrong_ca_fails_at_once(
 ) -> None:
     assert tls_openbao.ca_cert is not None
     # A well-formed PEM that is not the server's CA: the server's own leaf certificate.
-    provision_tls(tls_openbao, sandbox, unique, tls_openbao.ca_cert.with_name("vault-cert.pem"),
-                  30)
+    provision_tls(tls_openbao, sandbox, unique, tls_openbao.ca_cert.with_name("vault-cert.pem"), 30)
     started = time.monotonic()
     code, _, err = sandbox.run("bootstrap")
     assert code == errors.TLSVerifyFailed.exit_code
@@ -310,8 +326,9 @@ def test_user_data_address_goes_first_and_config_addresses_stay_as_fallbacks(
     from support.openbao import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    world.sandbox.write_config(world.config(vault={"addresses": [world.bao.addr],
-                                                   "boot_deadline": 10}))
+    world.sandbox.write_config(
+        world.config(vault={"addresses": [world.bao.addr], "boot_deadline": 10})
+    )
     world.sandbox.write_bootstrap(world.role_id, world.bao.wrapped_secret_id(world.role), dead)
     config = load_config(world.sandbox.root / "etc/bootsecrets/config.yaml")
     ctx = world.sandbox.context()
@@ -329,8 +346,9 @@ def test_the_address_that_answered_is_kept_not_the_one_asked_for(world: World) -
     from support.openbao import free_port
 
     dead, also_dead = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
-    world.sandbox.write_config(world.config(
-        vault={"address": also_dead, "boot_deadline": 3, "request_timeout": 2}))
+    world.sandbox.write_config(
+        world.config(vault={"address": also_dead, "boot_deadline": 3, "request_timeout": 2})
+    )
     world.sandbox.write_bootstrap(world.role_id, world.bao.wrapped_secret_id(world.role), dead)
     world.sandbox.env["VAULT_ADDR"] = world.bao.addr
     code, _, err = world.sandbox.run("bootstrap")

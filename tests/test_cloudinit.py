@@ -22,7 +22,7 @@ BOOTSTRAP_PATH = "/run/bootsecrets/bootstrap.yaml"
 # Terraform's template language could trip on.
 TOKEN_AWKWARD = [
     "hvs.CAESIJ" + "x" * 80,
-    "\"quoted'\"",
+    '"quoted\'"',
     "$HOME${x}%{y}$${z}",
     "back\\slash\\n\\",
     "#hash:colon:{}[]&*!|>%@`,?",
@@ -55,8 +55,9 @@ def cloud_init_schema(text: str, tmp_path: Path, name: str = "user-data.yaml") -
         pytest.fail("cloud-init is missing: run `apt-get install -y cloud-init`")
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
-    result = subprocess.run([binary, "schema", "--config-file", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [binary, "schema", "--config-file", str(path)], capture_output=True, text=True, check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "Valid cloud-config" in output, output
     assert "deprecat" not in output.lower(), output
@@ -107,8 +108,10 @@ def test_example_is_what_terraform_renders(example: Path, tmp_path: Path) -> Non
     bootstrap = load_bootstrap(write_bootstrap(text, tmp_path))
     keys = yaml.safe_load(text).get("ssh_authorized_keys", [])
     assert bootstrap.vault_addr is not None
-    assert render_user_data(bootstrap.vault_addr, bootstrap.role_id,
-                            bootstrap.wrapped_secret_id, keys) == text
+    assert (
+        render_user_data(bootstrap.vault_addr, bootstrap.role_id, bootstrap.wrapped_secret_id, keys)
+        == text
+    )
 
 
 @pytest.mark.parametrize("value", TOKEN_AWKWARD)
@@ -116,12 +119,15 @@ def test_token_values_round_trip_through_the_agent_parser(value: str, tmp_path: 
     role_id = "role-" + value
     wrapped = value + "-wrapped"
     addr = "https://[2001:db8::1]:8200"
-    keys = [f"ssh-ed25519 AAAAC3Nza{value} user: {value} # \"c\""]
+    keys = [f'ssh-ed25519 AAAAC3Nza{value} user: {value} # "c"']
     user_data = render_user_data(addr, role_id, wrapped, keys)
     cloud_init_schema(user_data, tmp_path)
     bootstrap = load_bootstrap(write_bootstrap(user_data, tmp_path))
     assert (bootstrap.role_id, bootstrap.wrapped_secret_id, bootstrap.vault_addr) == (
-        role_id, wrapped, addr)
+        role_id,
+        wrapped,
+        addr,
+    )
     assert yaml.safe_load(user_data)["ssh_authorized_keys"] == keys
 
 
@@ -135,31 +141,47 @@ def test_without_ssh_keys_there_is_no_ssh_key_section(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", TEMPLATE_AWKWARD)
 def test_template_quotes_any_value(value: str, tmp_path: Path) -> None:
     """The template alone (templatefile(), no module validation) keeps any value exact."""
-    variables = {"vault_addr": value + "addr", "role_id": value, "wrapped_secret_id": value + "w",
-                 "ssh_authorized_keys": [value, "k2: " + value]}
+    variables = {
+        "vault_addr": value + "addr",
+        "role_id": value,
+        "wrapped_secret_id": value + "w",
+        "ssh_authorized_keys": [value, "k2: " + value],
+    }
     user_data = render_template(variables)
     cloud_init_schema(user_data, tmp_path)
     content = yaml.safe_load(bootstrap_entry(user_data)["content"])
-    assert content == {"role_id": value, "wrapped_secret_id": value + "w",
-                       "vault_addr": value + "addr"}
+    assert content == {
+        "role_id": value,
+        "wrapped_secret_id": value + "w",
+        "vault_addr": value + "addr",
+    }
     assert yaml.safe_load(user_data)["ssh_authorized_keys"] == [value, "k2: " + value]
 
 
 def test_template_without_vault_addr(tmp_path: Path) -> None:
-    user_data = render_template({"vault_addr": None, "role_id": "r", "wrapped_secret_id": "w",
-                                 "ssh_authorized_keys": []})
+    user_data = render_template(
+        {"vault_addr": None, "role_id": "r", "wrapped_secret_id": "w", "ssh_authorized_keys": []}
+    )
     cloud_init_schema(user_data, tmp_path)
     bootstrap = load_bootstrap(write_bootstrap(user_data, tmp_path))
     assert (bootstrap.role_id, bootstrap.wrapped_secret_id, bootstrap.vault_addr) == (
-        "r", "w", None)
+        "r",
+        "w",
+        None,
+    )
 
 
 def test_the_agent_refuses_what_the_template_carried(tmp_path: Path) -> None:
     """A value no token can be (here: a line break) reaches the droplet only if the module's
     validation is bypassed; the agent then refuses it by name, without echoing it."""
-    user_data = render_template({"vault_addr": None, "role_id": "r",
-                                 "wrapped_secret_id": "not\na-token",
-                                 "ssh_authorized_keys": []})
+    user_data = render_template(
+        {
+            "vault_addr": None,
+            "role_id": "r",
+            "wrapped_secret_id": "not\na-token",
+            "ssh_authorized_keys": [],
+        }
+    )
     with pytest.raises(BootstrapError, match="wrapped_secret_id") as info:
         load_bootstrap(write_bootstrap(user_data, tmp_path))
     assert "a-token" not in str(info.value)

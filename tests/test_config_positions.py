@@ -50,13 +50,22 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     assert [s.unit for s in loaded.services] == ["app.service"]
 
 
-@pytest.mark.parametrize(("old", "new", "line", "field"), [
-    ("    on_change: restart", "    on_change: sometimes", 14, "services.app.service.on_change"),
-    ("  role: web", "  role: web\n  colour: blue", 5, "approle.colour"),
-    ("  secret: kv-v2", "  secret: kv-v9", 7, "mounts.secret"),
-])
-def test_field_errors_name_their_line(tmp_path: Path, old: str, new: str, line: int,
-                                      field: str) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "line", "field"),
+    [
+        (
+            "    on_change: restart",
+            "    on_change: sometimes",
+            14,
+            "services.app.service.on_change",
+        ),
+        ("  role: web", "  role: web\n  colour: blue", 5, "approle.colour"),
+        ("  secret: kv-v2", "  secret: kv-v9", 7, "mounts.secret"),
+    ],
+)
+def test_field_errors_name_their_line(
+    tmp_path: Path, old: str, new: str, line: int, field: str
+) -> None:
     message = error_for(tmp_path, VALID.replace(old, new))
     assert message.startswith(f"{tmp_path / 'config.yaml'}:{line}: {field}"), message
 

@@ -23,9 +23,15 @@ echo "$@" >> "{log}"
 
 
 def console(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bootsecrets.cli", *args],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=120, check=False, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "bootsecrets.cli", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def standin_systemctl(root: Path) -> tuple[Path, Path]:
@@ -62,16 +68,25 @@ def test_bootstrap_as_its_own_process(world: World) -> None:
     systemctl, calls = standin_systemctl(sandbox.root)
 
     # PYTHONPROFILEIMPORTTIME lists every module the process imports, on stderr.
-    result = console("bootstrap", "--root", str(sandbox.root), "--systemctl", str(systemctl),
-                     env={"PYTHONPROFILEIMPORTTIME": "1"})
+    result = console(
+        "bootstrap",
+        "--root",
+        str(sandbox.root),
+        "--systemctl",
+        str(systemctl),
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     sandbox.captured.add("console stderr", result.stderr)
     sandbox.captured.add("console stdout", result.stdout)
 
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_env_file(sandbox.env_file("app.service"))["DB_PASSWORD"] == world.password
     assert "start --no-block -- app.service worker.service" in calls.read_text()
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert {"hvac", "requests", "urllib3"} <= imported
     # A blocked import still shows as a line of its own; a loaded detector brings its modules.
     assert not [m for m in imported if m.startswith(("charset_normalizer.", "chardet."))]

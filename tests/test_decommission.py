@@ -36,9 +36,7 @@ def accessor_alive(openbao: OpenBao, accessor: str) -> bool:
     return response.status_code == 200
 
 
-def test_without_yes_and_without_a_terminal_nothing_is_done(
-    world: World, srv: Path
-) -> None:
+def test_without_yes_and_without_a_terminal_nothing_is_done(world: World, srv: Path) -> None:
     booted(world)
     code, out, err = world.sandbox.run("decommission")
     assert code == errors.UsageError.exit_code
@@ -62,7 +60,8 @@ def test_a_failed_revocation_does_not_stop_the_other_steps_and_is_retried(
     assert code == errors.DecommissionIncomplete.exit_code, err
     steps = steps_of(out)
     assert [s["outcome"] for s in steps.values()] == (
-        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 3 + ["failed"])  # no volumes, no leases
+        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 3 + ["failed"]
+    )  # no volumes, no leases
     assert f"bao token revoke -accessor {accessor}" in steps["revoke-token"]["detail"]
     assert "revoke-token failed" in err
     assert not fscrypt.is_unlocked(srv / "appdata")
@@ -81,9 +80,7 @@ def test_a_failed_revocation_does_not_stop_the_other_steps_and_is_retried(
     assert not (sandbox.root / "var/lib/bootsecrets/identity.json").exists()
 
 
-def test_files_still_open_are_reported_and_a_rerun_locks_them(
-    world: World, srv: Path
-) -> None:
+def test_files_still_open_are_reported_and_a_rerun_locks_them(world: World, srv: Path) -> None:
     sandbox = world.sandbox
     booted(world)
     handle = (srv / "appdata/open.log").open("w")
@@ -103,7 +100,8 @@ def test_files_still_open_are_reported_and_a_rerun_locks_them(
     code, out, err = sandbox.run("decommission", "--yes", "--json")
     assert code == 0, err
     assert steps_of(out)["lock-keys"]["detail"] == (
-        "appdata (/srv/appdata): key removed, directory locked")
+        "appdata (/srv/appdata): key removed, directory locked"
+    )
     assert not fscrypt.is_unlocked(srv / "appdata")
     assert "open.log" not in os.listdir(srv / "appdata")
 
@@ -132,8 +130,7 @@ def test_a_host_that_never_bootstrapped(world: World) -> None:
     assert "revoke-token: nothing-to-do: no Vault token is kept on this host" in out
 
 
-def test_a_broken_image_config_does_not_stop_it(world: World, openbao: OpenBao,
-                                                srv: Path) -> None:
+def test_a_broken_image_config_does_not_stop_it(world: World, openbao: OpenBao, srv: Path) -> None:
     """Units come from the state file, directories from the key records, the token from
     wherever either policy keeps it, Vault's address from the token record (the address
     that answered the login is kept with it)."""

@@ -25,16 +25,18 @@ from bootsecrets.systemd import dropin_text, unit_file_path
 from conftest import read_env_file
 from support.world import World
 
-SYSTEMD = next((p for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd")
-                if os.access(p, os.X_OK)), None)
+SYSTEMD = next(
+    (p for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd") if os.access(p, os.X_OK)), None
+)
 NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
 def systemd_binary() -> str:
     if SYSTEMD is None or shutil.which("setpriv") is None:
-        pytest.fail("systemd's manager binary or setpriv is missing: "
-                    "apt-get install systemd util-linux")
+        pytest.fail(
+            "systemd's manager binary or setpriv is missing: apt-get install systemd util-linux"
+        )
     return SYSTEMD
 
 
@@ -64,22 +66,48 @@ def parse_with_systemd(systemd_binary: str) -> Iterator[Any]:
         for path in (units, units / "app.service.d"):
             path.chmod(0o755)
         (units / "app.service.d" / DROPIN_NAME).chmod(0o644)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(runtime), "XDG_RUNTIME_DIR": str(runtime),
-               "SYSTEMD_UNIT_PATH": f"{units}:", "SYSTEMD_LOG_TARGET": "console",
-               "SYSTEMD_LOG_COLOR": "0", "LANG": "C.UTF-8"}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(runtime),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "SYSTEMD_UNIT_PATH": f"{units}:",
+            "SYSTEMD_LOG_TARGET": "console",
+            "SYSTEMD_LOG_COLOR": "0",
+            "LANG": "C.UTF-8",
+        }
         result = subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             systemd_binary, "--test", "--user", "--unit=app.service", "--no-pager"],
-            capture_output=True, env=env, stdin=subprocess.DEVNULL, check=False, timeout=120)
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                systemd_binary,
+                "--test",
+                "--user",
+                "--unit=app.service",
+                "--no-pager",
+            ],
+            capture_output=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+            timeout=120,
+        )
         out = result.stdout.decode("utf-8", "surrogateescape")
         err = result.stderr.decode("utf-8", "surrogateescape")
         assert result.returncode == 0, out[-2000:] + err
         block = out.split("-> Unit app.service:\n", 1)[1].split("\n\t-> Unit ", 1)[0]
-        files = [line.split(": ", 1)[1] for line in block.splitlines()
-                 if line.startswith("\t\tEnvironmentFile: ")]
+        files = [
+            line.split(": ", 1)[1]
+            for line in block.splitlines()
+            if line.startswith("\t\tEnvironmentFile: ")
+        ]
         # The dump is indented; anything else systemd printed is a message of its own.
-        warnings = [line for line in (out + "\n" + err).splitlines()
-                    if line.strip() and not line.startswith(("\t", "-> ", "Loaded units"))]
+        warnings = [
+            line
+            for line in (out + "\n" + err).splitlines()
+            if line.strip() and not line.startswith(("\t", "-> ", "Loaded units"))
+        ]
         return Parsed(files, warnings)
 
     try:
@@ -92,7 +120,7 @@ ODD_STORES = [
     "/run/bootsecrets",
     "/run/with space/and  two",
     "/run/100%/%i%n%%",
-    '/run/"double" \'single\'',
+    "/run/\"double\" 'single'",
     "/run/back\\slash\\\\/x\\",
     "/run/hash #not a comment; nor this",
     "/run/☃ snow/日本/é",
@@ -116,7 +144,8 @@ def test_the_parser_check_is_not_vacuous(parse_with_systemd: Any) -> None:
     parsed = parse_with_systemd(
         "[Service]\nEnvironmentFile=/run/100%/%i%n%%/current/env/app.service.env\n"
         "LoadCredential=a:/run//x/./y\n"
-        "EnvironmentFile=/run/a\ufffe/x\n")
+        "EnvironmentFile=/run/a\ufffe/x\n"
+    )
     assert parsed.environment_files != ["/run/100%/%i%n%%/current/env/app.service.env"]
     assert any("not valid, ignoring" in w for w in parsed.warnings)
     assert any("not UTF-8 clean" in w for w in parsed.warnings)
@@ -130,8 +159,7 @@ UNREPRESENTABLE = {
     "c1-next-line": ("/run/b\x85s", "contains a control character"),
     "noncharacter-fffe": ("/run/b\ufffes", "contains a character systemd does not accept"),
     "noncharacter-fdd0": ("/run/b\ufdd0s", "contains a character systemd does not accept"),
-    "noncharacter-plane-16": ("/run/b\U0010ffffs",
-                              "contains a character systemd does not accept"),
+    "noncharacter-plane-16": ("/run/b\U0010ffffs", "contains a character systemd does not accept"),
     "surrogate": ("/run/b\udcffs", "contains a character systemd does not accept"),
     "relative": ("run/bs", "is not absolute"),
     "dotdot": ("/run/../etc", "is not normalized"),
@@ -169,7 +197,7 @@ def test_percent_is_escaped() -> None:
 # --- end to end: the CLI with an odd store path --------------------------------------------
 
 
-ODD_STORE = '/run/odd store/"q" \'a\' \\b ☃ #;x'
+ODD_STORE = "/run/odd store/\"q\" 'a' \\b ☃ #;x"
 
 
 def test_bootstrap_with_an_odd_store_path(world: World, parse_with_systemd: Any) -> None:

@@ -64,8 +64,10 @@ def transit_world(world: World) -> str:
 
 def directory_config(world: World, **changes: Any) -> dict[str, Any]:
     config = world.config(**changes)
-    config.setdefault("encrypted_directories", {
-        "appdata": {"path": "/srv/appdata", "units": ["app.service"], "mode": "0750"}})
+    config.setdefault(
+        "encrypted_directories",
+        {"appdata": {"path": "/srv/appdata", "units": ["app.service"], "mode": "0750"}},
+    )
     return config
 
 
@@ -161,7 +163,8 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert code == 0, err
     steps = {s["step"]: s for s in json.loads(out)["steps"]}
     assert [s["outcome"] for s in steps.values()] == (
-        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 4), steps  # no volumes, no leases
+        ["done"] + ["nothing-to-do"] * 4 + ["done"] * 4
+    ), steps  # no volumes, no leases
     assert "key removed, directory locked" in steps["lock-keys"]["detail"]
     assert not fscrypt.is_unlocked(directory)
     assert CANARY_NAME not in os.listdir(directory)
@@ -171,8 +174,14 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert not (sandbox.root / "run/systemd/system/app.service.d" / DROPIN_NAME).exists()
     lookup = root_call(openbao, "POST", "auth/token/lookup-accessor", {"accessor": accessor})
     assert lookup.status_code == 400 and "invalid accessor" in lookup.text  # revoked
-    assert ("stop", "--", "bootsecrets-refresh.timer", "bootsecrets-wakeup.timer",
-            "app.service", "worker.service") in sandbox.runner.verbs()
+    assert (
+        "stop",
+        "--",
+        "bootsecrets-refresh.timer",
+        "bootsecrets-wakeup.timer",
+        "app.service",
+        "worker.service",
+    ) in sandbox.runner.verbs()
 
     # Again: idempotent, nothing left to do, success.
     code, out, err = sandbox.run("decommission", "--yes")
@@ -186,7 +195,8 @@ def test_bootstrap_creates_and_unlocks_then_reboot_decommission_and_shred(
     assert refused.status_code == 400 and "encryption key not found" in refused.text
     (sandbox.root / "var/lib/bootsecrets/keys").mkdir(parents=True, exist_ok=True)
     (sandbox.root / "var/lib/bootsecrets/keys/appdata.json").write_text(
-        json.dumps({**record, "ciphertext": saved}))
+        json.dumps({**record, "ciphertext": saved})
+    )
     provision(world, directory_config(world, reboot_policy="persist-token"))
     code, _, err = sandbox.run("bootstrap")
     assert code == errors.TransitKeyMissing.exit_code, err
@@ -212,15 +222,23 @@ def test_status_shows_each_directory_never_a_key(
     assert code == 0
     [directory] = json.loads(out)["directories"]
     assert directory == {
-        "name": "appdata", "path": "/srv/appdata", "units": ["app.service"],
-        "transit_key": f"transit/keys/{key}", "state": "unlocked", "key_version": 1,
-        "key_identifier": record["key_identifier"], "created_at": record["created_at"],
-        "rewrapped_at": None, "problem": None,
+        "name": "appdata",
+        "path": "/srv/appdata",
+        "units": ["app.service"],
+        "transit_key": f"transit/keys/{key}",
+        "state": "unlocked",
+        "key_version": 1,
+        "key_identifier": record["key_identifier"],
+        "created_at": record["created_at"],
+        "rewrapped_at": None,
+        "problem": None,
     }
     assert record["ciphertext"].split(":")[2][:40] not in out
     code, text, _ = sandbox.run("status")
-    assert (f"encrypted directory appdata (/srv/appdata): unlocked, Transit key "
-            f"transit/keys/{key} v1, units app.service") in text
+    assert (
+        f"encrypted directory appdata (/srv/appdata): unlocked, Transit key "
+        f"transit/keys/{key} v1, units app.service"
+    ) in text
     fscrypt.lock(srv / "appdata")
     assert json.loads(sandbox.run("status", "--json")[1])["directories"][0]["state"] == "locked"
 
@@ -244,13 +262,19 @@ def test_the_dropin_is_one_systemd_accepts(
     (unit_dir / "bad.service.d").mkdir()
     bad.write_text("[Service]\nExecStart=/bin/true\n")
     (unit_dir / "bad.service.d" / DROPIN_NAME).write_text(
-        dropin.read_text().replace("AssertPathExists=", "AssertPathExist="))
+        dropin.read_text().replace("AssertPathExists=", "AssertPathExist=")
+    )
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:"}
 
     def verify(unit: Path) -> str:
-        return subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                              capture_output=True, text=True, check=False, timeout=60,
-                              env=env).stderr
+        return subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(unit)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+            env=env,
+        ).stderr
 
     assert DROPIN_NAME in verify(bad)  # the check can fail
     assert DROPIN_NAME not in verify(unit_dir / "app.service")
@@ -279,7 +303,9 @@ def test_reprovision_keeps_the_directory_locked_until_a_new_wrapped_secret_id(
     code, _, err = sandbox.run("refresh", "--wrapped-secret-id", "-", stdin=wrapped)
     assert code == 0, err
     # A refresh also rewraps (every refresh does: the only way to learn the key's version).
-    assert transit_requests(openbao, offset) == [f"transit/decrypt/{world.role}",
-                                                 f"transit/rewrap/{world.role}"]
+    assert transit_requests(openbao, offset) == [
+        f"transit/decrypt/{world.role}",
+        f"transit/rewrap/{world.role}",
+    ]
     assert (srv / "appdata" / CANARY_NAME).read_bytes() == CANARY
     assert sorted(sandbox.started_units()) == ["app.service", "worker.service"]

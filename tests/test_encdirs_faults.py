@@ -65,8 +65,10 @@ def booted(world: World, **changes: Any) -> dict[str, Any]:
     assert code == 0, err
     for name in config["encrypted_directories"]:
         record = record_of(world.sandbox.root, name)
-        assert decrypt_as_root(world.bao, record["transit_key"],
-                               record["ciphertext"]).status_code == 200
+        assert (
+            decrypt_as_root(world.bao, record["transit_key"], record["ciphertext"]).status_code
+            == 200
+        )
     world.sandbox.runner.calls.clear()
     return config
 
@@ -77,8 +79,9 @@ def assert_nothing_spent(world: World, openbao: OpenBao, offset: int) -> None:
     assert not (world.sandbox.store / "current").exists()
 
 
-def alerts(caplog: pytest.LogCaptureFixture, error: type[errors.BootsecretsError]
-           ) -> list[logging.LogRecord]:
+def alerts(
+    caplog: pytest.LogCaptureFixture, error: type[errors.BootsecretsError]
+) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "MESSAGE_ID", None) == error.message_id]
 
 
@@ -120,8 +123,9 @@ def test_a_filesystem_without_the_encrypt_feature_is_refused(
 
 
 def test_a_directory_on_tmpfs_is_refused(world: World, openbao: OpenBao) -> None:
-    config = directory_config(world, encrypted_directories={
-        "appdata": {"path": "/data/app", "units": ["app.service"]}})
+    config = directory_config(
+        world, encrypted_directories={"appdata": {"path": "/data/app", "units": ["app.service"]}}
+    )
     provision(world, config)  # the sandbox root itself is on tmpfs (/dev/shm)
     offset = openbao.audit_offset()
     code, _, err = world.sandbox.run("bootstrap")
@@ -131,10 +135,10 @@ def test_a_directory_on_tmpfs_is_refused(world: World, openbao: OpenBao) -> None
     assert not (world.sandbox.root / "data").exists()
 
 
-def test_the_root_of_a_filesystem_is_refused(world: World, openbao: OpenBao,
-                                             encfs: LoopFs) -> None:
-    config = directory_config(world, encrypted_directories={
-        "appdata": {"path": "/data", "units": ["app.service"]}})
+def test_the_root_of_a_filesystem_is_refused(world: World, openbao: OpenBao, encfs: LoopFs) -> None:
+    config = directory_config(
+        world, encrypted_directories={"appdata": {"path": "/data", "units": ["app.service"]}}
+    )
     with mounted_in(encfs, world.sandbox.root / "data"):
         provision(world, config)
         offset = openbao.audit_offset()
@@ -190,21 +194,35 @@ def _config_names_another_transit_key(world: World, srv: Path) -> None:
     world.sandbox.write_config(config)
 
 
-LOCAL_CASES: dict[str, tuple[Callable[[World, Path], None], type[errors.BootsecretsError],
-                             str]] = {
-    "record-missing": (_record_missing, errors.KeyRecordInvalid,
-                       "is encrypted, but its key record"),
+LOCAL_CASES: dict[str, tuple[Callable[[World, Path], None], type[errors.BootsecretsError], str]] = {
+    "record-missing": (
+        _record_missing,
+        errors.KeyRecordInvalid,
+        "is encrypted, but its key record",
+    ),
     "record-not-json": (_record_not_json, errors.KeyRecordInvalid, "is not valid JSON"),
-    "record-field-wrong-type": (_record_wrong_field, errors.KeyRecordInvalid,
-                                "key_version does not match"),
+    "record-field-wrong-type": (
+        _record_wrong_field,
+        errors.KeyRecordInvalid,
+        "key_version does not match",
+    ),
     "record-a-symlink": (_record_a_symlink, errors.KeyRecordInvalid, "is a symlink"),
-    "encrypted-with-another-key": (_encrypted_with_another_key, errors.KeyMismatch,
-                                   "is encrypted with another key than"),
-    "replaced-by-a-plain-directory": (_replaced_by_a_plain_directory, errors.KeyMismatch,
-                                      "is not encrypted, but"),
+    "encrypted-with-another-key": (
+        _encrypted_with_another_key,
+        errors.KeyMismatch,
+        "is encrypted with another key than",
+    ),
+    "replaced-by-a-plain-directory": (
+        _replaced_by_a_plain_directory,
+        errors.KeyMismatch,
+        "is not encrypted, but",
+    ),
     "directory-gone": (_directory_gone, errors.KeyMismatch, "does not exist, but"),
-    "config-names-another-transit-key": (_config_names_another_transit_key,
-                                         errors.KeyMismatch, "cannot move to another Transit"),
+    "config-names-another-transit-key": (
+        _config_names_another_transit_key,
+        errors.KeyMismatch,
+        "cannot move to another Transit",
+    ),
 }
 
 
@@ -234,7 +252,10 @@ def test_a_key_record_and_directory_that_do_not_match_stop_before_vault(
 
 
 def test_decrypt_denied_holds_back_the_units_needing_the_directory(
-    world: World, openbao: OpenBao, encfs: LoopFs, srv: Path,
+    world: World,
+    openbao: OpenBao,
+    encfs: LoopFs,
+    srv: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sandbox = world.sandbox
@@ -273,7 +294,10 @@ def test_decrypt_denied_holds_back_the_units_needing_the_directory(
 
 
 def test_a_tampered_ciphertext_is_rejected_by_transit(
-    world: World, openbao: OpenBao, encfs: LoopFs, srv: Path,
+    world: World,
+    openbao: OpenBao,
+    encfs: LoopFs,
+    srv: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     booted(world)
@@ -296,21 +320,29 @@ def test_a_tampered_ciphertext_is_rejected_by_transit(
 
 
 def test_a_swapped_ciphertext_unlocks_nothing_and_locks_no_other_directory(
-    world: World, openbao: OpenBao, encfs: LoopFs, srv: Path,
+    world: World,
+    openbao: OpenBao,
+    encfs: LoopFs,
+    srv: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """appdata's record given cache's (valid) ciphertext: Transit decrypts it, the kernel
     says it is not appdata's key; cache, unlocked with that very key, stays unlocked."""
     # cache first: its key is in the kernel when appdata's (swapped) record adds it again,
     # and taking that claim back out would lock cache as a side effect.
-    booted(world, encrypted_directories={
-        "cache": {"path": "/srv/cache", "units": ["worker.service"]},
-        "appdata": {"path": "/srv/appdata", "units": ["app.service"]}})
+    booted(
+        world,
+        encrypted_directories={
+            "cache": {"path": "/srv/cache", "units": ["worker.service"]},
+            "appdata": {"path": "/srv/appdata", "units": ["app.service"]},
+        },
+    )
     simulate_reboot(world.sandbox, encfs, srv)
     appdata = world.sandbox.root / RECORD
     cache = record_of(world.sandbox.root, "cache")
-    appdata.write_text(json.dumps({**json.loads(appdata.read_text()),
-                                   "ciphertext": cache["ciphertext"]}))
+    appdata.write_text(
+        json.dumps({**json.loads(appdata.read_text()), "ciphertext": cache["ciphertext"]})
+    )
 
     code, _, err = world.sandbox.run("bootstrap")
 

@@ -32,26 +32,98 @@ from systemd_envfile import parse
 NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,30}", fullmatch=True)
 #: Unicode's noncharacters: U+FDD0..U+FDEF and the last two code points of every plane.
 NONCHARACTERS = "".join(chr(c) for c in range(0xFDD0, 0xFDF0)) + "".join(
-    chr(plane << 16 | last) for plane in range(17) for last in (0xFFFE, 0xFFFF))
+    chr(plane << 16 | last) for plane in range(17) for last in (0xFFFE, 0xFFFF)
+)
 # Any text systemd can carry: every code point except NUL, lone surrogates, noncharacters.
-VALUES = st.text(st.characters(blacklist_categories=["Cs"],
-                               blacklist_characters="\x00" + NONCHARACTERS), max_size=300)
+VALUES = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00" + NONCHARACTERS),
+    max_size=300,
+)
 #: Where systemd's parser and validator have rules: quoting, escapes, comments, blanks,
 #: line ends, controls, the UTF-8 edges (surrogates, noncharacters in several planes).
 EDGES = [
-    '"', "\\", "`", "$", "'", "#", ";", "=", " ", "\t", "\n", "\r", "\v", "\f", "\x00",
-    "\x01", "\x1b", "\x7f", "\x80", "\x85", "\xa0", "\u2028", "\ufeff", "\ud800", "\udbff",
-    "\udc00", "\udfff", "\ufdcf", "\ufdd0", "\ufdef", "\ufdf0", "\ufffd", "\ufffe", "\uffff",
-    "\U00010000", "\U0001fffe", "\U0001ffff", "\U0002fffe", "\U000efffe", "\U000fffff",
-    "\U0010fffd", "\U0010fffe", "\U0010ffff", "é", "☃",
+    '"',
+    "\\",
+    "`",
+    "$",
+    "'",
+    "#",
+    ";",
+    "=",
+    " ",
+    "\t",
+    "\n",
+    "\r",
+    "\v",
+    "\f",
+    "\x00",
+    "\x01",
+    "\x1b",
+    "\x7f",
+    "\x80",
+    "\x85",
+    "\xa0",
+    "\u2028",
+    "\ufeff",
+    "\ud800",
+    "\udbff",
+    "\udc00",
+    "\udfff",
+    "\ufdcf",
+    "\ufdd0",
+    "\ufdef",
+    "\ufdf0",
+    "\ufffd",
+    "\ufffe",
+    "\uffff",
+    "\U00010000",
+    "\U0001fffe",
+    "\U0001ffff",
+    "\U0002fffe",
+    "\U000efffe",
+    "\U000fffff",
+    "\U0010fffd",
+    "\U0010fffe",
+    "\U0010ffff",
+    "é",
+    "☃",
 ]
 EDGY_VALUES = st.text(st.one_of(st.sampled_from(EDGES), st.characters()), max_size=40)
 AWKWARD = [
-    'say "hi"', "back\\slash", "\\", "ends with backslash\\", "$HOME and ${PATH}", "`id`",
-    "# not a comment", "a;b", "  leading", "trailing  ", "\ttab\t", "cr\rlf", "multi\nline\n",
-    "\n", "\\\n", "\\n literal", "quote at end\"", "'single'", "naïve café ☃ 日本",
-    "", " ", "=", "a=b=c", '\\"', "\\$", "\\`", "\\\\", "line1\r\nline2", "ends in CR\r",
-    "\\\r\n", "\x1b[31mred\x1b[0m", "del\x7f", "\ufffd replacement", "\U0001f600 emoji",
+    'say "hi"',
+    "back\\slash",
+    "\\",
+    "ends with backslash\\",
+    "$HOME and ${PATH}",
+    "`id`",
+    "# not a comment",
+    "a;b",
+    "  leading",
+    "trailing  ",
+    "\ttab\t",
+    "cr\rlf",
+    "multi\nline\n",
+    "\n",
+    "\\\n",
+    "\\n literal",
+    'quote at end"',
+    "'single'",
+    "naïve café ☃ 日本",
+    "",
+    " ",
+    "=",
+    "a=b=c",
+    '\\"',
+    "\\$",
+    "\\`",
+    "\\\\",
+    "line1\r\nline2",
+    "ends in CR\r",
+    "\\\r\n",
+    "\x1b[31mred\x1b[0m",
+    "del\x7f",
+    "\ufffd replacement",
+    "\U0001f600 emoji",
 ]
 
 
@@ -116,19 +188,28 @@ def test_every_code_point_is_accepted_exactly_when_systemd_accepts_it() -> None:
             accepted.append(char)
     assert len(accepted) == 0x110000 - 1 - 2048 - len(NONCHARACTERS)
     for start in range(0, len(accepted), 16 * 1024):
-        value = "".join(accepted[start:start + 16 * 1024])
+        value = "".join(accepted[start : start + 16 * 1024])
         data = encode("app.service", [("CHARS", value)])
         assert systemd.environment(data) == [as_assignment("CHARS", value)]
 
 
 @pytest.mark.parametrize(
     ("char", "problem"),
-    [("\x00", "NUL"), ("\ud800", "UTF-8"), ("\udfff", "UTF-8"), ("\ufdd0", "noncharacter"),
-     ("\ufdef", "noncharacter"), ("\ufffe", "noncharacter"), ("\uffff", "noncharacter"),
-     ("\U0001fffe", "noncharacter"), ("\U0010ffff", "noncharacter")],
+    [
+        ("\x00", "NUL"),
+        ("\ud800", "UTF-8"),
+        ("\udfff", "UTF-8"),
+        ("\ufdd0", "noncharacter"),
+        ("\ufdef", "noncharacter"),
+        ("\ufffe", "noncharacter"),
+        ("\uffff", "noncharacter"),
+        ("\U0001fffe", "noncharacter"),
+        ("\U0010ffff", "noncharacter"),
+    ],
 )
 def test_values_systemd_refuses_are_refused_naming_unit_and_variable(
-    char: str, problem: str,
+    char: str,
+    problem: str,
 ) -> None:
     value = f"secret-value{char}tail"
     with pytest.raises(EncodeError) as err:
@@ -143,7 +224,7 @@ def test_values_systemd_refuses_are_refused_naming_unit_and_variable(
     assert got is None or as_assignment("PASSWORD", value) not in got
 
 
-@given(st.text(st.sampled_from('AB_1 \t\n\r="\'\\#;$`xé'), max_size=60))
+@given(st.text(st.sampled_from("AB_1 \t\n\r=\"'\\#;$`xé"), max_size=60))
 @settings(max_examples=1000)
 def test_the_independent_parser_agrees_with_systemd(text: str) -> None:
     """tests/systemd_envfile.py (used by other tests to read env files) is systemd's parser:
@@ -181,8 +262,13 @@ def execve(env: dict[str, str], argv: list[str], tmp_path: Path) -> str:
     env_file, argv_file = tmp_path / "env.json", tmp_path / "argv.json"
     env_file.write_text(json.dumps(env))
     argv_file.write_text(json.dumps(argv))
-    result = subprocess.run([sys.executable, "-c", EXEC_CHILD, str(env_file), str(argv_file)],
-                            capture_output=True, text=True, check=False, env={})
+    result = subprocess.run(
+        [sys.executable, "-c", EXEC_CHILD, str(env_file), str(argv_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={},
+    )
     return "ok" if result.returncode == 0 else result.stdout.strip() or result.stderr
 
 
@@ -216,10 +302,17 @@ def test_largest_environment_accepted_still_execs_with_room_to_spare(tmp_path: P
     # the other half of the 2 MiB an 8 MiB stack allows.
     systemd_vars = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "LANG": "C.UTF-8", "INVOCATION_ID": "0" * 32, "JOURNAL_STREAM": "8:12345",
-        "SYSTEMD_EXEC_PID": "1234", "NOTIFY_SOCKET": "/run/systemd/notify",
-        "CREDENTIALS_DIRECTORY": "/run/credentials/app.service", "HOME": "/", "USER": "app",
-        "LOGNAME": "app", "SHELL": "/usr/sbin/nologin", "RUNTIME_DIRECTORY": "/run/app",
+        "LANG": "C.UTF-8",
+        "INVOCATION_ID": "0" * 32,
+        "JOURNAL_STREAM": "8:12345",
+        "SYSTEMD_EXEC_PID": "1234",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "CREDENTIALS_DIRECTORY": "/run/credentials/app.service",
+        "HOME": "/",
+        "USER": "app",
+        "LOGNAME": "app",
+        "SHELL": "/usr/sbin/nologin",
+        "RUNTIME_DIRECTORY": "/run/app",
     }
     unit_own = fill(700 * 1024, prefix="OWN")
     argv = ["true", *("--flag=" + "a" * 1000 for _ in range(200))]
@@ -256,12 +349,15 @@ def test_credentials_within_systemds_limits_are_accepted() -> None:
 
 @pytest.mark.parametrize(
     ("credentials", "culprit"),
-    [({"key": b"k" * (CREDENTIAL_SIZE_MAX + 1)}, "key"),
-     ({"key": b"k" * (CREDENTIAL_SIZE_MAX - 2)}, "key"),  # its name counts too
-     ({"a": b"a" * 600_000, "b": b"b" * 600_000}, "b")],
+    [
+        ({"key": b"k" * (CREDENTIAL_SIZE_MAX + 1)}, "key"),
+        ({"key": b"k" * (CREDENTIAL_SIZE_MAX - 2)}, "key"),  # its name counts too
+        ({"a": b"a" * 600_000, "b": b"b" * 600_000}, "b"),
+    ],
 )
 def test_credentials_over_systemds_limits_are_refused(
-    credentials: dict[str, bytes], culprit: str,
+    credentials: dict[str, bytes],
+    culprit: str,
 ) -> None:
     with pytest.raises(EncodeError) as err:
         check_credentials("tls.service", credentials)
@@ -303,15 +399,22 @@ def test_duplicate_variable_is_rejected() -> None:
 
 def test_parser_follows_systemd_rules_for_unquoted_and_single_quoted() -> None:
     # The independent parser itself, on hand-written systemd input (not encoder output).
-    text = ("# comment\n; other comment\n  A = plain value  \nB='single $x \\n'\n"
-            'C="x\\ny\\$z\\"q"\nD=esc\\ aped\nE="keep \\a pair"\nF=\n')
+    text = (
+        "# comment\n; other comment\n  A = plain value  \nB='single $x \\n'\n"
+        'C="x\\ny\\$z\\"q"\nD=esc\\ aped\nE="keep \\a pair"\nF=\n'
+    )
     expected = {
-        "A": "plain value", "B": "single $x \\n", "C": 'x\\ny$z"q', "D": "esc aped",
-        "E": "keep \\a pair", "F": "",
+        "A": "plain value",
+        "B": "single $x \\n",
+        "C": 'x\\ny$z"q',
+        "D": "esc aped",
+        "E": "keep \\a pair",
+        "F": "",
     }
     assert parse(text) == expected
     assert libsystemd().environment(text.encode()) == [
-        f"{k}={v}".encode() for k, v in expected.items()]
+        f"{k}={v}".encode() for k, v in expected.items()
+    ]
 
 
 @pytest.mark.parametrize("total", [MAX_ENVIRONMENT_BYTES, 700 * 1024, 5000])

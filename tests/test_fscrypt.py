@@ -377,7 +377,9 @@ def test_missing_paths_files_and_plain_directories(encfs: LoopFs) -> None:
 
 
 def test_the_ioctl_buffer_is_handed_over_directly_and_zeroed(
-    encfs: LoopFs, tmpfs: Path, monkeypatch: pytest.MonkeyPatch,
+    encfs: LoopFs,
+    tmpfs: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[Any] = []
     real_ioctl = fcntl.ioctl
@@ -385,7 +387,7 @@ def test_the_ioctl_buffer_is_handed_over_directly_and_zeroed(
     def spy(fd: int, request: int, arg: Any, mutate: bool = True) -> Any:
         if request == fscrypt_uapi.FS_IOC_ADD_ENCRYPTION_KEY:
             seen.append(arg)
-            assert bytes(arg)[80:80 + fscrypt.KEY_SIZE] == bytes(key)
+            assert bytes(arg)[80 : 80 + fscrypt.KEY_SIZE] == bytes(key)
         return real_ioctl(fd, request, arg, mutate)
 
     monkeypatch.setattr(fcntl, "ioctl", spy)
@@ -404,7 +406,9 @@ def test_the_ioctl_buffer_is_handed_over_directly_and_zeroed(
 
 
 def test_no_key_material_in_errors_or_logs(
-    encfs: LoopFs, tmpfs: Path, caplog: pytest.LogCaptureFixture,
+    encfs: LoopFs,
+    tmpfs: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bootsecrets")
     key = new_key()

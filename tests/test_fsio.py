@@ -38,8 +38,9 @@ def shm() -> Iterator[Path]:
 def disk() -> Iterator[Path]:
     """A directory on the root disk (ext4 here): where a followed symlink would put bytes."""
     path = Path(tempfile.mkdtemp(prefix="bootsecrets-disk-", dir="/var/tmp"))
-    assert fstype(path) not in (fsio.TMPFS_MAGIC, fsio.RAMFS_MAGIC), \
+    assert fstype(path) not in (fsio.TMPFS_MAGIC, fsio.RAMFS_MAGIC), (
         "/var/tmp must be disk-backed for these tests"
+    )
     try:
         yield path
     finally:
@@ -56,8 +57,11 @@ def fstype(path: Path) -> int:
 
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under `path` with its bytes (what a followed symlink would have changed)."""
-    return {p.relative_to(path).as_posix(): p.read_bytes()
-            for p in sorted(path.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def timed(fn: Callable[[], object]) -> tuple[BaseException | None, float]:
@@ -82,7 +86,8 @@ def test_fifo_is_refused_without_blocking(shm: Path) -> None:
     result: list[BaseException | None] = []
     reader = threading.Thread(
         target=lambda: result.append(timed(lambda: fsio.read_regular_file(shm / "fifo", 100))[0]),
-        daemon=True)
+        daemon=True,
+    )
     reader.start()
     reader.join(10)
     if reader.is_alive():  # unblock the thread, then fail
@@ -200,8 +205,9 @@ def test_write_private_refuses_a_symlinked_directory(shm: Path, disk: Path, link
     (disk / "lib/bootsecrets").mkdir(parents=True)
     before = snapshot(disk)
     with pytest.raises(StoreError) as caught:
-        fsio.write_private(shm, shm / "var/lib/bootsecrets/token", b"canary", 0o600,
-                           create_dirs=0o700)
+        fsio.write_private(
+            shm, shm / "var/lib/bootsecrets/token", b"canary", 0o600, create_dirs=0o700
+        )
     assert caught.value.exit_code == errors.StoreError.exit_code == 12
     assert str(caught.value) == f"{shm / link} is a symlink; refusing to follow it"
     assert snapshot(disk) == before
@@ -236,8 +242,11 @@ def tiny_tmpfs(shm: Path) -> Iterator[Path]:
     """A 16 KiB tmpfs: writing more fails with ENOSPC half-way, a real mid-write fault."""
     mount_point = shm / "tiny"
     mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
-                   check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         yield mount_point
     finally:

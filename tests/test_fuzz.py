@@ -24,7 +24,8 @@ VALID: dict[str, Any] = {
         "app.service": {
             "environment": {"URL": "x://{{ secrets.db.user }}:{{ secrets.db.password }}@h"},
             "environment_from": [{"secret": "api", "prefix": "API_"}],
-            "on_change": "reload", "mode": "0600",
+            "on_change": "reload",
+            "mode": "0600",
         },
         "tls.service": {"credentials": {"key.pem": "{{ secrets.api.key }}"}},
     },
@@ -32,19 +33,41 @@ VALID: dict[str, Any] = {
 
 #: Values no message may repeat: anything the parsers echoed back would show up whole.
 CANARY_VALUES = st.binary(min_size=8, max_size=8).map(lambda b: f"canary{b.hex()}")
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
-                    st.text(max_size=40), st.sampled_from(["{{", "}}", "{% for %}", "../x",
-                                                           "secret/", "0777", "kv-v2"]),
-                    CANARY_VALUES)
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)),
-    max_leaves=8)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.sampled_from(["{{", "}}", "{% for %}", "../x", "secret/", "0777", "kv-v2"]),
+    CANARY_VALUES,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 SOURCE = "fuzz.yaml"
-TAGS = st.sampled_from(["!!int", "!!float", "!!str", "!!binary", "!!python/name:os.system",
-                        "!!python/object/apply:os.system", "!custom", "!", "!!map", "!!seq",
-                        "!!timestamp", "!<tag:yaml.org,2002:int>"])
+TAGS = st.sampled_from(
+    [
+        "!!int",
+        "!!float",
+        "!!str",
+        "!!binary",
+        "!!python/name:os.system",
+        "!!python/object/apply:os.system",
+        "!custom",
+        "!",
+        "!!map",
+        "!!seq",
+        "!!timestamp",
+        "!<tag:yaml.org,2002:int>",
+    ]
+)
 
 
 def parse(data: bytes) -> Config | ConfigError:
@@ -139,8 +162,12 @@ def test_any_explicit_tag_anywhere_is_refused_naming_a_field(data: st.DataObject
 
 
 @settings(max_examples=300)
-@given(st.dictionaries(st.sampled_from(["role_id", "wrapped_secret_id", "vault_addr", "x"]),
-                       VALUES, max_size=4) | st.text(max_size=200))
+@given(
+    st.dictionaries(
+        st.sampled_from(["role_id", "wrapped_secret_id", "vault_addr", "x"]), VALUES, max_size=4
+    )
+    | st.text(max_size=200)
+)
 def test_bootstrap_parses_or_fails_with_bootstrap_error(doc: Any) -> None:
     text = doc if isinstance(doc, str) else yaml.safe_dump(doc)
     try:
@@ -148,7 +175,7 @@ def test_bootstrap_parses_or_fails_with_bootstrap_error(doc: Any) -> None:
     except BootstrapError as err:
         # Never echo a value back: the message holds none of the document's strings
         # longer than a field name.
-        for value in (doc.values() if isinstance(doc, dict) else []):
+        for value in doc.values() if isinstance(doc, dict) else []:
             if isinstance(value, str) and len(value) > 24:
                 assert value not in str(err)
         return

@@ -73,7 +73,10 @@ def assert_rendered(world: World) -> None:
         "API_KEY": world.api_key,
     }
     assert read_env_file(sandbox.env_file("worker.service")) == {
-        "DB_PASSWORD": world.password, "LEGACY_TOKEN": world.legacy, "LEGACY_PORT": "5432"}
+        "DB_PASSWORD": world.password,
+        "LEGACY_TOKEN": world.legacy,
+        "LEGACY_PORT": "5432",
+    }
     assert sandbox.started_units() == list(SERVICES)
     assert not (sandbox.store / "bootstrap.yaml").exists()
 
@@ -81,8 +84,11 @@ def assert_rendered(world: World) -> None:
 def failed_over_from(caplog: pytest.LogCaptureFixture, addr: str) -> list[str]:
     """The requests the agent logged as failed at `addr` before trying the next address."""
     suffix = f" failed ({addr}: connection failed), trying next"
-    return [r.getMessage().removesuffix(suffix) for r in caplog.records
-            if r.name.startswith("bootsecrets") and r.getMessage().endswith(suffix)]
+    return [
+        r.getMessage().removesuffix(suffix)
+        for r in caplog.records
+        if r.name.startswith("bootsecrets") and r.getMessage().endswith(suffix)
+    ]
 
 
 def token_accessor(sandbox: Sandbox) -> str:
@@ -137,15 +143,19 @@ def test_active_node_killed_between_login_and_reads(
     on_killed = audited_paths(active, offsets[active.name])
     assert "auth/approle/login" in on_killed
     assert not set(world.policy_paths) & set(on_killed)
-    on_survivors = [p for n in cluster.nodes if n is not active
-                    for p in audited_paths(n, offsets[n.name])]
+    on_survivors = [
+        p for n in cluster.nodes if n is not active for p in audited_paths(n, offsets[n.name])
+    ]
     assert set(world.policy_paths) <= set(on_survivors)
     # The token issued by the dead node lives on: raft replicated it to the new active node.
     new_active = cluster.active()
     assert new_active is not active
-    lookup = requests.post(f"{new_active.addr}/v1/auth/token/lookup-accessor",
-                           headers=cluster.client_headers(),
-                           json={"accessor": token_accessor(sandbox)}, timeout=5)
+    lookup = requests.post(
+        f"{new_active.addr}/v1/auth/token/lookup-accessor",
+        headers=cluster.client_headers(),
+        json={"accessor": token_accessor(sandbox)},
+        timeout=5,
+    )
     assert lookup.status_code == 200, lookup.text
     assert f"{world.role}-policy" in lookup.json()["data"]["policies"]
     assert lookup.json()["data"]["ttl"] > 3000
@@ -184,8 +194,9 @@ def test_vault_comes_up_after_an_outage(
         world = World(server.admin(), sandbox, unique)
         sandbox.openbao = world.bao
         # Minted before the outage: raft storage keeps role, secrets and wrapping token.
-        world.provision(vault={"address": node.addr, "boot_deadline": vault_outage + 60,
-                               "request_timeout": 5})
+        world.provision(
+            vault={"address": node.addr, "boot_deadline": vault_outage + 60, "request_timeout": 5}
+        )
         node.stop()
         assert node.health() is None
         timeline: dict[str, float] = {}
@@ -208,8 +219,7 @@ def test_vault_comes_up_after_an_outage(
                 failures.append(err)
 
         # The agent runs in this (the main) thread: it installs a SIGTERM handler.
-        thread = threading.Thread(target=bring_vault_back, name="vault-comes-back",
-                                  daemon=True)
+        thread = threading.Thread(target=bring_vault_back, name="vault-comes-back", daemon=True)
         started = time.monotonic()
         thread.start()
         try:
@@ -225,27 +235,33 @@ def test_vault_comes_up_after_an_outage(
         assert_rendered(world)
         assert exited - started >= vault_outage
         waited = exited - timeline["healthy"]
-        logging.getLogger("test").info("bootstrap done %.2fs after Vault was healthy "
-                                       "(%.2fs after it was started)", waited,
-                                       exited - timeline["started"])
+        logging.getLogger("test").info(
+            "bootstrap done %.2fs after Vault was healthy (%.2fs after it was started)",
+            waited,
+            exited - timeline["started"],
+        )
         assert waited < 5, f"done {waited:.1f}s after Vault was healthy"
         # The agent said what it was waiting for while Vault was away.
-        assert any("Vault not answering sys/wrapping/lookup" in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            "Vault not answering sys/wrapping/lookup" in r.getMessage() for r in caplog.records
+        )
 
 
 def test_vault_never_comes(sandbox: Sandbox) -> None:
     deadline = 3.0
     addresses = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
-    sandbox.write_config({
-        "vault": {"addresses": addresses, "boot_deadline": deadline, "request_timeout": 1},
-        "approle": {"role": "app"},
-        "reboot_policy": "reprovision",
-        "mounts": {"secret": "kv-v2"},
-        "secrets": {"db": "secret/app/db"},
-        "services": {"app.service": {"environment": {"DB_PASSWORD":
-                                                     "{{ secrets.db.password }}"}}},
-    })
+    sandbox.write_config(
+        {
+            "vault": {"addresses": addresses, "boot_deadline": deadline, "request_timeout": 1},
+            "approle": {"role": "app"},
+            "reboot_policy": "reprovision",
+            "mounts": {"secret": "kv-v2"},
+            "secrets": {"db": "secret/app/db"},
+            "services": {
+                "app.service": {"environment": {"DB_PASSWORD": "{{ secrets.db.password }}"}}
+            },
+        }
+    )
     wrapped = "s." + secrets.token_urlsafe(24)
     CANARIES.add(wrapped)
     bootstrap = sandbox.write_bootstrap("role-" + secrets.token_hex(8), wrapped)
@@ -262,8 +278,10 @@ def test_vault_never_comes(sandbox: Sandbox) -> None:
     assert len(lines) == 1, err
     assert "Vault did not answer sys/wrapping/lookup before the deadline" in lines[0]
     assert "connection failed" in lines[0]
-    assert any(line.startswith("bootsecrets: what to do:") and "units stay down" in line
-               for line in err.splitlines()), err
+    assert any(
+        line.startswith("bootsecrets: what to do:") and "units stay down" in line
+        for line in err.splitlines()
+    ), err
     assert_nothing_rendered(sandbox)
     # Never sent, so kept as it was for the next boot attempt.
     assert bootstrap.read_bytes() == kept
@@ -301,8 +319,7 @@ def test_standby_redirect_to_a_configured_active_node_is_followed(
     assert code == 0, err
     assert_rendered(world)
     # The standby answers the lookup itself and redirects the unwrap, which it cannot do.
-    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200),
-                                 ("/v1/sys/wrapping/unwrap", 307)]
+    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200), ("/v1/sys/wrapping/unwrap", 307)]
     on_active = audited_paths(active, offsets[active.name])
     assert on_active.count("sys/wrapping/unwrap") == 1
     assert on_active.count("auth/approle/login") == 1
@@ -325,8 +342,7 @@ def test_standby_redirect_to_an_unlisted_active_node_is_refused(
     lines = [line for line in err.splitlines() if line.startswith("bootsecrets: error:")]
     assert len(lines) == 1, err
     assert f"{proxy.addr} redirected (HTTP 307) to {active.addr}" in lines[0]
-    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200),
-                                 ("/v1/sys/wrapping/unwrap", 307)]
+    assert upstream.statuses == [("/v1/sys/wrapping/lookup", 200), ("/v1/sys/wrapping/unwrap", 307)]
     assert audited_paths(active, offsets[active.name]) == []
     assert_nothing_rendered(sandbox)
     assert cluster.admin().unwrap(wrapped)["secret_id"]

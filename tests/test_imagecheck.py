@@ -43,7 +43,8 @@ def alnum(n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
     while True:
         value = "".join(secrets.choice(alphabet) for _ in range(n))
         if alphabet != string.ascii_letters + string.digits or (
-            any(c.isupper() for c in value) and any(c.islower() for c in value)
+            any(c.isupper() for c in value)
+            and any(c.islower() for c in value)
             and any(c.isdigit() for c in value)
         ):
             return value
@@ -75,10 +76,17 @@ def ssh_keypair(path: Path) -> tuple[str, str]:
 def make_clean_tree(root: Path) -> None:
     """What a cleaned Debian image looks like, with near misses that must not fire."""
     write(root, "/usr/bin/cloud-init", "#!/usr/bin/python3\n", 0o755)
-    write(root, "/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"
-          "alice:x:1000:1000::/home/alice:/bin/bash\n")
-    write(root, "/etc/shadow", "root:*:20000:0:99999:7:::\nalice:!:20000:0:99999:7:::\n"
-          "daemon:!*:20000::::::\n", 0o640)
+    write(
+        root,
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/bash\n",
+    )
+    write(
+        root,
+        "/etc/shadow",
+        "root:*:20000:0:99999:7:::\nalice:!:20000:0:99999:7:::\ndaemon:!*:20000::::::\n",
+        0o640,
+    )
     write(root, "/etc/machine-id", "")
     (root / "var/lib/dbus").mkdir(parents=True)
     (root / "var/lib/dbus/machine-id").symlink_to("/etc/machine-id")
@@ -95,15 +103,24 @@ def make_clean_tree(root: Path) -> None:
     write(root, "/opt/app/digitalocean.txt", "not the agent\n")
     write(root, "/var/lib/cloud/scripts/per-instance/.keep", "")
     write(root, "/etc/default/app", "VAULT_TOKEN=$VAULT_TOKEN\nBAO_TOKEN=\nVAULT_ADDR=https://x\n")
-    write(root, "/usr/share/doc/app/README",
-          # Split so that no grep for credentials in the repository trips over prose.
-          "Paste your key between -----BEGIN RSA " "PRIVATE KEY----- and the END line.\n"
-          "AWS's example key is AKIA" "IOSFODNN7EXAMPLE with "
-          "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
-          "Tokens look like hvs.<random> or s.<24 characters>; this.s.isNotATokenAtAll1 isn't.\n"
-          'A GCP key has "type": "service_account" (this file has no private key).\n')
-    write(root, "/srv/app/.env", "DB_HOST=db\nDB_PASSWORD=\nAPI_TOKEN=${API_TOKEN}\n"
-          "SECRET_KEY=$SECRET_KEY\n# PASSWORD=commented\n")
+    write(
+        root,
+        "/usr/share/doc/app/README",
+        # Split so that no grep for credentials in the repository trips over prose.
+        "Paste your key between -----BEGIN RSA "
+        "PRIVATE KEY----- and the END line.\n"
+        "AWS's example key is AKIA"
+        "IOSFODNN7EXAMPLE with "
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+        "Tokens look like hvs.<random> or s.<24 characters>; this.s.isNotATokenAtAll1 isn't.\n"
+        'A GCP key has "type": "service_account" (this file has no private key).\n',
+    )
+    write(
+        root,
+        "/srv/app/.env",
+        "DB_HOST=db\nDB_PASSWORD=\nAPI_TOKEN=${API_TOKEN}\n"
+        "SECRET_KEY=$SECRET_KEY\n# PASSWORD=commented\n",
+    )
     write(root, "/usr/lib/app/bin", b"\x7fELF\x02\x01\x01" + b"\x00" * 64)
     os.mkfifo(root / "srv/app/fifo")  # must not be opened (it would block)
 
@@ -123,8 +140,9 @@ class Planted:
         self.secrets: list[str] = []
         self.expected: set[tuple[str, str]] = set()
 
-    def plant(self, rel: str, content: str, *rules: str, secret: str | None = None,
-              mode: int = 0o644) -> None:
+    def plant(
+        self, rel: str, content: str, *rules: str, secret: str | None = None, mode: int = 0o644
+    ) -> None:
         write(self.root, rel, content, mode)
         if secret is not None:
             self.secrets.append(secret)
@@ -139,60 +157,106 @@ def planted(clean_tree: Path) -> Planted:
     token = "hvs." + alnum(90)
     p.plant("/etc/app/config.yml", f"vault:\n  token: {token}\n", "vault-token", secret=token)
     legacy = "s." + alnum(24)
-    p.plant("/opt/legacy/settings.json", f'{{"token": "{legacy}"}}\n', "vault-token",
-            secret=legacy)
+    p.plant("/opt/legacy/settings.json", f'{{"token": "{legacy}"}}\n', "vault-token", secret=legacy)
     literal = alnum(20, string.ascii_lowercase)
-    p.plant("/etc/profile.d/vault.sh", f"export VAULT_TOKEN='{literal}'\n",
-            "vault-token-assignment", secret=literal)
+    p.plant(
+        "/etc/profile.d/vault.sh",
+        f"export VAULT_TOKEN='{literal}'\n",
+        "vault-token-assignment",
+        secret=literal,
+    )
     bao = alnum(20, string.ascii_lowercase)
-    p.plant("/etc/systemd/system/app.service.d/bao.conf",
-            f"[Service]\nEnvironment=BAO_TOKEN={bao}\n", "vault-token-assignment", secret=bao)
+    p.plant(
+        "/etc/systemd/system/app.service.d/bao.conf",
+        f"[Service]\nEnvironment=BAO_TOKEN={bao}\n",
+        "vault-token-assignment",
+        secret=bao,
+    )
 
     pem = openssl_key("ED25519")
     p.plant("/opt/app/tls/key.pem", pem, "private-key", secret=pem)
     snakeoil = openssl_key("RSA")
-    p.plant("/etc/ssl/private/ssl-cert-snakeoil.key", snakeoil, "private-key", secret=snakeoil,
-            mode=0o640)
+    p.plant(
+        "/etc/ssl/private/ssl-cert-snakeoil.key",
+        snakeoil,
+        "private-key",
+        secret=snakeoil,
+        mode=0o640,
+    )
     user_key, user_pub = ssh_keypair(root / "home/alice/.ssh/id_ed25519")
     p.secrets.append(user_key)
-    p.expected |= {("/home/alice/.ssh/id_ed25519", "private-key"),
-                   ("/home/alice/.ssh/id_ed25519", "ssh-user-file"),
-                   ("/home/alice/.ssh/id_ed25519.pub", "ssh-user-file")}
+    p.expected |= {
+        ("/home/alice/.ssh/id_ed25519", "private-key"),
+        ("/home/alice/.ssh/id_ed25519", "ssh-user-file"),
+        ("/home/alice/.ssh/id_ed25519.pub", "ssh-user-file"),
+    }
     host_key, _ = ssh_keypair(root / "etc/ssh/ssh_host_ed25519_key")
     p.secrets.append(host_key)
-    p.expected |= {("/etc/ssh/ssh_host_ed25519_key", "private-key"),
-                   ("/etc/ssh/ssh_host_ed25519_key", "ssh-host-key"),
-                   ("/etc/ssh/ssh_host_ed25519_key.pub", "ssh-host-key")}
+    p.expected |= {
+        ("/etc/ssh/ssh_host_ed25519_key", "private-key"),
+        ("/etc/ssh/ssh_host_ed25519_key", "ssh-host-key"),
+        ("/etc/ssh/ssh_host_ed25519_key.pub", "ssh-host-key"),
+    }
     p.plant("/root/.ssh/authorized_keys", user_pub, "authorized-keys")
 
     do_token = "dop_v1_" + secrets.token_hex(32)
-    p.plant("/root/.config/doctl/config.yaml", f"access-token: {do_token}\n", "do-token",
-            secret=do_token)
+    p.plant(
+        "/root/.config/doctl/config.yaml",
+        f"access-token: {do_token}\n",
+        "do-token",
+        secret=do_token,
+    )
     aws_id = "AKIA" + alnum(16, string.ascii_uppercase + string.digits)
     aws_secret = alnum(40, string.ascii_letters + string.digits + "/+")
-    p.plant("/root/.aws/credentials",
-            f"[default]\naws_access_key_id = {aws_id}\naws_secret_access_key = {aws_secret}\n",
-            "aws-key", "aws-secret-key", secret=aws_secret)
+    p.plant(
+        "/root/.aws/credentials",
+        f"[default]\naws_access_key_id = {aws_id}\naws_secret_access_key = {aws_secret}\n",
+        "aws-key",
+        "aws-secret-key",
+        secret=aws_secret,
+    )
     p.secrets.append(aws_id)
     gcp_key = openssl_key("RSA")
-    gcp = json.dumps({"type": "service_account", "project_id": "p",
-                      "private_key_id": secrets.token_hex(20), "private_key": gcp_key,
-                      "client_email": "x@p.iam.gserviceaccount.com"}, indent=2)
+    gcp = json.dumps(
+        {
+            "type": "service_account",
+            "project_id": "p",
+            "private_key_id": secrets.token_hex(20),
+            "private_key": gcp_key,
+            "client_email": "x@p.iam.gserviceaccount.com",
+        },
+        indent=2,
+    )
     p.plant("/opt/app/gcp.json", gcp, "gcp-service-account", "private-key", secret=gcp_key)
 
     db_password = alnum(16)
-    p.plant("/srv/app/.env", f"DB_HOST=db\nDB_PASSWORD=\"{db_password}\"\n", "dotenv-secret",
-            secret=db_password)
+    p.plant(
+        "/srv/app/.env",
+        f'DB_HOST=db\nDB_PASSWORD="{db_password}"\n',
+        "dotenv-secret",
+        secret=db_password,
+    )
     api_key = alnum(24)
-    p.plant("/srv/other/production.env", f"export STRIPE_API_KEY={api_key}\n", "dotenv-secret",
-            secret=api_key)
+    p.plant(
+        "/srv/other/production.env",
+        f"export STRIPE_API_KEY={api_key}\n",
+        "dotenv-secret",
+        secret=api_key,
+    )
 
-    root_hash = run(tool("openssl", "openssl"), "passwd", "-6", "-stdin",
-                    stdin=alnum(12) + "\n").strip()
+    root_hash = run(
+        tool("openssl", "openssl"), "passwd", "-6", "-stdin", stdin=alnum(12) + "\n"
+    ).strip()
     alice_hash = run("openssl", "passwd", "-6", "-stdin", stdin=alnum(12) + "\n").strip()
-    p.plant("/etc/shadow", f"root:{root_hash}:20000:0:99999:7:::\n"
-            f"daemon:*:20000::::::\nalice:!{alice_hash}:20000:0:99999:7:::\n",
-            "root-password", "user-password", secret=root_hash, mode=0o640)
+    p.plant(
+        "/etc/shadow",
+        f"root:{root_hash}:20000:0:99999:7:::\n"
+        f"daemon:*:20000::::::\nalice:!{alice_hash}:20000:0:99999:7:::\n",
+        "root-password",
+        "user-password",
+        secret=root_hash,
+        mode=0o640,
+    )
     p.secrets.append(alice_hash)
 
     history = f"vault login {token}\n"
@@ -217,12 +281,15 @@ def planted(clean_tree: Path) -> Planted:
     p.plant("/var/lib/systemd/random-seed", seed, "systemd-secret", secret=seed)
 
     wrapped = "hvs." + alnum(90)
-    p.plant("/run/bootsecrets/bootstrap.yaml",
-            f"role_id: {secrets.token_hex(8)}\nwrapped_secret_id: {wrapped}\n",
-            "bootsecrets-store", "vault-token", secret=wrapped)
+    p.plant(
+        "/run/bootsecrets/bootstrap.yaml",
+        f"role_id: {secrets.token_hex(8)}\nwrapped_secret_id: {wrapped}\n",
+        "bootsecrets-store",
+        "vault-token",
+        secret=wrapped,
+    )
     stored = "hvs." + alnum(90)
-    p.plant("/var/lib/bootsecrets/token", stored, "bootsecrets-token", "vault-token",
-            secret=stored)
+    p.plant("/var/lib/bootsecrets/token", stored, "bootsecrets-token", "vault-token", secret=stored)
     p.plant("/var/log/syslog", "Jan 1 app started\n", "log-file")
     p.plant("/var/log/apt/history.log", "Start-Date: 2026\n", "log-file")
     p.plant("/var/log/syslog.1", "Jan 1 old\n", "log-archive")
@@ -254,7 +321,8 @@ def test_every_rule_fires_on_its_path_and_nothing_else(planted: Planted) -> None
     assert pairs(findings) == planted.expected
     # Every rule of the table is planted here, except the two with tests of their own.
     assert {rule for _, rule in planted.expected} == (
-        set(imagecheck.BY_ID) - {"unreadable", "cloud-init-missing"})
+        set(imagecheck.BY_ID) - {"unreadable", "cloud-init-missing"}
+    )
     assert findings == sorted(findings, key=Finding.sort_key)
     assert len(findings) == len(set(findings))
 
@@ -281,8 +349,12 @@ def test_json_is_the_documented_document(planted: Planted) -> None:
     assert doc["root"] == str(planted.root)
     assert doc["count"] == len(findings) == len(doc["findings"])
     for item, finding in zip(doc["findings"], findings, strict=True):
-        assert item == {"path": finding.path, "rule": finding.rule, "line": finding.line,
-                        "fingerprint": finding.fingerprint}
+        assert item == {
+            "path": finding.path,
+            "rule": finding.rule,
+            "line": finding.line,
+            "fingerprint": finding.fingerprint,
+        }
         assert item["path"].startswith("/")
         assert item["fingerprint"].startswith("sha256:") and len(item["fingerprint"]) == 23
 
@@ -335,8 +407,10 @@ def test_hard_links_are_reported_at_every_path(clean_tree: Path) -> None:
     first = write(clean_tree, "/opt/a/key.pem", openssl_key("ED25519"))
     (clean_tree / "opt/b").mkdir()
     os.link(first, clean_tree / "opt/b/key.pem")
-    assert pairs(imagecheck.scan(clean_tree)) == {("/opt/a/key.pem", "private-key"),
-                                                   ("/opt/b/key.pem", "private-key")}
+    assert pairs(imagecheck.scan(clean_tree)) == {
+        ("/opt/a/key.pem", "private-key"),
+        ("/opt/b/key.pem", "private-key"),
+    }
 
 
 def test_oversized_and_binary_files_skip_content_but_not_state(clean_tree: Path) -> None:
@@ -358,8 +432,11 @@ def test_agent_package_itself_is_clean(tmp_path: Path) -> None:
     """The agent baked into the image must not trip image-check (its docs name the rules)."""
     tree = tmp_path / "image"
     package = Path(bootsecrets.__file__).parent
-    shutil.copytree(package, tree / "usr/lib/python3/dist-packages/bootsecrets",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        package,
+        tree / "usr/lib/python3/dist-packages/bootsecrets",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     write(tree, "/usr/bin/cloud-init", "")
     assert imagecheck.scan(tree) == []
 
@@ -439,16 +516,25 @@ def test_unmodified_packaged_files_are_public(clean_tree: Path) -> None:
     example = f"Example:\n{openssl_key('ED25519')}"
     doc = write(clean_tree, "/usr/share/doc/cloud-init/examples/keys.txt", example)
     module = write(clean_tree, "/usr/lib/python3/dist-packages/cloudinit/cc_ssh.py", example)
-    write(clean_tree, "/usr/lib/python3/dist-packages/cloudinit/__pycache__/"
-          "cc_ssh.cpython-311.pyc", b"\xa7\r\r\n" + example.encode())
+    write(
+        clean_tree,
+        "/usr/lib/python3/dist-packages/cloudinit/__pycache__/cc_ssh.cpython-311.pyc",
+        b"\xa7\r\r\n" + example.encode(),
+    )
     conffile = write(clean_tree, "/etc/app/example.conf", example)
     md5 = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (doc, module, conffile)}
-    write(clean_tree, "/var/lib/dpkg/info/cloud-init.md5sums",
-          f"{md5[doc]}  usr/share/doc/cloud-init/examples/keys.txt\n"
-          # merged /usr: dpkg may record lib/... for what lives in /usr/lib/...
-          f"{md5[module]}  lib/python3/dist-packages/cloudinit/cc_ssh.py\n")
-    write(clean_tree, "/var/lib/dpkg/status", "Package: app\nConffiles:\n"
-          f" /etc/app/example.conf {md5[conffile]}\nDescription: x\n")
+    write(
+        clean_tree,
+        "/var/lib/dpkg/info/cloud-init.md5sums",
+        f"{md5[doc]}  usr/share/doc/cloud-init/examples/keys.txt\n"
+        # merged /usr: dpkg may record lib/... for what lives in /usr/lib/...
+        f"{md5[module]}  lib/python3/dist-packages/cloudinit/cc_ssh.py\n",
+    )
+    write(
+        clean_tree,
+        "/var/lib/dpkg/status",
+        f"Package: app\nConffiles:\n /etc/app/example.conf {md5[conffile]}\nDescription: x\n",
+    )
     assert imagecheck.scan(clean_tree) == []
     # Edited after installation: no longer what the package shipped.
     conffile.write_text(example + "# edited\n")
@@ -460,4 +546,5 @@ def test_the_operations_guide_lists_exactly_the_rules() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
     rows = re.findall(r"^\| `([a-z-]+)` \| (.+?) \| (.+?) \|$", text, re.M)
     assert [(rule, fix, marketplace) for rule, fix, marketplace in rows] == [
-        (r.id, r.fix, r.marketplace or "—") for r in imagecheck.RULES]
+        (r.id, r.fix, r.marketplace or "—") for r in imagecheck.RULES
+    ]

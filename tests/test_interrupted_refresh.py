@@ -28,7 +28,7 @@ from conftest import Sandbox
 from support.openbao import OpenBao
 from support.world import World
 
-STANDIN = textwrap.dedent('''\
+STANDIN = textwrap.dedent("""\
     import hashlib, json, os, signal, sys, time
     state_path = os.environ["STANDIN_STATE"]
     with open(state_path) as f:
@@ -69,7 +69,7 @@ STANDIN = textwrap.dedent('''\
     save()
     maybe_kill("after")
     sys.stdout.write(out)
-''')
+""")
 
 UNITS = ("app.service", "worker.service", "api.service")
 
@@ -77,8 +77,7 @@ UNITS = ("app.service", "worker.service", "api.service")
 def three_units(world: World) -> dict[str, Any]:
     config = world.config()
     config["services"]["api.service"] = {"environment": {"API_KEY": "{{ secrets.api.key }}"}}
-    config["services"]["app.service"]["environment"] = {
-        "DB_PASSWORD": "{{ secrets.db.password }}"}
+    config["services"]["app.service"]["environment"] = {"DB_PASSWORD": "{{ secrets.db.password }}"}
     return config
 
 
@@ -90,8 +89,9 @@ class StandIn:
         self.program.chmod(0o755)
         self.state_path = tmp_path / "standin.json"
         # The units run already (as after a bootstrap): each has an invocation.
-        self.save({"count": 0, "calls": [], "events": [],
-                   "invocations": {u: f"boot-{u}" for u in UNITS}})
+        self.save(
+            {"count": 0, "calls": [], "events": [], "invocations": {u: f"boot-{u}" for u in UNITS}}
+        )
 
     def load(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.state_path.read_text())
@@ -106,13 +106,30 @@ class StandIn:
         self.save(data)
 
     def run(self, *args: str, kill: str = "") -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "STANDIN_STATE": str(self.state_path),
-               "STANDIN_STORE": str(self.sandbox.store), "STANDIN_KILL": kill}
+        env = {
+            **os.environ,
+            "STANDIN_STATE": str(self.state_path),
+            "STANDIN_STORE": str(self.sandbox.store),
+            "STANDIN_KILL": kill,
+        }
         result = subprocess.run(
-            [sys.executable, "-m", "bootsecrets.cli", *args, "--root", str(self.sandbox.root),
-             "--systemctl", str(self.program)],
-            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-            check=False)
+            [
+                sys.executable,
+                "-m",
+                "bootsecrets.cli",
+                *args,
+                "--root",
+                str(self.sandbox.root),
+                "--systemctl",
+                str(self.program),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         self.sandbox.captured.add("refresh stdout", result.stdout)
         self.sandbox.captured.add("refresh stderr", result.stderr)
         return result
@@ -128,8 +145,11 @@ def rotated(world: World, openbao: OpenBao) -> World:
     code, _, err = world.sandbox.run("bootstrap")
     assert code == 0, err
     # Two of three units get new values: db (app, worker) rotates, api does not.
-    openbao.put("secret", f"{world.unique}/db",
-                {"username": "app", "password": "canary-rotated-" + os.urandom(8).hex()})
+    openbao.put(
+        "secret",
+        f"{world.unique}/db",
+        {"username": "app", "password": "canary-rotated-" + os.urandom(8).hex()},
+    )
     return world
 
 
@@ -137,7 +157,8 @@ def rotated(world: World, openbao: OpenBao) -> World:
 # try-restart app, try-reload-or-restart worker, is-active x2.
 KILL_POINTS = [
     f"{call}:{moment}:{signum}"
-    for call in range(1, 6) for moment in ("before", "after")
+    for call in range(1, 6)
+    for moment in ("before", "after")
     for signum in (int(signal.SIGKILL), int(signal.SIGTERM))
 ]
 WORKER_RELOAD_CALL = 3
@@ -153,8 +174,10 @@ def test_refresh_killed_at_any_call_converges_on_the_next(
     first = standin.run("refresh", kill=kill)
     assert first.returncode in (-signal.SIGKILL, 143), first.stderr
     done_when_killed = {e[1] for e in standin.load()["events"]}
-    pending = {u["unit"]: u["restart_pending"]
-               for u in json.loads(standin.run("status", "--json").stdout)["units"]}
+    pending = {
+        u["unit"]: u["restart_pending"]
+        for u in json.loads(standin.run("status", "--json").stdout)["units"]
+    }
     standin.reset_count()
     second = standin.run("refresh")
     assert second.returncode == 0, second.stderr
@@ -167,7 +190,8 @@ def test_refresh_killed_at_any_call_converges_on_the_next(
         # A restart shows as a new InvocationID, so it is never repeated; a reload keeps
         # the invocation, so one that completed just as the run died is done again.
         repeated_reload = unit == "worker.service" and kill.startswith(
-            f"{WORKER_RELOAD_CALL}:after:")
+            f"{WORKER_RELOAD_CALL}:after:"
+        )
         assert len(mine) == (2 if repeated_reload else 1), (unit, events)
     assert [e for e in events if e[1] == "api.service"] == []
     # status told in between which restarts were still due.
@@ -185,8 +209,9 @@ def test_status_shows_a_restart_left_pending(rotated: World, tmp_path: Path) -> 
     sandbox = rotated.sandbox
     standin = StandIn(sandbox, tmp_path)
     # Killed right after the switch, before it could look at or restart any unit.
-    assert standin.run("refresh", kill=f"1:before:{int(signal.SIGKILL)}").returncode == \
-        -signal.SIGKILL
+    assert (
+        standin.run("refresh", kill=f"1:before:{int(signal.SIGKILL)}").returncode == -signal.SIGKILL
+    )
     report = json.loads(standin.run("status", "--json").stdout)
     pending = {u["unit"]: u["restart_pending"] for u in report["units"]}
     assert pending == {"app.service": True, "worker.service": True, "api.service": False}

@@ -25,9 +25,11 @@ TESTS = Path(__file__).resolve().parent
 
 #: Every systemctl/systemd-run call of a re-issuing refresh, the switch of `current` and
 #: the revocation of the old lease, each killed before and after it takes effect.
-POINTS = [f"{point}:{moment}" for point in
-          ("switch", *(f"call{n}" for n in range(1, 6)), "revoke")
-          for moment in ("before", "after")]
+POINTS = [
+    f"{point}:{moment}"
+    for point in ("switch", *(f"call{n}" for n in range(1, 6)), "revoke")
+    for moment in ("before", "after")
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +47,26 @@ class Driver:
 
     def run(self, command: str, offset: float, kill: str = "") -> int:
         spec = self.tmp / "spec.json"
-        spec.write_text(json.dumps({"root": str(self.world.sandbox.root), "command": command,
-                                    "offset": offset, "state": str(self.state),
-                                    "kill": kill}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "root": str(self.world.sandbox.root),
+                    "command": command,
+                    "offset": offset,
+                    "state": str(self.state),
+                    "kill": kill,
+                }
+            )
+        )
         result = subprocess.run(
             [sys.executable, "-m", "support.leasedriver", str(spec)],
-            env={**os.environ, "PYTHONPATH": str(TESTS)}, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=120, check=False)
+            env={**os.environ, "PYTHONPATH": str(TESTS)},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         self.world.sandbox.captured.add(f"{command} stdout", result.stdout)
         self.world.sandbox.captured.add(f"{command} stderr", result.stderr)
         return result.returncode
@@ -67,11 +82,22 @@ class Driver:
 
 @pytest.mark.parametrize("kill", POINTS)
 def test_a_reissue_killed_anywhere_converges_without_revoking_what_a_unit_holds(
-    kill: str, openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured,
-    unique: str, tmp_path: Path,
+    kill: str,
+    openbao: OpenBao,
+    pg: Postgres,
+    sandbox_root: Path,
+    captured: Captured,
+    unique: str,
+    tmp_path: Path,
 ) -> None:
-    world = LeaseWorld(openbao, pg, LeaseSandbox(sandbox_root, captured, openbao), unique,
-                       default_ttl="5m", max_ttl="20m")
+    world = LeaseWorld(
+        openbao,
+        pg,
+        LeaseSandbox(sandbox_root, captured, openbao),
+        unique,
+        default_ttl="5m",
+        max_ttl="20m",
+    )
     config = world.config()
     config["secrets"]["db"]["max_ttl"] = "6m"
     world.provision(config)

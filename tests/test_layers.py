@@ -17,14 +17,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "agent" / "bootsecrets"
 #: The package's modules, and its subpackages (errors, connect) each as one node.
-MODULES = sorted({p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-                 | {p.parent.name for p in PACKAGE.glob("*/__init__.py")})
+MODULES = sorted(
+    {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    | {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+)
 
 
 def _type_checking_only(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and (
         (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
-        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
+    )
 
 
 def _imports(tree: ast.AST) -> list[tuple[ast.stmt, str]]:
@@ -48,8 +51,11 @@ def _imports(tree: ast.AST) -> list[tuple[ast.stmt, str]]:
 
 def _tree(module: str) -> ast.Module:
     """A module's syntax tree; a subpackage's files all in one."""
-    files = sorted((PACKAGE / module).glob("*.py")) if (PACKAGE / module).is_dir() \
+    files = (
+        sorted((PACKAGE / module).glob("*.py"))
+        if (PACKAGE / module).is_dir()
         else [PACKAGE / f"{module}.py"]
+    )
     body: list[ast.stmt] = []
     for path in files:
         body.extend(ast.parse(path.read_text(), filename=str(path)).body)
@@ -60,7 +66,8 @@ def package_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module in MODULES:
         graph[module] = {
-            name.split(".")[1] for _stmt, name in _imports(_tree(module))
+            name.split(".")[1]
+            for _stmt, name in _imports(_tree(module))
             if name.startswith("bootsecrets.") and name.split(".")[1] in MODULES
         } - {module}
     return graph
@@ -75,7 +82,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for dependency in sorted(graph[module]):
             if state.get(dependency) == "open":
-                return [*path[path.index(dependency):], dependency]
+                return [*path[path.index(dependency) :], dependency]
             if dependency not in state:
                 cycle = visit(dependency)
                 if cycle:
@@ -120,14 +127,14 @@ def test_the_data_flows_one_way() -> None:
 
 
 def test_config_imports_template_analysis_at_the_top() -> None:
-    top_level = {stmt.module for stmt in _tree("config").body
-                 if isinstance(stmt, ast.ImportFrom)}
+    top_level = {stmt.module for stmt in _tree("config").body if isinstance(stmt, ast.ImportFrom)}
     assert "bootsecrets.templates" in top_level
 
 
 def test_only_the_template_modules_import_jinja2() -> None:
-    importers = {m for m in MODULES
-                 if any(name.split(".")[0] == "jinja2" for _s, name in _imports(_tree(m)))}
+    importers = {
+        m for m in MODULES if any(name.split(".")[0] == "jinja2" for _s, name in _imports(_tree(m)))
+    }
     assert importers == {"jinja", "bounds"}
 
 
@@ -135,10 +142,13 @@ def test_only_the_template_modules_import_jinja2() -> None:
 def test_every_module_imports_on_its_own(module: str) -> None:
     """Imported first in a fresh interpreter: a cycle held together by import order would
     fail here."""
-    code = f"import sys, bootsecrets.{module}; print(sorted(m for m in sys.modules " \
-           "if m.split('.')[0] == 'jinja2')[:1])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    code = (
+        f"import sys, bootsecrets.{module}; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] == 'jinja2')[:1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == ("['jinja2']" if module in ("jinja", "bounds") else "[]")
 
 
@@ -170,11 +180,17 @@ def drawing(graph: dict[str, set[str]]) -> str:
         text = ", ".join(modules)
         while len(text) > 86:
             cut = text.rindex(", ", 0, 86)
-            lines.append(f"floor {number:>2}: {text[:cut + 1]}" if not lines[-1].startswith(
-                f"floor {number:>2}") else f"          {text[:cut + 1]}")
-            text = text[cut + 2:]
-        prefix = f"floor {number:>2}: " if not lines[-1].startswith(f"floor {number:>2}") \
+            lines.append(
+                f"floor {number:>2}: {text[: cut + 1]}"
+                if not lines[-1].startswith(f"floor {number:>2}")
+                else f"          {text[: cut + 1]}"
+            )
+            text = text[cut + 2 :]
+        prefix = (
+            f"floor {number:>2}: "
+            if not lines[-1].startswith(f"floor {number:>2}")
             else "          "
+        )
         lines.append(prefix + text)
     lines.append("```")
     return "\n".join(lines)
@@ -182,13 +198,13 @@ def drawing(graph: dict[str, set[str]]) -> str:
 
 def documented() -> str:
     text = DOC.read_text()
-    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+    return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
 
 
 def test_the_architecture_doc_draws_the_import_graph_as_it_is() -> None:
     assert documented() == drawing(package_graph()), (
-        "docs/architecture.md's import floors are stale: run `python tests/test_layers.py "
-        "--write`")
+        "docs/architecture.md's import floors are stale: run `python tests/test_layers.py --write`"
+    )
 
 
 if __name__ == "__main__":

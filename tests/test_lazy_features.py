@@ -28,10 +28,12 @@ from support.transit import create_key, mounted_in
 from support.world import World, policy
 from test_console_script import console, standin_systemctl
 
-DIRECTORY_MODULES = frozenset({"encdirs", "fscrypt", "fscrypt_uapi", "keyrecord", "transit",
-                               "dirconfig"})
-VOLUME_MODULES = frozenset({"volumes", "volopen", "volcheck", "volconfig", "volrecord",
-                            "blockdev", "luks", "luksformat"})
+DIRECTORY_MODULES = frozenset(
+    {"encdirs", "fscrypt", "fscrypt_uapi", "keyrecord", "transit", "dirconfig"}
+)
+VOLUME_MODULES = frozenset(
+    {"volumes", "volopen", "volcheck", "volconfig", "volrecord", "blockdev", "luks", "luksformat"}
+)
 LEASE_MODULES = frozenset({"leasing", "leasestore", "leases", "leasespec", "wakeup"})
 STATUS_MODULES = frozenset({"dirstatus", "volstatus"})
 FEATURE_MODULES = DIRECTORY_MODULES | VOLUME_MODULES | LEASE_MODULES | STATUS_MODULES
@@ -39,14 +41,23 @@ FEATURE_MODULES = DIRECTORY_MODULES | VOLUME_MODULES | LEASE_MODULES | STATUS_MO
 
 def imported(result: subprocess.CompletedProcess[str]) -> frozenset[str]:
     """Our modules the process imported (`bootsecrets.<name>`, subpackages by name)."""
-    names = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
-             if line.startswith("import time:")}
+    names = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     return frozenset(n.split(".")[1] for n in names if n.startswith("bootsecrets."))
 
 
 def command(world: World, systemctl: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = console(*args, "--root", str(world.sandbox.root), "--systemctl", str(systemctl),
-                     env={"PYTHONPROFILEIMPORTTIME": "1"})
+    result = console(
+        *args,
+        "--root",
+        str(world.sandbox.root),
+        "--systemctl",
+        str(systemctl),
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     world.sandbox.captured.add(f"console {args[0]} stderr", result.stderr)
     world.sandbox.captured.add(f"console {args[0]} stdout", result.stdout)
     return result
@@ -81,12 +92,20 @@ def all_features(world: World) -> dict[str, Any]:
     config["mounts"][f"pki-{u}"] = "pki"
     config["secrets"]["tls"] = {"path": f"pki-{u}/issue/web", "common_name": "app.example.test"}
     config["services"]["web.service"] = {
-        "credentials": {"tls.crt": "{{ secrets.tls.certificate }}\n"}}
+        "credentials": {"tls.crt": "{{ secrets.tls.certificate }}\n"}
+    }
     config["encrypted_directories"] = {
-        "appdata": {"path": "/srv/appdata", "units": ["app.service"]}}
+        "appdata": {"path": "/srv/appdata", "units": ["app.service"]}
+    }
     config["encrypted_volumes"] = {
-        "data": {"device": "/dev/disk/by-id/scsi-0DO_Volume_data", "mount": "/mnt/data",
-                 "units": ["worker.service"], "format": "if-blank", "attach_timeout": 1}}
+        "data": {
+            "device": "/dev/disk/by-id/scsi-0DO_Volume_data",
+            "mount": "/mnt/data",
+            "units": ["worker.service"],
+            "format": "if-blank",
+            "attach_timeout": 1,
+        }
+    }
     return config
 
 
@@ -94,12 +113,17 @@ def test_a_config_with_them_imports_each(world: World, openbao: OpenBao, srv: Pa
     u = world.unique
     create_key(openbao, world.role)
     PkiEngine(openbao, mount=f"pki-{u}").role("web", allowed_domains=["example.test"])
-    transit = "\n".join(f'path "transit/{op}/{world.role}" {{ capabilities = ["update"] }}'
-                        for op in ("datakey/plaintext", "decrypt", "rewrap"))
+    transit = "\n".join(
+        f'path "transit/{op}/{world.role}" {{ capabilities = ["update"] }}'
+        for op in ("datakey/plaintext", "decrypt", "rewrap")
+    )
     openbao.client.sys.create_or_update_policy(
         name=f"{world.role}-policy",
-        policy=policy(*world.policy_paths) + "\n" + transit
-        + f'\npath "pki-{u}/issue/web" {{ capabilities = ["update"] }}')
+        policy=policy(*world.policy_paths)
+        + "\n"
+        + transit
+        + f'\npath "pki-{u}/issue/web" {{ capabilities = ["update"] }}',
+    )
     world.sandbox.write_config(all_features(world))
     world.sandbox.write_bootstrap(world.role_id, openbao.wrapped_secret_id(world.role))
     systemctl, calls = standin_systemctl(world.sandbox.root)
@@ -131,7 +155,11 @@ def pg() -> Iterator[Postgres]:
 
 
 def test_a_lease_kept_from_an_earlier_config_is_still_revoked(
-    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str,
+    openbao: OpenBao,
+    pg: Postgres,
+    sandbox_root: Path,
+    captured: Captured,
+    unique: str,
 ) -> None:
     """The database secret taken out of the config: the config has no leased secret any
     more, but its lease, kept in leases.json, is revoked by the next refresh (the agent
@@ -152,8 +180,9 @@ def test_a_lease_kept_from_an_earlier_config_is_still_revoked(
     code, _, err = world.sandbox.run("refresh")
 
     assert code == 0, err
-    revoked = [r for r in openbao.audited_requests(offset)
-               if r["path"] == f"sys/leases/revoke/{lease}"]
+    revoked = [
+        r for r in openbao.audited_requests(offset) if r["path"] == f"sys/leases/revoke/{lease}"
+    ]
     assert len(revoked) == 1  # (no lease ID in a failure's message)
     assert user not in pg.roles()
     assert world.kept() == {"current": {}, "older": {}, "revoke": []}

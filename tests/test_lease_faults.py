@@ -28,15 +28,17 @@ def pg() -> Iterator[Postgres]:
 
 
 @pytest.fixture
-def world(openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured,
-          unique: str) -> LeaseWorld:
+def world(
+    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str
+) -> LeaseWorld:
     sandbox = LeaseSandbox(sandbox_root, captured, openbao)
     return LeaseWorld(openbao, pg, sandbox, unique, default_ttl="5m", max_ttl="20m")
 
 
 @pytest.fixture
-def own_world(openbao: OpenBao, sandbox_root: Path, captured: Captured,
-              unique: str) -> Iterator[LeaseWorld]:
+def own_world(
+    openbao: OpenBao, sandbox_root: Path, captured: Captured, unique: str
+) -> Iterator[LeaseWorld]:
     """With a PostgreSQL of the test's own, which it may stop."""
     with postgres_server() as server:
         sandbox = LeaseSandbox(sandbox_root, captured, openbao)
@@ -62,8 +64,11 @@ def alerts(caplog: pytest.LogCaptureFixture, err: type[errors.BootsecretsError])
 
 
 def restarted(world: LeaseWorld) -> list[str]:
-    return [c[-1] for c in world.sandbox.runner.verbs()
-            if c and c[0] in ("try-restart", "try-reload-or-restart", "restart")]
+    return [
+        c[-1]
+        for c in world.sandbox.runner.verbs()
+        if c and c[0] in ("try-restart", "try-reload-or-restart", "restart")
+    ]
 
 
 def on_active(world: LeaseWorld) -> str:
@@ -151,8 +156,9 @@ def test_a_refused_revocation_is_kept_and_retried(
     offset = openbao.audit_offset()
     code, _, err = world.sandbox.run("refresh")
     assert code == 0, err
-    assert [r["path"] for r in openbao.audited_requests(offset)
-            if r["path"].startswith("sys/leases/")] == [f"sys/leases/revoke/{pending['lease_id']}"]
+    assert [
+        r["path"] for r in openbao.audited_requests(offset) if r["path"].startswith("sys/leases/")
+    ] == [f"sys/leases/revoke/{pending['lease_id']}"]
     assert old_user not in pg.roles()
     assert world.kept()["revoke"] == [] and world.lease_status("db")["revoke_pending"] == 0
     assert restarted(world) == []
@@ -196,12 +202,22 @@ def test_a_bootstrap_failing_after_issuing_revokes_what_it_issued(
 
 
 def test_a_unit_failing_on_new_credentials_is_rolled_back_with_every_user(
-    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str,
+    openbao: OpenBao,
+    pg: Postgres,
+    sandbox_root: Path,
+    captured: Captured,
+    unique: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A 30 min term: the re-issue is due at 2/3 of it (1200 s), long before it ends.
-    world = LeaseWorld(openbao, pg, LeaseSandbox(sandbox_root, captured, openbao), unique,
-                       default_ttl="30m", max_ttl="1h")
+    world = LeaseWorld(
+        openbao,
+        pg,
+        LeaseSandbox(sandbox_root, captured, openbao),
+        unique,
+        default_ttl="30m",
+        max_ttl="1h",
+    )
     conf = world.config()
     conf["secrets"]["db"]["max_ttl"] = "30m"
     conf["services"]["worker.service"] = {"environment": {"DB_USER": "{{ secrets.db.username }}"}}
@@ -221,8 +237,7 @@ def test_a_unit_failing_on_new_credentials_is_rolled_back_with_every_user(
     assert world.app_creds() == old and pg.whoami(*old) == old[0]
     worker = read_env_file(world.sandbox.env_file("worker.service"))
     assert worker["DB_USER"] == old[0]
-    assert restarted(world) == ["app.service", "worker.service", "app.service",
-                                "worker.service"]
+    assert restarted(world) == ["app.service", "worker.service", "app.service", "worker.service"]
     kept = world.kept()
     assert kept["current"]["db"]["version"] == 1
     assert kept["older"] == {} and kept["revoke"] == []

@@ -30,8 +30,9 @@ def pg() -> Iterator[Postgres]:
 
 
 @pytest.fixture
-def world(openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured,
-          unique: str) -> LeaseWorld:
+def world(
+    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str
+) -> LeaseWorld:
     sandbox = LeaseSandbox(sandbox_root, captured, openbao)
     return LeaseWorld(openbao, pg, sandbox, unique, cert_ttl="1h")
 
@@ -56,19 +57,32 @@ def rendered(world: LeaseWorld) -> Issued:
     """What web.service gets, as the support module's Issued (for tls_handshake)."""
     chain = PEM.findall(world.web_file("tls.crt"))
     ca = world.web_file("ca.crt").strip()
-    return Issued(certificate=chain[0], private_key=world.web_file("tls.key").strip(),
-                  private_key_type="ec", issuing_ca=ca, ca_chain=(ca,), serial_number="",
-                  not_before=0, expiration=0, lease_id="", renewable=False)
+    return Issued(
+        certificate=chain[0],
+        private_key=world.web_file("tls.key").strip(),
+        private_key_type="ec",
+        issuing_ca=ca,
+        ca_chain=(ca,),
+        serial_number="",
+        not_before=0,
+        expiration=0,
+        lease_id="",
+        renewable=False,
+    )
 
 
 def issue_calls(bao: OpenBao, offset: int, unique: str) -> list[str]:
-    return [r["path"] for r in bao.audited_requests(offset)
-            if r["path"].startswith(f"pki-{unique}/")]
+    return [
+        r["path"] for r in bao.audited_requests(offset) if r["path"].startswith(f"pki-{unique}/")
+    ]
 
 
 def restarted(world: LeaseWorld) -> list[str]:
-    return [c[-1] for c in world.sandbox.runner.verbs()
-            if c and c[0] in ("try-restart", "try-reload-or-restart", "restart")]
+    return [
+        c[-1]
+        for c in world.sandbox.runner.verbs()
+        if c and c[0] in ("try-restart", "try-reload-or-restart", "restart")
+    ]
 
 
 def test_the_certificate_verifies_matches_its_key_and_carries_the_names(
@@ -88,15 +102,20 @@ def test_the_certificate_verifies_matches_its_key_and_carries_the_names(
         assert tls_handshake(issued, world.pki.ca_pem, name).startswith("TLSv1.")
     credentials = world.sandbox.store / "current/credentials/web.service"
     assert {mode_of(credentials / n) for n in ("tls.crt", "tls.key", "ca.crt")} == {0o400}
-    dropin = (world.sandbox.root / "run/systemd/system/web.service.d/50-bootsecrets.conf")
-    assert "LoadCredential=tls.key:/run/bootsecrets/current/credentials/web.service/tls.key" \
+    dropin = world.sandbox.root / "run/systemd/system/web.service.d/50-bootsecrets.conf"
+    assert (
+        "LoadCredential=tls.key:/run/bootsecrets/current/credentials/web.service/tls.key"
         in dropin.read_text()
+    )
     tls = world.lease_status("tls")
     assert tls["kind"] == "certificate" and tls["lease"] is False
-    assert tls["serial_number"] and int(tls["serial_number"].replace(":", ""), 16) == \
-        load(issued.certificate).serial_number
+    assert (
+        tls["serial_number"]
+        and int(tls["serial_number"].replace(":", ""), 16) == load(issued.certificate).serial_number
+    )
     assert tls["expires_at"] == pytest.approx(
-        load(issued.certificate).not_valid_after_utc.timestamp())
+        load(issued.certificate).not_valid_after_utc.timestamp()
+    )
 
 
 def test_reissued_at_the_threshold_and_not_before(world: LeaseWorld, openbao: OpenBao) -> None:

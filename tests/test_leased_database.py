@@ -29,8 +29,9 @@ def pg() -> Iterator[Postgres]:
 
 
 @pytest.fixture
-def world(openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured,
-          unique: str) -> LeaseWorld:
+def world(
+    openbao: OpenBao, pg: Postgres, sandbox_root: Path, captured: Captured, unique: str
+) -> LeaseWorld:
     sandbox = LeaseSandbox(sandbox_root, captured, openbao)
     return LeaseWorld(openbao, pg, sandbox, unique, default_ttl="5m", max_ttl="20m")
 
@@ -47,13 +48,19 @@ def booted(world: LeaseWorld, **secret_options: Any) -> LeaseWorld:
 
 def lease_calls(bao: OpenBao, offset: int, unique: str) -> list[str]:
     """Paths of the requests after `offset` that touch a lease or issue one."""
-    return [r["path"] for r in bao.audited_requests(offset)
-            if r["path"].startswith(("sys/leases/", f"db-{unique}/creds", f"pki-{unique}/issue"))]
+    return [
+        r["path"]
+        for r in bao.audited_requests(offset)
+        if r["path"].startswith(("sys/leases/", f"db-{unique}/creds", f"pki-{unique}/issue"))
+    ]
 
 
 def restarts(world: LeaseWorld) -> list[tuple[str, ...]]:
-    return [c for c in world.sandbox.runner.verbs()
-            if c and c[0] in ("restart", "try-restart", "try-reload-or-restart", "start")]
+    return [
+        c
+        for c in world.sandbox.runner.verbs()
+        if c and c[0] in ("restart", "try-restart", "try-reload-or-restart", "start")
+    ]
 
 
 def wakeups(world: LeaseWorld) -> list[tuple[str, ...]]:
@@ -92,14 +99,22 @@ def test_the_wakeup_is_armed_for_the_earliest_deadline(world: LeaseWorld) -> Non
     (armed,) = wakeups(world)
     assert calls.index(armed) == stop + 1
     assert armed[1:] == (
-        "--unit=bootsecrets-wakeup", "--description=bootsecrets: next lease deadline",
-        armed[3], "--timer-property=AccuracySec=1s",
-        "--timer-property=RemainAfterElapse=no", "--property=Type=oneshot", "--collect",
-        "--quiet", "/usr/bin/systemctl", "start", "--no-block", "bootsecrets-refresh.service")
+        "--unit=bootsecrets-wakeup",
+        "--description=bootsecrets: next lease deadline",
+        armed[3],
+        "--timer-property=AccuracySec=1s",
+        "--timer-property=RemainAfterElapse=no",
+        "--property=Type=oneshot",
+        "--collect",
+        "--quiet",
+        "/usr/bin/systemctl",
+        "start",
+        "--no-block",
+        "bootsecrets-refresh.service",
+    )
     assert 195 <= int(armed[3].removeprefix("--on-active=").removesuffix("s")) <= 200
     report = world.status()
-    assert report["wakeup_at"] == pytest.approx(world.lease_status("db")["next_action_at"],
-                                                abs=2)
+    assert report["wakeup_at"] == pytest.approx(world.lease_status("db")["next_action_at"], abs=2)
 
 
 def test_a_refresh_with_nothing_due_makes_no_lease_call(
@@ -172,7 +187,8 @@ def test_reissue_restarts_only_its_units_and_revokes_the_old_lease_after(
     # The revocation reached Vault only after app.service was seen active again.
     seen_active = holders.offset_at("is-active", "app.service")
     assert f"sys/leases/revoke/{old_lease}" in [
-        r["path"] for r in openbao.audited_requests(seen_active)]
+        r["path"] for r in openbao.audited_requests(seen_active)
+    ]
     kept = world.kept()
     assert kept["older"] == {} and kept["revoke"] == []
     db = world.lease_status("db")
@@ -199,8 +215,14 @@ def test_a_renewal_cut_at_max_ttl_is_followed_by_a_reissue_in_the_same_run(
     """The max_ttl unknown to the agent: it renews until Vault cuts a renewal short, which
     reveals the hard end; planned again at once, the lease is re-issued in the same run.
     Real time here (Vault cuts by its own clock): a 20 s term, a 30 s max_ttl."""
-    world = LeaseWorld(openbao, pg, LeaseSandbox(sandbox_root, captured, openbao), unique,
-                       default_ttl="20s", max_ttl="30s")
+    world = LeaseWorld(
+        openbao,
+        pg,
+        LeaseSandbox(sandbox_root, captured, openbao),
+        unique,
+        default_ttl="20s",
+        max_ttl="30s",
+    )
     config = world.config(leases={"floor": 1, "margin": 2})
     del config["secrets"]["tls"]
     del config["services"]["web.service"]
@@ -218,17 +240,17 @@ def test_a_renewal_cut_at_max_ttl_is_followed_by_a_reissue_in_the_same_run(
 
     assert code == 0, err
     assert lease_calls(openbao, offset, world.unique) == [
-        f"sys/leases/renew/{lease_id}", f"db-{world.unique}/creds/app",
-        f"sys/leases/revoke/{lease_id}"]
+        f"sys/leases/renew/{lease_id}",
+        f"db-{world.unique}/creds/app",
+        f"sys/leases/revoke/{lease_id}",
+    ]
     assert restarts(world) == [("try-restart", "--", "app.service")]
     user, password = world.app_creds()
     assert user != first and pg.whoami(user, password) == user
     assert first not in pg.roles()
 
 
-def test_decommission_revokes_the_leases_before_the_token(
-    world: LeaseWorld, pg: Postgres
-) -> None:
+def test_decommission_revokes_the_leases_before_the_token(world: LeaseWorld, pg: Postgres) -> None:
     """Decommission drops the database role synchronously (its own step), then revokes the
     token; the timers are stopped with the units so nothing re-issues behind it."""
     booted(world)

@@ -25,8 +25,11 @@ def test_alert_goes_to_the_journal_with_message_id_and_priority_alert() -> None:
     logger = logging.getLogger(logs.LOGGER)
     logger.addHandler(handler)
     try:
-        logs.alert(WrappingPathMismatch("created at sys/wrapping/wrap"), ROLE="web",
-                   CREATION_PATH="sys/wrapping/wrap")
+        logs.alert(
+            WrappingPathMismatch("created at sys/wrapping/wrap"),
+            ROLE="web",
+            CREATION_PATH="sys/wrapping/wrap",
+        )
     finally:
         logger.removeHandler(handler)
     [(message, fields)] = recorder.entries
@@ -43,8 +46,9 @@ def test_structured_fields_pass_and_format_arguments_do_not() -> None:
     logger = logging.getLogger("bootsecrets.test")
     logger.addHandler(handler)
     try:
-        logger.info("read %s", "secret/app/db", extra={"SECRET_PATH": "secret/app/db",
-                                                        "SECRET_VERSION": 3})
+        logger.info(
+            "read %s", "secret/app/db", extra={"SECRET_PATH": "secret/app/db", "SECRET_VERSION": 3}
+        )
     finally:
         logger.removeHandler(handler)
     [(message, fields)] = recorder.entries

@@ -60,8 +60,9 @@ class Recorder:
     answers: dict[str, tuple[int, str, str]] = dataclasses.field(default_factory=dict)
     calls: list[tuple[tuple[str, ...], bytes | None]] = dataclasses.field(default_factory=list)
 
-    def __call__(self, argv: Sequence[str], *, stdin: luks.Stdin | None = None,
-                 check: bool = True) -> luks.Completed:
+    def __call__(
+        self, argv: Sequence[str], *, stdin: luks.Stdin | None = None, check: bool = True
+    ) -> luks.Completed:
         command = tuple(argv)
         self.calls.append((command, None if stdin is None else bytes(stdin)))
         verb = " ".join(command[1:3]) if command[1] == "token" else command[1]
@@ -80,34 +81,105 @@ class Recorder:
 def test_command_lines_are_exact() -> None:
     dev = Path("/dev/disk/by-id/scsi-0DO_Volume_data")
     assert luks.format_argv(dev) == (
-        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
-        "--cipher", "aes-xts-plain64", "--key-size", "512",
-        "--pbkdf", "pbkdf2", "--hash", "sha256", "--pbkdf-force-iterations", "1000",
-        "--key-slot", "0", "--key-file=-", str(dev))
+        "cryptsetup",
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "512",
+        "--pbkdf",
+        "pbkdf2",
+        "--hash",
+        "sha256",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-slot",
+        "0",
+        "--key-file=-",
+        str(dev),
+    )
     assert luks.open_argv(dev, "data") == (
-        "cryptsetup", "open", "--type", "luks2", "--key-file=-", "--key-slot", "0",
-        str(dev), "data")
+        "cryptsetup",
+        "open",
+        "--type",
+        "luks2",
+        "--key-file=-",
+        "--key-slot",
+        "0",
+        str(dev),
+        "data",
+    )
     assert luks.open_argv(dev, "data", discard=True, readonly=True) == (
-        "cryptsetup", "open", "--type", "luks2", "--key-file=-", "--key-slot", "0",
-        "--allow-discards", "--readonly", str(dev), "data")
+        "cryptsetup",
+        "open",
+        "--type",
+        "luks2",
+        "--key-file=-",
+        "--key-slot",
+        "0",
+        "--allow-discards",
+        "--readonly",
+        str(dev),
+        "data",
+    )
     assert luks.check_key_argv(dev) == (
-        "cryptsetup", "open", "--type", "luks2", "--test-passphrase", "--key-file=-",
-        "--key-slot", "0", str(dev))
+        "cryptsetup",
+        "open",
+        "--type",
+        "luks2",
+        "--test-passphrase",
+        "--key-file=-",
+        "--key-slot",
+        "0",
+        str(dev),
+    )
     assert luks.close_argv("data") == ("cryptsetup", "close", "data")
     assert luks.status_argv("data") == ("cryptsetup", "status", "data")
     assert luks.erase_argv(dev) == ("cryptsetup", "erase", "--batch-mode", str(dev))
     assert luks.dump_argv(dev) == ("cryptsetup", "luksDump", "--dump-json-metadata", str(dev))
     assert luks.is_luks_argv(dev) == ("cryptsetup", "isLuks", "--type", "luks2", str(dev))
     assert luks.token_import_argv(dev) == (
-        "cryptsetup", "token", "import", "--json-file=-", "--token-id", "0",
-        "--key-slot", "0", str(dev))
+        "cryptsetup",
+        "token",
+        "import",
+        "--json-file=-",
+        "--token-id",
+        "0",
+        "--key-slot",
+        "0",
+        str(dev),
+    )
     assert luks.token_import_argv(dev, 3, replace=True) == (
-        "cryptsetup", "token", "import", "--json-file=-", "--token-id", "3",
-        "--token-replace", "--key-slot", "0", str(dev))
+        "cryptsetup",
+        "token",
+        "import",
+        "--json-file=-",
+        "--token-id",
+        "3",
+        "--token-replace",
+        "--key-slot",
+        "0",
+        str(dev),
+    )
     assert luks.token_export_argv(dev) == (
-        "cryptsetup", "token", "export", "--token-id", "0", str(dev))
+        "cryptsetup",
+        "token",
+        "export",
+        "--token-id",
+        "0",
+        str(dev),
+    )
     assert luks.token_remove_argv(dev, 2) == (
-        "cryptsetup", "token", "remove", "--token-id", "2", str(dev))
+        "cryptsetup",
+        "token",
+        "remove",
+        "--token-id",
+        "2",
+        str(dev),
+    )
     assert luks.blkid_argv(dev) == ("blkid", "-p", "-o", "export", str(dev))
 
 
@@ -123,30 +195,37 @@ def test_mapper_names_are_checked() -> None:
 def test_token_json_round_trips_and_is_what_luks2_needs() -> None:
     data = json.loads(TOKEN.to_json())
     assert data == {
-        "type": "bootsecrets-transit", "keyslots": ["0"], "schema": 1,
-        "transit_mount": "transit", "key_name": "droplet-web-1", "key_version": 1,
+        "type": "bootsecrets-transit",
+        "keyslots": ["0"],
+        "schema": 1,
+        "transit_mount": "transit",
+        "key_name": "droplet-web-1",
+        "key_version": 1,
         "ciphertext": CIPHERTEXT,
     }
     assert luks.TransitToken.from_json(data, "/dev/vdb") == TOKEN
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"type": "luks2-keyring"}, "type"),
-    ({"schema": 2}, "schema"),
-    ({"schema": True}, "schema"),
-    ({"keyslots": []}, "keyslots"),
-    ({"keyslots": [0]}, "keyslots"),
-    ({"key_version": 2}, "key_version"),  # does not match the ciphertext's vault:v1:
-    ({"key_version": True}, "key_version"),
-    ({"key_version": "1"}, "key_version"),
-    ({"ciphertext": "vault:v1:"}, "ciphertext"),
-    ({"ciphertext": "plain text"}, "ciphertext"),
-    ({"ciphertext": 12}, "ciphertext"),
-    ({"key_name": "../keys/x"}, "key_name"),
-    ({"transit_mount": "/transit"}, "transit_mount"),
-    ({"transit_mount": "a/../b"}, "transit_mount"),
-    ({"extra": "x"}, "extra"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"type": "luks2-keyring"}, "type"),
+        ({"schema": 2}, "schema"),
+        ({"schema": True}, "schema"),
+        ({"keyslots": []}, "keyslots"),
+        ({"keyslots": [0]}, "keyslots"),
+        ({"key_version": 2}, "key_version"),  # does not match the ciphertext's vault:v1:
+        ({"key_version": True}, "key_version"),
+        ({"key_version": "1"}, "key_version"),
+        ({"ciphertext": "vault:v1:"}, "ciphertext"),
+        ({"ciphertext": "plain text"}, "ciphertext"),
+        ({"ciphertext": 12}, "ciphertext"),
+        ({"key_name": "../keys/x"}, "key_name"),
+        ({"transit_mount": "/transit"}, "transit_mount"),
+        ({"transit_mount": "a/../b"}, "transit_mount"),
+        ({"extra": "x"}, "extra"),
+    ],
+)
 def test_tampered_tokens_are_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
     data = {**json.loads(TOKEN.to_json()), **change}
     with pytest.raises(luks.TokenInvalid) as raised:
@@ -166,8 +245,13 @@ def test_a_missing_field_is_named() -> None:
 
 def test_parse_dump_of_a_header() -> None:
     other = {"type": "systemd-tpm2", "keyslots": ["1"]}
-    dump = {"keyslots": {"0": {}, "1": {}}, "tokens": {"0": other, "4": json.loads(
-        TOKEN.to_json())}, "segments": {}, "digests": {}, "config": {}}
+    dump = {
+        "keyslots": {"0": {}, "1": {}},
+        "tokens": {"0": other, "4": json.loads(TOKEN.to_json())},
+        "segments": {},
+        "digests": {},
+        "config": {},
+    }
     header = luks.parse_dump(json.dumps(dump), "/dev/vdb")
     assert header == luks.LuksHeader((0, 1), {0: "systemd-tpm2", 4: luks.TOKEN_TYPE}, 4, TOKEN)
     dump["tokens"]["5"] = json.loads(TOKEN.to_json())
@@ -185,7 +269,8 @@ def test_open_puts_the_key_on_stdin_and_maps_a_rejected_key() -> None:
     key = new_key()
     recorder = Recorder()
     assert luks.open_volume(Path("/dev/vdb"), "data", key, runner=recorder) == Path(
-        "/dev/mapper/data")
+        "/dev/mapper/data"
+    )
     assert recorder.calls == [(luks.open_argv(Path("/dev/vdb"), "data"), bytes(key))]
 
     rejected = Recorder({"open": (2, "", "No key available with this passphrase.\n")})
@@ -248,13 +333,18 @@ def test_a_zeroed_image_is_blank(tmp_path: Path) -> None:
     assert found == luks.Blankness(32 << 20, (), True) and found.blank
 
 
-@pytest.mark.parametrize(("make", "signature"), [
-    (["mkfs.ext4", "-q", "-F"], "ext4"),
-    (["mkfs.ext2", "-q", "-F"], "ext2"),
-    (["mkswap", "-q"], "swap"),
-])
+@pytest.mark.parametrize(
+    ("make", "signature"),
+    [
+        (["mkfs.ext4", "-q", "-F"], "ext4"),
+        (["mkfs.ext2", "-q", "-F"], "ext2"),
+        (["mkswap", "-q"], "swap"),
+    ],
+)
 def test_images_with_a_filesystem_are_not_blank(
-    tmp_path: Path, make: list[str], signature: str,
+    tmp_path: Path,
+    make: list[str],
+    signature: str,
 ) -> None:
     image = zero_image(tmp_path)
     sh([*make, str(image)])
@@ -319,8 +409,11 @@ def test_format_writes_a_header_with_the_token_and_never_the_key(tmp_path: Path)
     wrong[-1] ^= 1
     assert not luks.check_key(image, wrong)
     dump = json.loads(sh(["cryptsetup", "luksDump", "--dump-json-metadata", str(image)]))
-    assert dump["keyslots"]["0"]["kdf"] == {**dump["keyslots"]["0"]["kdf"], "type": "pbkdf2",
-                                            "iterations": 1000}
+    assert dump["keyslots"]["0"]["kdf"] == {
+        **dump["keyslots"]["0"]["kdf"],
+        "type": "pbkdf2",
+        "iterations": 1000,
+    }
     assert dump["keyslots"]["0"]["key_size"] == 64
     assert dump["segments"]["0"]["encryption"] == "aes-xts-plain64"
     raw = image.read_bytes()
@@ -347,7 +440,8 @@ def test_the_token_is_replaced_after_a_rewrap(tmp_path: Path) -> None:
     image = zero_image(tmp_path)
     luks.format_volume(image, new_key(), TOKEN)
     rewrapped = dataclasses.replace(
-        TOKEN, key_version=3, ciphertext="vault:v3:" + base64.b64encode(b"r" * 92).decode())
+        TOKEN, key_version=3, ciphertext="vault:v3:" + base64.b64encode(b"r" * 92).decode()
+    )
     luks.update_token(image, rewrapped)
     header = luks.read_header(image)
     assert header.token == rewrapped and header.tokens == {0: luks.TOKEN_TYPE}
@@ -357,9 +451,20 @@ def test_a_tampered_token_in_a_real_header_is_refused(tmp_path: Path) -> None:
     image = zero_image(tmp_path)
     luks.format_volume(image, new_key(), TOKEN)
     tampered = {**json.loads(TOKEN.to_json()), "key_version": 7}
-    subprocess.run(["cryptsetup", "token", "import", "--json-file=-", "--token-id", "0",
-                    "--token-replace", str(image)], input=json.dumps(tampered).encode(),
-                   check=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "token",
+            "import",
+            "--json-file=-",
+            "--token-id",
+            "0",
+            "--token-replace",
+            str(image),
+        ],
+        input=json.dumps(tampered).encode(),
+        check=True,
+    )
     with pytest.raises(luks.TokenInvalid) as raised:
         luks.read_token(image)
     assert raised.value.field == "key_version"
@@ -367,9 +472,23 @@ def test_a_tampered_token_in_a_real_header_is_refused(tmp_path: Path) -> None:
 
 def test_a_header_without_our_token(tmp_path: Path) -> None:
     image = zero_image(tmp_path)
-    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
-                    "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                    "--key-file=-", str(image)], input=bytes(new_key()), check=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file=-",
+            str(image),
+        ],
+        input=bytes(new_key()),
+        check=True,
+    )
     with pytest.raises(luks.TokenMissing):
         luks.read_token(image)
     with pytest.raises(luks.NotLuks):
@@ -408,12 +527,15 @@ def transit(openbao: OpenBao, unique: str) -> Iterator[tuple[Any, str, str]]:
 
 
 def test_a_transit_data_key_unlocks_the_volume_from_its_own_header(
-    tmp_path: Path, transit: tuple[Any, str, str], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    transit: tuple[Any, str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bootsecrets")
     api, mount, name = transit
-    answer = api.generate_data_key(
-        name=name, key_type="plaintext", bits=512, mount_point=mount)["data"]
+    answer = api.generate_data_key(name=name, key_type="plaintext", bits=512, mount_point=mount)[
+        "data"
+    ]
     key = bytearray(base64.b64decode(answer["plaintext"]))
     assert answer["ciphertext"].startswith("vault:v1:")
     token = luks.TransitToken(mount, name, 1, answer["ciphertext"])
@@ -424,13 +546,15 @@ def test_a_transit_data_key_unlocks_the_volume_from_its_own_header(
     found = luks.read_token(image)
     assert found == token
     plaintext = api.decrypt_data(
-        name=found.key_name, ciphertext=found.ciphertext, mount_point=found.mount)
+        name=found.key_name, ciphertext=found.ciphertext, mount_point=found.mount
+    )
     assert luks.check_key(image, bytearray(base64.b64decode(plaintext["data"]["plaintext"])))
 
     # Rotation: rewrap moves the token to the new key version; it still unlocks.
     api.rotate_key(name=name, mount_point=mount)
-    rewrapped = api.rewrap_data(
-        name=name, ciphertext=found.ciphertext, mount_point=mount)["data"]["ciphertext"]
+    rewrapped = api.rewrap_data(name=name, ciphertext=found.ciphertext, mount_point=mount)["data"][
+        "ciphertext"
+    ]
     luks.update_token(image, dataclasses.replace(found, key_version=2, ciphertext=rewrapped))
     again = luks.read_token(image)
     assert again.key_version == 2 and again.ciphertext.startswith("vault:v2:")

@@ -24,18 +24,21 @@ from support.world import World
 def user(name: str) -> Callable[[World, dict[str, Any]], None]:
     def apply(world: World, config: dict[str, Any]) -> None:
         config["services"]["app.service"]["user"] = name
+
     return apply
 
 
 def group(name: str) -> Callable[[World, dict[str, Any]], None]:
     def apply(world: World, config: dict[str, Any]) -> None:
         config["services"]["app.service"]["group"] = name
+
     return apply
 
 
 def unit(name: str) -> Callable[[World, dict[str, Any]], None]:
     def apply(world: World, config: dict[str, Any]) -> None:
         config["services"][name] = {"environment": {"A": "{{ secrets.api.key }}"}}
+
     return apply
 
 
@@ -128,10 +131,24 @@ def test_an_internal_error_with_debug_shows_where_but_not_what(
 
 
 UNIT_NAMES = [
-    "app.service", "app@blue.service", "a@b@c.service", "a:b.service", "a\\x2db.service",
-    "app-1_2.3.service", "app@.service", "x y.service", "a%i.service", "é.service",
-    "@x.service", ".service", "app.socket", "app", "a" * 247 + ".service", "app\n.service",
-    "app@x y.service", "app@ü.service",
+    "app.service",
+    "app@blue.service",
+    "a@b@c.service",
+    "a:b.service",
+    "a\\x2db.service",
+    "app-1_2.3.service",
+    "app@.service",
+    "x y.service",
+    "a%i.service",
+    "é.service",
+    "@x.service",
+    ".service",
+    "app.socket",
+    "app",
+    "a" * 247 + ".service",
+    "app\n.service",
+    "app@x y.service",
+    "app@ü.service",
 ]
 
 
@@ -145,8 +162,13 @@ def test_unit_names_are_judged_as_systemd_judges_them(tmp_path: Path, name: str)
     ours = bool(UNIT_NAME.match(name)) and len(name) <= UNIT_NAME_MAX
     unit_file = tmp_path / name
     unit_file.write_text("[Service]\nExecStart=/bin/true\n")
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_file)],
-                            capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit_file)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     systemd_loads = "Failed to prepare filename" not in result.stderr
     expected = systemd_loads and name.endswith(".service") and not name.endswith("@.service")
     assert ours == expected, result.stderr

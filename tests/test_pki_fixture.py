@@ -32,9 +32,13 @@ def pki(openbao: OpenBao, unique: str) -> PkiEngine:
 
 
 def issue_web(pki: PkiEngine, ttl: str = "1h") -> Issued:
-    return pki.issue("web", "app.example.test",
-                     alt_names=["www.example.test", "api.example.test"],
-                     ip_sans=["127.0.0.1"], ttl=ttl)
+    return pki.issue(
+        "web",
+        "app.example.test",
+        alt_names=["www.example.test", "api.example.test"],
+        ip_sans=["127.0.0.1"],
+        ttl=ttl,
+    )
 
 
 def test_issued_certificate_verifies_matches_its_key_and_carries_the_names(
@@ -68,15 +72,17 @@ def test_response_times_are_the_certificates(pki: PkiEngine) -> None:
     assert issued.renewable is False
 
 
-def test_a_wrong_key_or_a_foreign_ca_is_told_apart(pki: PkiEngine, openbao: OpenBao,
-                                                   unique: str) -> None:
+def test_a_wrong_key_or_a_foreign_ca_is_told_apart(
+    pki: PkiEngine, openbao: OpenBao, unique: str
+) -> None:
     """The checks can fail: a second CA and a second key are rejected."""
     first, second = issue_web(pki), issue_web(pki)
     assert not key_matches(first.certificate, second.private_key)
     other = PkiEngine(openbao, mount=f"pki2-{unique}", ca_name="bootsecrets test CA")
     assert not verifies_against(first.certificate, other.ca_pem)
-    assert not verifies_against(first.certificate, pki.ca_pem,
-                                at=datetime.now(UTC) + timedelta(hours=2))
+    assert not verifies_against(
+        first.certificate, pki.ca_pem, at=datetime.now(UTC) + timedelta(hours=2)
+    )
 
 
 def test_tls_handshake_with_the_ca(pki: PkiEngine, openbao: OpenBao, unique: str) -> None:
@@ -98,8 +104,7 @@ def test_role_refuses_a_name_it_does_not_allow(pki: PkiEngine) -> None:
         pki.issue("web", "app.example.test", alt_names=["evil.elsewhere.test"])
 
 
-def test_ttl_above_the_roles_max_is_capped(pki: PkiEngine, openbao: OpenBao,
-                                           unique: str) -> None:
+def test_ttl_above_the_roles_max_is_capped(pki: PkiEngine, openbao: OpenBao, unique: str) -> None:
     """A TTL past the role's max_ttl is cut to it (with a warning), not refused: the agent
     must take the certificate's own expiration, never the TTL it asked for."""
     pki.role("short", allowed_domains=["example.test"], max_ttl="1h")
@@ -114,10 +119,10 @@ def test_revoke_puts_the_serial_on_the_crl(pki: PkiEngine) -> None:
     assert abs(revoked_at - time.time()) < 60
     crl = pki.crl()
     assert crl.is_signature_valid(load(pki.ca_pem).public_key())  # type: ignore[arg-type]
-    assert crl.get_revoked_certificate_by_serial_number(
-        serial_int(revoked.serial_number)) is not None
-    assert crl.get_revoked_certificate_by_serial_number(
-        serial_int(kept.serial_number)) is None
+    assert (
+        crl.get_revoked_certificate_by_serial_number(serial_int(revoked.serial_number)) is not None
+    )
+    assert crl.get_revoked_certificate_by_serial_number(serial_int(kept.serial_number)) is None
 
 
 def test_generate_lease_gives_a_lease_that_cannot_be_renewed(
@@ -133,24 +138,28 @@ def test_generate_lease_gives_a_lease_that_cannot_be_renewed(
     with pytest.raises(hvac.exceptions.InvalidRequest, match="not renewable"):
         vaultapi.renew(openbao, issued.lease_id)
     vaultapi.revoke(openbao, issued.lease_id)
-    assert pki.crl().get_revoked_certificate_by_serial_number(
-        serial_int(issued.serial_number)) is not None
+    assert (
+        pki.crl().get_revoked_certificate_by_serial_number(serial_int(issued.serial_number))
+        is not None
+    )
 
 
-def test_revoke_with_key_needs_the_matching_private_key(pki: PkiEngine,
-                                                         openbao: OpenBao) -> None:
+def test_revoke_with_key_needs_the_matching_private_key(pki: PkiEngine, openbao: OpenBao) -> None:
     """`pki/revoke-with-key` revokes a certificate only for whoever holds its key: a policy
     can grant it to every agent without letting one revoke another's certificates."""
     mine, theirs = issue_web(pki), issue_web(pki)
     # (an HTTP 500, naming no key material)
     with pytest.raises(hvac.exceptions.VaultError, match="does not match"):
-        vaultapi.write(openbao, f"{pki.mount}/revoke-with-key",
-                       {"serial_number": theirs.serial_number,
-                        "private_key": mine.private_key})
-    vaultapi.write(openbao, f"{pki.mount}/revoke-with-key",
-                   {"serial_number": mine.serial_number, "private_key": mine.private_key})
+        vaultapi.write(
+            openbao,
+            f"{pki.mount}/revoke-with-key",
+            {"serial_number": theirs.serial_number, "private_key": mine.private_key},
+        )
+    vaultapi.write(
+        openbao,
+        f"{pki.mount}/revoke-with-key",
+        {"serial_number": mine.serial_number, "private_key": mine.private_key},
+    )
     crl = pki.crl()
-    assert crl.get_revoked_certificate_by_serial_number(
-        serial_int(mine.serial_number)) is not None
-    assert crl.get_revoked_certificate_by_serial_number(
-        serial_int(theirs.serial_number)) is None
+    assert crl.get_revoked_certificate_by_serial_number(serial_int(mine.serial_number)) is not None
+    assert crl.get_revoked_certificate_by_serial_number(serial_int(theirs.serial_number)) is None

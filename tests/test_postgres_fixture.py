@@ -147,8 +147,9 @@ def test_database_down_fails_issue_and_renewal(openbao: OpenBao, unique: str) ->
         down.stop()
         with pytest.raises(hvac.exceptions.InternalServerError) as issue_error:
             engine.creds("app")
-        with pytest.raises(hvac.exceptions.InvalidRequest,
-                           match="failed to renew entry") as renew_error:
+        with pytest.raises(
+            hvac.exceptions.InvalidRequest, match="failed to renew entry"
+        ) as renew_error:
             vaultapi.renew(openbao, creds.lease_id, increment=120)
         for err in (issue_error.value, renew_error.value):
             assert not any(c in str(err) for c in CANARIES if len(c) >= 6)
@@ -172,11 +173,14 @@ path "auth/token/revoke-self" {{ capabilities = ["update"] }}
 
 def agent_token(bao: OpenBao, mount: str, ttl: str = "1h") -> str:
     """A token with only the policy docs/leases.md proposes for one database role."""
-    vaultapi.write(bao, f"sys/policies/acl/agent-{mount}",
-                   {"policy": AGENT_POLICY.format(mount=mount)})
-    answer = vaultapi.write(bao, "auth/token/create",
-                            {"policies": [f"agent-{mount}"], "ttl": ttl,
-                             "no_default_policy": True})
+    vaultapi.write(
+        bao, f"sys/policies/acl/agent-{mount}", {"policy": AGENT_POLICY.format(mount=mount)}
+    )
+    answer = vaultapi.write(
+        bao,
+        "auth/token/create",
+        {"policies": [f"agent-{mount}"], "ttl": ttl, "no_default_policy": True},
+    )
     token = str(answer["auth"]["client_token"])
     CANARIES.add(token)
     return token
@@ -197,8 +201,7 @@ def test_a_policy_scoped_to_one_role_renews_and_revokes_only_its_leases(
 
     assert vaultapi.renew(openbao, lease_id, 300, token=token)["lease_duration"] == 300
     with pytest.raises(hvac.exceptions.Forbidden):
-        vaultapi.call(openbao, "PUT", "sys/leases/renew", {"lease_id": lease_id},
-                      token=token)
+        vaultapi.call(openbao, "PUT", "sys/leases/renew", {"lease_id": lease_id}, token=token)
     with pytest.raises(hvac.exceptions.Forbidden):
         vaultapi.revoke(openbao, other.lease_id, token=token)
     with pytest.raises(hvac.exceptions.Forbidden):
@@ -218,8 +221,9 @@ def test_leases_outlive_a_short_token_but_die_with_it(
     That revocation happens in the background, after revoke-self has answered."""
     engine.role("app", default_ttl="10m", max_ttl="1h")
     token = agent_token(openbao, engine.mount, ttl="1m")
-    answers = [vaultapi.call(openbao, "GET", f"{engine.mount}/creds/app", token=token)
-               for _ in range(2)]
+    answers = [
+        vaultapi.call(openbao, "GET", f"{engine.mount}/creds/app", token=token) for _ in range(2)
+    ]
     for answer in answers:
         CANARIES.add(str(answer["data"]["password"]))
         assert answer["lease_duration"] == 600

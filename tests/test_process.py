@@ -14,8 +14,9 @@ def test_harden_makes_the_process_undumpable_without_core_files() -> None:
         "process.harden()\n"
         "print(before, process.dumpable(), resource.getrlimit(resource.RLIMIT_CORE))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "True False (0, 0)"
 
 
@@ -28,6 +29,7 @@ def test_bootstrap_command_hardens_before_touching_secrets() -> None:
         "rc = cli.main(['bootstrap', '--root', '/nonexistent-root'])\n"
         "print(rc, process.dumpable())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "10 False"

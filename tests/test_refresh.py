@@ -23,8 +23,7 @@ from support.world import World, policy
 def three_units(world: World) -> dict[str, Any]:
     config = world.config()
     config["services"]["api.service"] = {"environment": {"API_KEY": "{{ secrets.api.key }}"}}
-    config["services"]["app.service"]["environment"] = {
-        "DB_PASSWORD": "{{ secrets.db.password }}"}
+    config["services"]["app.service"]["environment"] = {"DB_PASSWORD": "{{ secrets.db.password }}"}
     return config
 
 
@@ -34,8 +33,11 @@ def file_identity(sandbox: Sandbox) -> dict[str, tuple[int, int]]:
 
 
 def restarts(sandbox: Sandbox) -> list[tuple[str, ...]]:
-    return [c for c in sandbox.runner.verbs()
-            if c[0] in ("restart", "try-restart", "try-reload-or-restart", "start")]
+    return [
+        c
+        for c in sandbox.runner.verbs()
+        if c[0] in ("restart", "try-restart", "try-reload-or-restart", "start")
+    ]
 
 
 def status(sandbox: Sandbox) -> dict[str, Any]:
@@ -107,15 +109,17 @@ def test_on_change_none_switches_without_restarting(booted: World, openbao: Open
 
 
 def test_reload_units_get_try_reload_or_restart(booted: World, openbao: OpenBao) -> None:
-    openbao.put("kv1", f"{booted.unique}/legacy",
-                {"token": "canary-legacy-" + os.urandom(4).hex(), "port": 5432}, version=1)
+    openbao.put(
+        "kv1",
+        f"{booted.unique}/legacy",
+        {"token": "canary-legacy-" + os.urandom(4).hex(), "port": 5432},
+        version=1,
+    )
     assert booted.sandbox.run("refresh")[0] == 0
     assert restarts(booted.sandbox) == [("try-reload-or-restart", "--", "worker.service")]
 
 
-def test_permission_revoked_switches_and_restarts_nothing(
-    booted: World, openbao: OpenBao
-) -> None:
+def test_permission_revoked_switches_and_restarts_nothing(booted: World, openbao: OpenBao) -> None:
     sandbox = booted.sandbox
     openbao.put("secret", f"{booted.unique}/api", {"key": "canary-new-" + os.urandom(4).hex()})
     openbao.approle(booted.role, policy(*booted.policy_paths[:1], booted.policy_paths[2]))
@@ -145,10 +149,13 @@ def test_unit_failing_with_new_values_is_rolled_back(
     assert "api.service did not become active" in err
     assert f"secret/{booted.unique}/api" in err
     assert sandbox.env_file("api.service").read_bytes() == old
-    assert restarts(sandbox) == [("try-restart", "--", "api.service"),
-                                 ("try-restart", "--", "api.service")]
-    alerts = [r for r in caplog.records
-              if getattr(r, "MESSAGE_ID", None) == errors.UnitFailed.message_id]
+    assert restarts(sandbox) == [
+        ("try-restart", "--", "api.service"),
+        ("try-restart", "--", "api.service"),
+    ]
+    alerts = [
+        r for r in caplog.records if getattr(r, "MESSAGE_ID", None) == errors.UnitFailed.message_id
+    ]
     assert len(alerts) == 1 and alerts[0].UNIT == "api.service"  # type: ignore[attr-defined]
     report = status(sandbox)
     assert report["last_run"]["outcome"] == "rolled-back"
@@ -215,8 +222,9 @@ def test_persist_token_survives_reboot_until_revoked(
     assert code == errors.TokenInvalid.exit_code == 28
     assert "refresh --wrapped-secret-id -" in err
     assert sandbox.started_units() == []
-    assert any(getattr(r, "MESSAGE_ID", None) == errors.TokenInvalid.message_id
-               for r in caplog.records)
+    assert any(
+        getattr(r, "MESSAGE_ID", None) == errors.TokenInvalid.message_id for r in caplog.records
+    )
     report = status(sandbox)
     assert report["provisioned"] is False and "re-provision" in report["action"]
 
@@ -253,8 +261,7 @@ def test_wrapped_secret_id_is_never_taken_from_argv(world: World) -> None:
 
 
 def test_token_is_renewed_past_half_its_ttl(world: World, openbao: OpenBao) -> None:
-    openbao.approle(world.role, policy(*world.policy_paths), token_ttl="6s",
-                    token_max_ttl="1h")
+    openbao.approle(world.role, policy(*world.policy_paths), token_ttl="6s", token_max_ttl="1h")
     world.provision()
     assert world.sandbox.run("bootstrap")[0] == 0
     time.sleep(3.5)
@@ -267,17 +274,21 @@ def test_credentials_mode(world: World) -> None:
     sandbox = world.sandbox
     config = world.config()
     config["services"]["tls.service"] = {
-        "credentials": {"db.password": "{{ secrets.db.password }}",
-                        "api-key": "{{ secrets.api.key }}"},
-        "user": "nobody", "group": "nogroup",
+        "credentials": {
+            "db.password": "{{ secrets.db.password }}",
+            "api-key": "{{ secrets.api.key }}",
+        },
+        "user": "nobody",
+        "group": "nogroup",
     }
     world.provision(services=config["services"])
     code, _, err = sandbox.run("bootstrap")
     assert code == 0, err
     dropin = (sandbox.root / "run/systemd/system/tls.service.d" / DROPIN_NAME).read_text()
     assert "EnvironmentFile=" not in dropin
-    assert ("LoadCredential=db.password:/run/bootsecrets/current/credentials/tls.service/"
-            "db.password") in dropin
+    assert (
+        "LoadCredential=db.password:/run/bootsecrets/current/credentials/tls.service/db.password"
+    ) in dropin
     cred = sandbox.store / "current/credentials/tls.service/db.password"
     assert cred.read_text() == world.password
     assert mode_of(cred) == 0o400
@@ -300,8 +311,6 @@ def test_status_text_names_versions(booted: World) -> None:
     assert code == 0
     assert f"secret/{booted.unique}/db@v{booted.db_version}" in out
     assert "reboot policy: reprovision" in out
-
-
 
 
 def test_optional_unit_keeps_its_values_when_its_secret_becomes_unreadable(

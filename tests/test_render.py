@@ -24,12 +24,30 @@ from systemd_envfile import parse
 
 MARK = "Zq9-MARK-value"
 SECRETS = {
-    "db": SecretData("db", "secret/app/db", {
-        "s": "pa ss\n\"$`\\", "i": 5432, "f": 1.5, "t": True, "n": None, "u": "☃",
-        "m": MARK, "list": ["a", "b", MARK], "big": MARK * 10_000}),
-    "tls": SecretData("tls", "secret/app/tls", {
-        "crt": "-----BEGIN CERTIFICATE-----\nMIIB\nAbCd\n-----END CERTIFICATE-----\n",
-        "host": "db.internal", "ports": "5432,5433"}),
+    "db": SecretData(
+        "db",
+        "secret/app/db",
+        {
+            "s": 'pa ss\n"$`\\',
+            "i": 5432,
+            "f": 1.5,
+            "t": True,
+            "n": None,
+            "u": "☃",
+            "m": MARK,
+            "list": ["a", "b", MARK],
+            "big": MARK * 10_000,
+        },
+    ),
+    "tls": SecretData(
+        "tls",
+        "secret/app/tls",
+        {
+            "crt": "-----BEGIN CERTIFICATE-----\nMIIB\nAbCd\n-----END CERTIFICATE-----\n",
+            "host": "db.internal",
+            "ports": "5432,5433",
+        },
+    ),
 }
 
 
@@ -55,8 +73,10 @@ def test_plain_lookup_renders_exactly_as_jinja(key: str) -> None:
 def test_missing_key_is_the_same_error_on_both_paths(source: str) -> None:
     with pytest.raises(SecretMissing) as err:
         render_one(source)
-    assert str(err.value) == "key 'nope' of secret secret/app/db does not exist (needed by " \
-                             "a.service V)"
+    assert (
+        str(err.value) == "key 'nope' of secret secret/app/db does not exist (needed by "
+        "a.service V)"
+    )
 
 
 def test_a_filter_failing_on_a_value_names_the_type_only() -> None:
@@ -67,7 +87,8 @@ def test_a_filter_failing_on_a_value_names_the_type_only() -> None:
 
 def test_plain_lookups_do_not_import_jinja(tmp_path: Any) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent("""\
+    config.write_text(
+        textwrap.dedent("""\
         vault: {address: "https://v.example:8200"}
         approle: {role: r}
         reboot_policy: reprovision
@@ -76,7 +97,8 @@ def test_plain_lookups_do_not_import_jinja(tmp_path: Any) -> None:
         services:
           a.service:
             environment: {P: "{{ secrets.db.password }}"}
-        """))
+        """)
+    )
     code = textwrap.dedent(f"""\
         import sys
         from bootsecrets.config import load_config
@@ -86,8 +108,9 @@ def test_plain_lookups_do_not_import_jinja(tmp_path: Any) -> None:
         render_service(c.services[0], {{"db": SecretData("db", "p", {{"password": "x"}})}})
         print("jinja2" in sys.modules)
         """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
@@ -134,8 +157,7 @@ ORDINARY = [
     "{% else %}{{ x }}{% endif %}{% endfor %}",
     "{%- if secrets.db.t -%}\n  yes  \n{%- else -%}no{%- endif -%}\n",
     "{% raw %}{{ not a template }}{% endraw %} {{ dict(a=1, b=[2]) }} {{ (1, 'x') }}",
-    "{{ secrets.db.big | length }} {{ (secrets.db.big ~ 'x') | length }} "
-    "{{ secrets.db.big[:5] }}",
+    "{{ secrets.db.big | length }} {{ (secrets.db.big ~ 'x') | length }} {{ secrets.db.big[:5] }}",
     "{{ ('%0999999d' % 1) | length }} {{ ('x' * 1000000) | length }}",
     "{% autoescape secrets.db.t %}<{{ '<' ~ secrets.db.m }}>{% endautoescape %}"
     "{% autoescape true %}{{ '&' }}{% set b %}<{{ '>' }}{% endset %}{{ b }}{% endautoescape %}",
@@ -146,7 +168,8 @@ ORDINARY = [
 @pytest.mark.parametrize("source", ORDINARY)
 def test_ordinary_templates_render_as_jinjas_own_sandbox(source: str) -> None:
     reference = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
     context = {name: dict(s.data) for name, s in SECRETS.items()}
     expected = reference.from_string(source).render(secrets=context)
     assert render_one(source) == expected
@@ -162,11 +185,11 @@ HOSTILE = {
     "list-repeat": "{{ [1] * 1000000000 }}",
     "list-of-a-big-value-repeated": "{{ [secrets.db.big] * 100 }}",
     "nested-loops-output": "{% for i in range(100000) %}{% for j in range(100000) %}"
-                           "{{ 'x' * 1000 }}{% endfor %}{% endfor %}",
+    "{{ 'x' * 1000 }}{% endfor %}{% endfor %}",
     "nested-loops-text": "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx"
-                         "{% endfor %}{% endfor %}",
+    "{% endfor %}{% endfor %}",
     "nested-loops-silent": "{% for i in range(100000) %}{% for j in range(100000) %}"
-                           "{% endfor %}{% endfor %}",
+    "{% endfor %}{% endfor %}",
     "range-too-long": "{% for i in range(10**9) %}{% endfor %}",
     "percent-format-filter": "{{ '%999999999s' | format('x') }}",
     "percent-format-star": "{{ '%*d' | format(999999999, 1) }}",
@@ -177,13 +200,13 @@ HOSTILE = {
     "join-over-huge-range": "{{ range(100000) | join('x' * 100000) }}",
     "join-generator": "{{ range(100000) | map('string') | map('center', 1000000) | join }}",
     "concat-doubling": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}"
-                       "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
     "plus-doubling": "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}"
-                     "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
     "literal-doubling": "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}"
-                        "{% set ns.s = [ns.s, ns.s] %}{% endfor %}{{ ns.s }}",
+    "{% set ns.s = [ns.s, ns.s] %}{% endfor %}{{ ns.s }}",
     "integer-squaring": "{% set ns = namespace(x=3) %}{% for i in range(64) %}"
-                        "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}",
+    "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}",
     "center-filter": "{{ secrets.db.m | center(1000000000) }}",
     "center-method": "{{ secrets.db.m.center(1000000000) }}",
     "expandtabs": "{{ ('\\t' * 100000).expandtabs(1000) }}",
@@ -193,8 +216,9 @@ HOSTILE = {
     "sum-of-lists": "{{ [[1]] * 100000 | sum(start=[]) }}",
     "macro-recursion": "{% macro f(n) %}{{ f(n) }}{{ f(n) }}{% endmacro %}{{ f(1) }}",
     "loop-recursion": "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
-    "macro-buffer": "{% macro m() %}{% for i in range(100000) %}" + "y" * 5000
-                    + "{% endfor %}{% endmacro %}{{ m() | length }}",
+    "macro-buffer": "{% macro m() %}{% for i in range(100000) %}"
+    + "y" * 5000
+    + "{% endfor %}{% endmacro %}{{ m() | length }}",
     "join-of-joins": "{{ ([secrets.db.big] | join * 10) | length }}",
 }
 
@@ -214,8 +238,7 @@ def test_a_units_templates_share_one_output_budget() -> None:
     one = Service("a.service", credentials=(template(three_mib, "one"),))
     with pytest.raises(EncodeError):  # rendered; too big a credential for systemd
         render_service(one, SECRETS)
-    two = Service("a.service", credentials=(template(three_mib, "one"),
-                                            template(three_mib, "two")))
+    two = Service("a.service", credentials=(template(three_mib, "one"), template(three_mib, "two")))
     with pytest.raises(RenderError, match=r"variable two: .* output more than"):
         render_service(two, SECRETS)
 
@@ -248,23 +271,26 @@ services:
 
 AT_LOAD = {
     "unknown-filter": ("{{ secrets.db.password | nosuchfilter }}", "no filter named"),
-    "unknown-filter-inside-if": ("{% if secrets.db.password %}{{ 1 | nosuch }}{% endif %}",
-                                 "no filter named"),
+    "unknown-filter-inside-if": (
+        "{% if secrets.db.password %}{{ 1 | nosuch }}{% endif %}",
+        "no filter named",
+    ),
     "unknown-test": ("{% if secrets.db.password is nosuchtest %}x{% endif %}", "no test named"),
     "include": ("{% include 'other' %}", "include, extends and import are not available"),
     "import": ("{% import 'other' as o %}", "include, extends and import are not available"),
     "extends": ("{% extends 'base' %}", "include, extends and import are not available"),
     "lipsum": ("{{ lipsum(5) }}", "template uses `lipsum`"),
     "syntax": ("{% for %}", "template syntax error"),
-    "nested-too-deeply": ("{{ " + "(" * 400 + "1" + ")" * 400 + " }}",
-                          "nested too deeply"),
+    "nested-too-deeply": ("{{ " + "(" * 400 + "1" + ")" * 400 + " }}", "nested too deeply"),
     "loop-outside-a-loop": ("{{ loop.index }}", "template uses `loop`"),
 }
 
 
 @pytest.mark.parametrize(("line", "problem"), AT_LOAD.values(), ids=AT_LOAD.keys())
 def test_template_problems_are_config_errors_naming_file_line_and_field(
-    line: str, problem: str, tmp_path: Path,
+    line: str,
+    problem: str,
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG_HEAD + f"      V: {json.dumps(line)}\n      W: x\n")
@@ -278,8 +304,13 @@ def test_template_problems_are_config_errors_naming_file_line_and_field(
 
 
 def test_hostile_constants_do_not_hang_analysis() -> None:
-    for source in ("{{ 9**(9**9) }}", "{{ 'x' * 3000000000 }}", "{{ 'x' | center(10**10) }}",
-                   "{{ ('x' * 1000000000) | length }}", "{{ [0] * 10**10 }}"):
+    for source in (
+        "{{ 9**(9**9) }}",
+        "{{ 'x' * 3000000000 }}",
+        "{{ 'x' | center(10**10) }}",
+        "{{ ('x' * 1000000000) | length }}",
+        "{{ [0] * 10**10 }}",
+    ):
         assert analyze(source) == frozenset()
 
 
@@ -291,8 +322,10 @@ def test_analysis_gives_problems_as_template_problems() -> None:
 
 def test_a_protected_variable_may_be_set_explicitly_but_not_from_a_secret() -> None:
     secrets = {"db": SecretData("db", "secret/db", {"LD_PRELOAD": "/x.so", "user": "u"})}
-    explicit = Service("app.service", environment=(
-        Template("LD_PRELOAD", "{{ secrets.db.user }}", frozenset({"db"})),))
+    explicit = Service(
+        "app.service",
+        environment=(Template("LD_PRELOAD", "{{ secrets.db.user }}", frozenset({"db"})),),
+    )
     out = render_service(explicit, secrets)
     assert out.env_file is not None and b'LD_PRELOAD="u"' in out.env_file
     from_secret = Service("app.service", environment_from=(EnvFrom("db"),))

@@ -46,9 +46,12 @@ def disk(captured: Captured) -> Iterator[Path]:
 
 def snapshot(path: Path) -> dict[str, bytes | None]:
     """Every entry under `path` (file bytes; None for directories and symlinks)."""
-    return {p.relative_to(path).as_posix(): (p.read_bytes() if p.is_file() and
-                                             not p.is_symlink() else None)
-            for p in sorted(path.rglob("*"))}
+    return {
+        p.relative_to(path).as_posix(): (
+            p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        )
+        for p in sorted(path.rglob("*"))
+    }
 
 
 def move_aside(sandbox: Sandbox, rel: str) -> Path:
@@ -67,8 +70,11 @@ def link(sandbox: Sandbox, rel: str, target: Path) -> None:
 
 
 def vault_touched(openbao: OpenBao, offset: int) -> list[str]:
-    return [r["path"] for r in openbao.audited_requests(offset)
-            if r["path"].startswith(("sys/wrapping", "auth/approle"))]
+    return [
+        r["path"]
+        for r in openbao.audited_requests(offset)
+        if r["path"].startswith(("sys/wrapping", "auth/approle"))
+    ]
 
 
 # --- before any secret: bootstrap refuses at once -------------------------------------------
@@ -107,18 +113,21 @@ def _file_on_disk(rel: str) -> Callable[[Sandbox, Path], None]:
     def plant(sandbox: Sandbox, disk: Path) -> None:
         (disk / "file").write_text("on disk\n")
         link(sandbox, rel, disk / "file")
+
     return plant
 
 
 def _dir_on_disk(rel: str) -> Callable[[Sandbox, Path], None]:
     def plant(sandbox: Sandbox, disk: Path) -> None:
         link(sandbox, rel, disk)
+
     return plant
 
 
 def _current_to(target: str) -> Callable[[Sandbox, Path], None]:
     def plant(sandbox: Sandbox, disk: Path) -> None:
         (sandbox.store / "current").symlink_to(target.replace("DISK", str(disk)))
+
     return plant
 
 
@@ -126,6 +135,7 @@ def _fifo(rel: str) -> Callable[[Sandbox, Path], None]:
     def plant(sandbox: Sandbox, disk: Path) -> None:
         (sandbox.root / rel).parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(sandbox.root / rel)
+
     return plant
 
 
@@ -136,37 +146,67 @@ PLANTS = [
     Plant("store-to-tmpfs", STORE, _store_to_tmpfs),
     Plant("run-to-disk", "run", _run_to_disk),
     Plant("generations-to-disk", f"{STORE}/generations", _dir_on_disk(f"{STORE}/generations")),
-    Plant("current-absolute", f"{STORE}/current", _current_to("DISK"),
-          reason="points at"),
-    Plant("current-escaping", f"{STORE}/current", _current_to("generations/../../../x"),
-          reason="points at"),
-    Plant("current-a-directory", f"{STORE}/current",
-          lambda s, d: (s.store / "current").mkdir(),
-          reason="is a directory, not the symlink the agent maintains"),
+    Plant("current-absolute", f"{STORE}/current", _current_to("DISK"), reason="points at"),
+    Plant(
+        "current-escaping",
+        f"{STORE}/current",
+        _current_to("generations/../../../x"),
+        reason="points at",
+    ),
+    Plant(
+        "current-a-directory",
+        f"{STORE}/current",
+        lambda s, d: (s.store / "current").mkdir(),
+        reason="is a directory, not the symlink the agent maintains",
+    ),
     Plant("state-json-to-disk", f"{STORE}/state.json", _file_on_disk(f"{STORE}/state.json")),
     Plant("runtime-token-to-disk", f"{STORE}/token", _file_on_disk(f"{STORE}/token")),
     Plant("lock-to-disk", f"{STORE}/lock", _file_on_disk(f"{STORE}/lock")),
-    Plant("lock-a-fifo", f"{STORE}/lock", _fifo(f"{STORE}/lock"),
-          reason="is a FIFO, not a regular file"),
+    Plant(
+        "lock-a-fifo",
+        f"{STORE}/lock",
+        _fifo(f"{STORE}/lock"),
+        reason="is a FIFO, not a regular file",
+    ),
     Plant("run-systemd-to-disk", "run/systemd", _dir_on_disk("run/systemd")),
     Plant("dropin-root-to-disk", DROPINS, _dir_on_disk(DROPINS)),
-    Plant("unit-dropin-dir-to-disk", f"{DROPINS}/app.service.d",
-          _dir_on_disk(f"{DROPINS}/app.service.d")),
-    Plant("dropin-file-to-disk", f"{DROPINS}/worker.service.d/{DROPIN_NAME}",
-          _file_on_disk(f"{DROPINS}/worker.service.d/{DROPIN_NAME}")),
+    Plant(
+        "unit-dropin-dir-to-disk",
+        f"{DROPINS}/app.service.d",
+        _dir_on_disk(f"{DROPINS}/app.service.d"),
+    ),
+    Plant(
+        "dropin-file-to-disk",
+        f"{DROPINS}/worker.service.d/{DROPIN_NAME}",
+        _file_on_disk(f"{DROPINS}/worker.service.d/{DROPIN_NAME}"),
+    ),
     Plant("var-to-disk", "var", _dir_on_disk("var"), config=PERSIST),
-    Plant("state-dir-to-disk", "var/lib/bootsecrets", _dir_on_disk("var/lib/bootsecrets"),
-          config=PERSIST),
-    Plant("persistent-token-to-disk", "var/lib/bootsecrets/token",
-          _file_on_disk("var/lib/bootsecrets/token"), config=PERSIST),
-    Plant("identity-to-disk", "var/lib/bootsecrets/identity.json",
-          _file_on_disk("var/lib/bootsecrets/identity.json")),
+    Plant(
+        "state-dir-to-disk",
+        "var/lib/bootsecrets",
+        _dir_on_disk("var/lib/bootsecrets"),
+        config=PERSIST,
+    ),
+    Plant(
+        "persistent-token-to-disk",
+        "var/lib/bootsecrets/token",
+        _file_on_disk("var/lib/bootsecrets/token"),
+        config=PERSIST,
+    ),
+    Plant(
+        "identity-to-disk",
+        "var/lib/bootsecrets/identity.json",
+        _file_on_disk("var/lib/bootsecrets/identity.json"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", PLANTS, ids=[p.id for p in PLANTS])
 def test_planted_path_is_refused_before_any_secret(
-    case: Plant, world: World, openbao: OpenBao, disk: Path,
+    case: Plant,
+    world: World,
+    openbao: OpenBao,
+    disk: Path,
 ) -> None:
     sandbox = world.sandbox
     world.provision(**case.config)
@@ -204,8 +244,9 @@ def bind_mounted_disk(world: World, disk: Path) -> Iterator[Path]:
     fstatfs of the directory being written into can tell the bytes would reach the disk."""
     target = world.sandbox.store / "generations"
     target.mkdir(parents=True)
-    subprocess.run(["mount", "--bind", str(disk), str(target)], check=True,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["mount", "--bind", str(disk), str(target)], check=True, stdin=subprocess.DEVNULL
+    )
     try:
         yield target
     finally:
@@ -213,7 +254,10 @@ def bind_mounted_disk(world: World, disk: Path) -> Iterator[Path]:
 
 
 def test_disk_mounted_inside_the_store_is_refused(
-    world: World, openbao: OpenBao, disk: Path, bind_mounted_disk: Path,
+    world: World,
+    openbao: OpenBao,
+    disk: Path,
+    bind_mounted_disk: Path,
 ) -> None:
     world.provision()
     offset = openbao.audit_offset()
@@ -236,16 +280,20 @@ def credentials_config(world: World) -> dict[str, Any]:
 REFRESH_PLANTS = {
     "generation-to-disk": ("generations/1", "generations/1"),
     "generation-env-to-disk": ("generations/1/env", "generations/1/env"),
-    "generation-credentials-to-disk": ("generations/1/credentials/tls.service",
-                                       "generations/1/credentials/tls.service"),
-    "env-file-to-disk": ("generations/1/env/app.service.env",
-                         "generations/1/env/app.service.env"),
+    "generation-credentials-to-disk": (
+        "generations/1/credentials/tls.service",
+        "generations/1/credentials/tls.service",
+    ),
+    "env-file-to-disk": ("generations/1/env/app.service.env", "generations/1/env/app.service.env"),
 }
 
 
 @pytest.mark.parametrize("rel", REFRESH_PLANTS.values(), ids=REFRESH_PLANTS.keys())
 def test_refresh_refuses_a_symlink_in_the_live_generation(
-    rel: tuple[str, str], world: World, openbao: OpenBao, disk: Path,
+    rel: tuple[str, str],
+    world: World,
+    openbao: OpenBao,
+    disk: Path,
 ) -> None:
     sandbox = world.sandbox
     world.provision(services=credentials_config(world))
@@ -326,29 +374,44 @@ ODD = [
     Odd("config-fifo", "config", _fifo_at, "is a FIFO, not a regular file"),
     Odd("config-dev-zero", "config", _zero, "is a character device, not a regular file"),
     Odd("bootstrap-fifo", "bootstrap", _fifo_at, "is a FIFO, not a regular file"),
-    Odd("bootstrap-dev-zero", "bootstrap", _zero,
-        "is a symlink to a character device; refusing to follow it"),
-    Odd("bootstrap-symlink", "bootstrap", _symlink_to_disk_file,
-        "is a symlink to a regular file; refusing to follow it"),
+    Odd(
+        "bootstrap-dev-zero",
+        "bootstrap",
+        _zero,
+        "is a symlink to a character device; refusing to follow it",
+    ),
+    Odd(
+        "bootstrap-symlink",
+        "bootstrap",
+        _symlink_to_disk_file,
+        "is a symlink to a regular file; refusing to follow it",
+    ),
     Odd("bootstrap-directory", "bootstrap", _directory, "is a directory, not a regular file"),
 ]
 
 
 @pytest.mark.parametrize("case", ODD, ids=[c.id for c in ODD])
 def test_config_and_bootstrap_must_be_regular_files(
-    case: Odd, world: World, openbao: OpenBao, disk: Path,
+    case: Odd,
+    world: World,
+    openbao: OpenBao,
+    disk: Path,
 ) -> None:
     sandbox = world.sandbox
     world.provision()
-    path = sandbox.root / "etc/bootsecrets/config.yaml" if case.which == "config" \
+    path = (
+        sandbox.root / "etc/bootsecrets/config.yaml"
+        if case.which == "config"
         else sandbox.store / "bootstrap.yaml"
+    )
     case.make(path, disk)
     before = snapshot(disk)
     offset = openbao.audit_offset()
     # Without the fix the read blocks on the FIFO: a watchdog then opens its write end (and
     # closes it), so the test fails instead of hanging.
-    watchdog = threading.Timer(30, lambda: os.close(
-        os.open(path, os.O_WRONLY | os.O_NONBLOCK)) if path.is_fifo() else None)
+    watchdog = threading.Timer(
+        30, lambda: os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK)) if path.is_fifo() else None
+    )
     watchdog.start()
     try:
         code, _, err = sandbox.run("bootstrap")

@@ -37,25 +37,40 @@ def test_user_data_module_needs_no_provider_and_validates_offline() -> None:
         # init writes its .terraform/ there and not into the repository.
         copy = Path(tmp)
         shutil.copytree(REPO / "cloud-init", copy / "cloud-init")
-        shutil.copytree(MODULE, copy / "terraform/modules/user-data",
-                        ignore=shutil.ignore_patterns(".terraform*"))
+        shutil.copytree(
+            MODULE,
+            copy / "terraform/modules/user-data",
+            ignore=shutil.ignore_patterns(".terraform*"),
+        )
         workdir = copy / "terraform/modules/user-data"
         assert "required_providers" not in "".join(p.read_text() for p in workdir.glob("*.tf"))
         terraform(workdir, "init", "-input=false", "-backend=false")
         assert terraform(workdir, "providers").split() == [
-            "Providers", "required", "by", "configuration:", "."]
+            "Providers",
+            "required",
+            "by",
+            "configuration:",
+            ".",
+        ]
         assert "Success!" in terraform(workdir, "validate")
 
 
 def test_rendered_by_the_module_is_accepted_by_cloud_init_and_the_agent(tmp_path: Path) -> None:
     role_id = secrets.token_hex(16)
     wrapped = "hvs." + secrets.token_urlsafe(64)
-    user_data = render_user_data("https://vault.example.com:8200", role_id, wrapped,
-                                 ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest ops@example"])
+    user_data = render_user_data(
+        "https://vault.example.com:8200",
+        role_id,
+        wrapped,
+        ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItest ops@example"],
+    )
     cloud_init_schema(user_data, tmp_path)
     bootstrap = load_bootstrap(write_bootstrap(user_data, tmp_path))
     assert (bootstrap.role_id, bootstrap.wrapped_secret_id, bootstrap.vault_addr) == (
-        role_id, wrapped, "https://vault.example.com:8200")
+        role_id,
+        wrapped,
+        "https://vault.example.com:8200",
+    )
 
 
 def user_data_with_key_bytes(n: int) -> str:
@@ -78,8 +93,9 @@ def test_64_kib_limit_counts_bytes_not_characters(tmp_path: Path) -> None:
 
 
 def test_many_ssh_keys_over_the_limit_fail_with_what_to_do() -> None:
-    keys = [f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{secrets.token_hex(40)} k{i}"
-            for i in range(1000)]
+    keys = [
+        f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{secrets.token_hex(40)} k{i}" for i in range(1000)
+    ]
     with pytest.raises(TerraformError, match="over DigitalOcean's limit"):
         render_user_data("https://vault.example.com", "role", "wrapped", keys)
 
@@ -98,12 +114,20 @@ def test_many_ssh_keys_over_the_limit_fail_with_what_to_do() -> None:
     ],
 )
 def test_module_refuses_malformed_values_by_name(field: str, value: str) -> None:
-    args: dict[str, Any] = {"vault_addr": "https://vault.example.com", "role_id": "role",
-            "wrapped_secret_id": "wrapped", "ssh_authorized_keys": []}
+    args: dict[str, Any] = {
+        "vault_addr": "https://vault.example.com",
+        "role_id": "role",
+        "wrapped_secret_id": "wrapped",
+        "ssh_authorized_keys": [],
+    }
     args[field] = [value] if field == "ssh_authorized_keys" else value
     with pytest.raises(TerraformError) as info:
-        render_user_data(str(args["vault_addr"]), str(args["role_id"]),
-                         str(args["wrapped_secret_id"]), list(args["ssh_authorized_keys"]))
+        render_user_data(
+            str(args["vault_addr"]),
+            str(args["role_id"]),
+            str(args["wrapped_secret_id"]),
+            list(args["ssh_authorized_keys"]),
+        )
     message = " ".join(str(info.value).split())
     assert "Invalid value for variable" in message
     assert re.search(rf"{field} must|Each entry of {field}", message), message
@@ -120,8 +144,11 @@ def test_root_example_keeps_its_invariants() -> None:
     assert re.search(r"ignore_changes\s*=\s*\[user_data\]", main)
     assert re.search(r"user_data\s*=\s*module\.user_data\.user_data", main)
     assert re.search(r'source\s*=\s*"\./modules/user-data"', main)
-    assert re.search(r'wrapped_secret_id\s*=\s*vault_approle_auth_backend_role_secret_id\.'
-                     r'droplet\.wrapping_token', main)
+    assert re.search(
+        r"wrapped_secret_id\s*=\s*vault_approle_auth_backend_role_secret_id\."
+        r"droplet\.wrapping_token",
+        main,
+    )
     assert re.search(r'source\s*=\s*"hashicorp/vault"\s*\n\s*version\s*=', versions)
     assert re.search(r'source\s*=\s*"digitalocean/digitalocean"\s*\n\s*version\s*=', versions)
     variables = (TERRAFORM_DIR / "variables.tf").read_text()

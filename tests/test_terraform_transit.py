@@ -51,7 +51,8 @@ def render_policy(secret_paths: list[str], transit_key: str) -> str:
         source = os.path.relpath(POLICY_MODULE, workdir)
         (workdir / "main.tf").write_text(ROOT.replace("@MODULE@", source))
         (workdir / "values.auto.tfvars.json").write_text(
-            json.dumps({"secret_paths": secret_paths, "transit_key": transit_key}))
+            json.dumps({"secret_paths": secret_paths, "transit_key": transit_key})
+        )
         terraform(workdir, "init", "-input=false", "-backend=false")
         assert "Success!" in terraform(workdir, "validate")
         terraform(workdir, "apply", "-auto-approve", "-input=false")
@@ -67,7 +68,8 @@ def test_the_policy_module_renders_exactly_update_on_three_transit_paths() -> No
         'path "transit/datakey/plaintext/bootsecrets-web-1" {\n'
         '  capabilities = ["update"]\n}\n\n'
         'path "transit/decrypt/bootsecrets-web-1" {\n  capabilities = ["update"]\n}\n\n'
-        'path "transit/rewrap/bootsecrets-web-1" {\n  capabilities = ["update"]\n}\n')
+        'path "transit/rewrap/bootsecrets-web-1" {\n  capabilities = ["update"]\n}\n'
+    )
 
 
 @pytest.fixture
@@ -97,8 +99,9 @@ def test_the_agent_runs_under_the_rendered_policy(
 
 def test_the_root_module_creates_a_shreddable_key_and_uses_the_policy_module() -> None:
     main = (TERRAFORM_DIR / "main.tf").read_text()
-    key = re.search(r'resource "vault_transit_secret_backend_key" "droplet" \{(.*?)\n\}',
-                    main, re.S)
+    key = re.search(
+        r'resource "vault_transit_secret_backend_key" "droplet" \{(.*?)\n\}', main, re.S
+    )
     assert key is not None
     body = key.group(1)
     assert re.search(r"count\s*=\s*var\.shared_transit_key == null \? 1 : 0", body)

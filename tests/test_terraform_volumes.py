@@ -55,10 +55,17 @@ def render_policy(secret_paths: list[str], transit_key: str, volume_keys: list[s
     with tempfile.TemporaryDirectory(prefix="bootsecrets-tf-") as tmp:
         workdir = Path(tmp)
         (workdir / "main.tf").write_text(
-            ROOT.replace("@MODULE@", os.path.relpath(POLICY_MODULE, workdir)))
-        (workdir / "values.auto.tfvars.json").write_text(json.dumps({
-            "secret_paths": secret_paths, "transit_key": transit_key,
-            "volume_transit_keys": volume_keys}))
+            ROOT.replace("@MODULE@", os.path.relpath(POLICY_MODULE, workdir))
+        )
+        (workdir / "values.auto.tfvars.json").write_text(
+            json.dumps(
+                {
+                    "secret_paths": secret_paths,
+                    "transit_key": transit_key,
+                    "volume_transit_keys": volume_keys,
+                }
+            )
+        )
         terraform(workdir, "init", "-input=false", "-backend=false")
         terraform(workdir, "apply", "-auto-approve", "-input=false")
         value = json.loads(terraform(workdir, "output", "-json", "policy"))
@@ -71,25 +78,30 @@ def update(path: str) -> str:
 
 
 def test_the_policy_grants_each_volume_key_the_same_three_paths() -> None:
-    policy = render_policy(["secret/data/app/*"], "bootsecrets-web-1",
-                           ["bootsecrets-volume-pg", "bootsecrets-web-1"])
-    assert policy == "\n".join([
-        'path "secret/data/app/*" {\n  capabilities = ["read"]\n}\n',
-        *(update(f"transit/{op}/{key}")
-          for key in ("bootsecrets-web-1", "bootsecrets-volume-pg")
-          for op in ("datakey/plaintext", "decrypt", "rewrap"))])
+    policy = render_policy(
+        ["secret/data/app/*"], "bootsecrets-web-1", ["bootsecrets-volume-pg", "bootsecrets-web-1"]
+    )
+    assert policy == "\n".join(
+        [
+            'path "secret/data/app/*" {\n  capabilities = ["read"]\n}\n',
+            *(
+                update(f"transit/{op}/{key}")
+                for key in ("bootsecrets-web-1", "bootsecrets-volume-pg")
+                for op in ("datakey/plaintext", "decrypt", "rewrap")
+            ),
+        ]
+    )
 
 
 @pytest.fixture
-def vols(openbao: OpenBao, sandbox_root: Path, captured: Captured,
-         unique: str) -> Iterator[Volumes]:
+def vols(
+    openbao: OpenBao, sandbox_root: Path, captured: Captured, unique: str
+) -> Iterator[Volumes]:
     with volume_world(openbao, sandbox_root, captured, unique) as volumes:
         yield volumes
 
 
-def test_the_agent_runs_a_volume_under_the_rendered_policy(
-    vols: Volumes, openbao: OpenBao
-) -> None:
+def test_the_agent_runs_a_volume_under_the_rendered_policy(vols: Volumes, openbao: OpenBao) -> None:
     key = f"bootsecrets-volume-{vols.world.unique}"
     create_key(openbao, key)
     policy = render_policy(vols.world.policy_paths, vols.world.role, [key])
@@ -114,17 +126,24 @@ def plan_variables(values: dict[str, Any]) -> str:
     with tempfile.TemporaryDirectory(prefix="bootsecrets-tf-") as tmp:
         workdir = Path(tmp)
         shutil.copy(TERRAFORM_DIR / "variables.tf", workdir)
-        (workdir / "values.auto.tfvars.json").write_text(json.dumps({
-            "name": "web-1", "snapshot_id": "1", "region": "fra1",
-            "secret_paths": ["secret/data/app/*"], **values}))
+        (workdir / "values.auto.tfvars.json").write_text(
+            json.dumps(
+                {
+                    "name": "web-1",
+                    "snapshot_id": "1",
+                    "region": "fra1",
+                    "secret_paths": ["secret/data/app/*"],
+                    **values,
+                }
+            )
+        )
         terraform(workdir, "init", "-input=false", "-backend=false")
         return terraform(workdir, "plan", "-input=false")
 
 
 def test_the_volumes_variable_takes_digitaloceans_names_and_whole_sizes() -> None:
     assert "No changes" in plan_variables({"volumes": {"web-1-pgdata": 100, "logs": 1}})
-    for bad in ({"Web-1": 10}, {"1st": 10}, {"a_b": 10}, {"ok": 0}, {"ok": 1.5},
-                {"x" * 65: 10}):
+    for bad in ({"Web-1": 10}, {"1st": 10}, {"a_b": 10}, {"ok": 0}, {"ok": 1.5}, {"x" * 65: 10}):
         with pytest.raises(TerraformError, match="volumes: names are lower-case letters"):
             plan_variables({"volumes": bad})
 
@@ -146,13 +165,22 @@ def test_the_root_module_attaches_unformatted_volumes_with_a_key_each() -> None:
     key = block(main, "vault_transit_secret_backend_key", "volume")
     assert re.search(r"for_each\s*=\s*var\.volumes\n", key)
     assert re.search(r'name\s*=\s*"bootsecrets-volume-\$\{each\.key\}"', key)
-    for setting in ("deletion_allowed\\s*=\\s*true", "exportable\\s*=\\s*false",
-                    "allow_plaintext_backup\\s*=\\s*false"):
+    for setting in (
+        "deletion_allowed\\s*=\\s*true",
+        "exportable\\s*=\\s*false",
+        "allow_plaintext_backup\\s*=\\s*false",
+    ):
         assert re.search(setting, key), setting
-    assert re.search(r"volume_transit_keys\s*=\s*\[for key in "
-                     r"vault_transit_secret_backend_key\.volume : key\.name\]", main)
+    assert re.search(
+        r"volume_transit_keys\s*=\s*\[for key in "
+        r"vault_transit_secret_backend_key\.volume : key\.name\]",
+        main,
+    )
     droplet = block(main, "digitalocean_droplet", "app")
-    assert re.search(r"volume_ids\s*=\s*\[for volume in digitalocean_volume\.encrypted : "
-                     r"volume\.id\]", droplet)
+    assert re.search(
+        r"volume_ids\s*=\s*\[for volume in digitalocean_volume\.encrypted : "
+        r"volume\.id\]",
+        droplet,
+    )
     outputs = (TERRAFORM_DIR / "outputs.tf").read_text()
     assert 'output "volume_devices"' in outputs and "scsi-0DO_Volume_" in outputs

@@ -27,8 +27,18 @@ def test_the_key_is_decoded_as_base64_decodes_it(raw: bytes) -> None:
     assert transit._decode_key(base64.b64encode(raw).decode(), KEY) == bytearray(raw)
 
 
-@pytest.mark.parametrize("text", ["", "A" * 88, "=" * 88, base64.b64encode(b"x" * 32).decode(),
-                                  base64.b64encode(b"x" * 64).decode()[:-3] + "!==", None, 64])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "A" * 88,
+        "=" * 88,
+        base64.b64encode(b"x" * 32).decode(),
+        base64.b64encode(b"x" * 64).decode()[:-3] + "!==",
+        None,
+        64,
+    ],
+)
 def test_anything_but_a_512_bit_key_is_refused_without_echoing_it(text: object) -> None:
     with pytest.raises(VaultError) as raised:
         transit._decode_key(text, KEY)
@@ -48,10 +58,12 @@ def test_zero_overwrites_in_place() -> None:
 def droplet(openbao: OpenBao, unique: str) -> tuple[Vault, transit.TransitKey]:
     name = f"key-{unique}"
     create_key(openbao, name)
-    openbao.client.sys.create_or_update_policy(name=f"droplet-{unique}",
-                                               policy=droplet_policy(name))
-    token = openbao.client.auth.token.create(policies=[f"droplet-{unique}"], ttl="10m",
-                                             no_default_policy=True)["auth"]["client_token"]
+    openbao.client.sys.create_or_update_policy(
+        name=f"droplet-{unique}", policy=droplet_policy(name)
+    )
+    token = openbao.client.auth.token.create(
+        policies=[f"droplet-{unique}"], ttl="10m", no_default_policy=True
+    )["auth"]["client_token"]
     CANARIES.add(token)
     vault = Vault(VaultSettings(addresses=(openbao.addr,), boot_deadline=5))
     vault.token = TokenInfo(token, "", 600, False)  # no default policy: not even lookup-self
@@ -78,12 +90,14 @@ def test_the_droplet_policy_is_enough_and_no_more(
         # encrypting, not another key.
         token = vault.token.token if vault.token else ""
         for path in (f"transit/keys/{key.name}", f"transit/encrypt/{key.name}"):
-            response = requests.post(f"{openbao.addr}/v1/{path}", timeout=10,
-                                     headers={"X-Vault-Token": token}, json={})
+            response = requests.post(
+                f"{openbao.addr}/v1/{path}", timeout=10, headers={"X-Vault-Token": token}, json={}
+            )
             assert response.status_code == 403, path
         with pytest.raises(DataLocked, match="permission denied on transit/decrypt/other"):
-            transit.decrypt(vault, transit.TransitKey("transit", "other"),
-                            wrapped.ciphertext, "test data")
+            transit.decrypt(
+                vault, transit.TransitKey("transit", "other"), wrapped.ciphertext, "test data"
+            )
 
 
 def test_refusals_map_to_their_outcomes(

@@ -84,7 +84,10 @@ def encfs() -> Iterator[LoopFs]:
 
 
 def test_directories_are_unlocked_together(
-    world: World, openbao: OpenBao, encfs: LoopFs, gated: tuple[Gate, FakeServer],
+    world: World,
+    openbao: OpenBao,
+    encfs: LoopFs,
+    gated: tuple[Gate, FakeServer],
 ) -> None:
     gate, server = gated
     key = world.role
@@ -92,7 +95,8 @@ def test_directories_are_unlocked_together(
     grant(world, key)
     config = world.config(reboot_policy="persist-token", vault=through(server))
     config["encrypted_directories"] = {
-        name: {"path": f"/srv/{name}", "units": ["app.service"]} for name in NAMES}
+        name: {"path": f"/srv/{name}", "units": ["app.service"]} for name in NAMES
+    }
     world.sandbox.write_config(config)
     world.sandbox.write_bootstrap(world.role_id, openbao.wrapped_secret_id(world.role))
     with mounted_in(encfs, world.sandbox.root / "srv") as srv:
@@ -116,7 +120,10 @@ def test_directories_are_unlocked_together(
 
 
 def test_volumes_are_opened_together(
-    openbao: OpenBao, sandbox_root: Path, captured: Captured, unique: str,
+    openbao: OpenBao,
+    sandbox_root: Path,
+    captured: Captured,
+    unique: str,
     gated: tuple[Gate, FakeServer],
 ) -> None:
     gate, server = gated
@@ -129,8 +136,9 @@ def opened_together(vols: Volumes, gate: Gate, server: FakeServer) -> None:
     names = NAMES[:2]
     for name in names:
         vols.image(name)
-    vols.provision(vols.config(volumes=vols.section(**{n: {} for n in names}),
-                               vault=through(server)))
+    vols.provision(
+        vols.config(volumes=vols.section(**{n: {} for n in names}), vault=through(server))
+    )
     gate.arm(len(names))
     code, _, err = vols.sandbox.run("bootstrap")  # first use: formatted, opened, mounted
     assert code == 0, err
@@ -144,5 +152,6 @@ def opened_together(vols: Volumes, gate: Gate, server: FakeServer) -> None:
     assert gate.transit == [f"transit/decrypt/{key}"] * len(names)
     assert gate.most == len(names)
     for name in names:
-        assert blockdev.mounted_from(vols.mount_point(name),
-                                     vols.sandbox.root / "dev/mapper" / name)
+        assert blockdev.mounted_from(
+            vols.mount_point(name), vols.sandbox.root / "dev/mapper" / name
+        )

@@ -37,19 +37,23 @@ COPIES = {"user-data.txt": 1, "user-data.txt.i": 1, "cloud-config.txt": 1, "obj.
 
 
 def cloud_init(*args: str) -> str:
-    if subprocess.run([SYSTEM_PYTHON, "-c", "import cloudinit"], capture_output=True,
-                      check=False).returncode != 0:
+    if (
+        subprocess.run(
+            [SYSTEM_PYTHON, "-c", "import cloudinit"], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.fail("Debian's cloud-init is missing: run `apt-get install -y cloud-init`")
-    result = subprocess.run([SYSTEM_PYTHON, str(STAGE), *args], capture_output=True, text=True,
-                            check=False, timeout=120)
+    result = subprocess.run(
+        [SYSTEM_PYTHON, str(STAGE), *args], capture_output=True, text=True, check=False, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 def token_shaped() -> str:
     """A wrapping token's shape (OpenBao's `s.` + 24 base62); a canary for the leak guard."""
-    token = "s." + "".join(secrets.choice(string.ascii_letters + string.digits)
-                           for _ in range(24))
+    token = "s." + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
     CANARIES.add(token)
     return token
 
@@ -71,13 +75,19 @@ def query(root: Path) -> dict[str, Any]:
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def holding(root: Path, needle: str) -> dict[str, int]:
-    return {rel: data.count(needle.encode()) for rel, data in files_under(root).items()
-            if needle.encode() in data}
+    return {
+        rel: data.count(needle.encode())
+        for rel, data in files_under(root).items()
+        if needle.encode() in data
+    }
 
 
 @pytest.fixture
@@ -89,16 +99,19 @@ def ssh_key() -> str:
 def instance(tmp_path: Path, ssh_key: str) -> Iterator[tuple[Path, str, str]]:
     """(root, token, user-data): cloud-init's files after a first boot with our user-data."""
     token = token_shaped()
-    text = render_user_data(vault_addr="https://vault.example.com:8200",
-                            role_id="role-" + secrets.token_hex(8), wrapped_secret_id=token,
-                            ssh_authorized_keys=[ssh_key])
+    text = render_user_data(
+        vault_addr="https://vault.example.com:8200",
+        role_id="role-" + secrets.token_hex(8),
+        wrapped_secret_id=token,
+        ssh_authorized_keys=[ssh_key],
+    )
     root = tmp_path / "root"
     first_boot(root, text, "i-" + secrets.token_hex(4))
     yield root, token, text
 
 
 def test_every_copy_is_replaced_in_place_and_nothing_else_changes(
-    instance: tuple[Path, str, str]
+    instance: tuple[Path, str, str],
 ) -> None:
     root, token, _ = instance
     where = holding(root, token)
@@ -119,7 +132,10 @@ def test_every_copy_is_replaced_in_place_and_nothing_else_changes(
         st = os.stat(root / rel)
         # The same inode, overwritten: a new file would leave the old blocks on the disk.
         assert (st.st_ino, st.st_mode, st.st_size) == (
-            stats[rel].st_ino, stats[rel].st_mode, stats[rel].st_size), rel
+            stats[rel].st_ino,
+            stats[rel].st_mode,
+            stats[rel].st_size,
+        ), rel
     assert holding(root, token) == {}
 
 
@@ -142,8 +158,12 @@ def test_cloud_init_reads_the_scrubbed_files_on_the_next_boot(
     assert holding(root, token) == {}
     assert query(root)["userdata_raw"] == scrubbed
     user_data = next((root / INSTANCE).glob("*/user-data.txt"))
-    schema = subprocess.run(["cloud-init", "schema", "--config-file", str(user_data)],
-                            capture_output=True, text=True, check=False)
+    schema = subprocess.run(
+        ["cloud-init", "schema", "--config-file", str(user_data)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert schema.returncode == 0, schema.stdout + schema.stderr
 
 
@@ -170,7 +190,7 @@ def test_only_cloud_inits_files_and_never_through_a_symlink(
 
 
 def test_a_file_that_cannot_be_written_is_reported_and_the_rest_scrubbed(
-    instance: tuple[Path, str, str]
+    instance: tuple[Path, str, str],
 ) -> None:
     root, token, _ = instance
     pickle = next((root / INSTANCE).glob("*/obj.pkl"))
@@ -185,10 +205,10 @@ def test_a_file_that_cannot_be_written_is_reported_and_the_rest_scrubbed(
     assert list(holding(root, token)) == [pickle.relative_to(root).as_posix()]
 
 
-@pytest.mark.parametrize("token", ["", "short-token", "has space in it long enough",
-                                   'quote"inside-a-long-token'])
-def test_what_is_not_a_token_is_never_replaced(instance: tuple[Path, str, str],
-                                               token: str) -> None:
+@pytest.mark.parametrize(
+    "token", ["", "short-token", "has space in it long enough", 'quote"inside-a-long-token']
+)
+def test_what_is_not_a_token_is_never_replaced(instance: tuple[Path, str, str], token: str) -> None:
     root, _, _ = instance
     before = files_under(root)
     with pytest.raises(ValueError, match="not a token"):
@@ -202,8 +222,9 @@ def test_what_is_not_a_token_is_never_replaced(instance: tuple[Path, str, str],
 def boot_with_user_data(world: World, sandbox: Sandbox, wrapped: str) -> Path:
     """cloud-init's first boot in the sandbox, with the user-data holding `wrapped`, and the
     bootstrap its write_files puts in the memory-only store."""
-    text = render_user_data(vault_addr=world.bao.addr, role_id=world.role_id,
-                            wrapped_secret_id=wrapped)
+    text = render_user_data(
+        vault_addr=world.bao.addr, role_id=world.role_id, wrapped_secret_id=wrapped
+    )
     instance_dir = first_boot(sandbox.root, text, "i-" + world.unique)
     sandbox.write_bootstrap(world.role_id, wrapped, world.bao.addr)
     assert holding(instance_dir, wrapped)  # positive control
@@ -234,7 +255,8 @@ def test_bootstrap_scrubs_cloud_inits_copies_once_the_unwrap_is_sent(
     assert all(f.startswith(f"/{INSTANCE}/{instance_dir.name}/") for f in files)
     # cloud-init still has everything else.
     assert query(world.sandbox.root)["cloud_config"]["write_files"][0]["path"] == (
-        "/run/bootsecrets/bootstrap.yaml")
+        "/run/bootsecrets/bootstrap.yaml"
+    )
 
 
 def test_bootstrap_failing_before_the_unwrap_scrubs_the_disk_and_keeps_the_store_copy(

@@ -68,13 +68,16 @@ class RecordingProxy:
             with self.lock:
                 self.connections.append(conn)
                 self.sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, conn, False),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, conn, True),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, conn, False), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, conn, True), daemon=True
+            ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, conn: Connection,
-              answers: bool) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, conn: Connection, answers: bool
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if answers:
@@ -137,7 +140,10 @@ def test_bootstrap_reads_on_connections_opened_during_the_login(
 
     [auth] = proxy.carrying("/v1/auth/approle/login")
     assert [r.split()[1] for r in auth.requests] == [
-        "/v1/sys/wrapping/lookup", "/v1/sys/wrapping/unwrap", "/v1/auth/approle/login"]
+        "/v1/sys/wrapping/lookup",
+        "/v1/sys/wrapping/unwrap",
+        "/v1/auth/approle/login",
+    ]
     assert_reads_on_connections_opened_before(proxy, auth.answered[2])  # login answered
 
 
@@ -191,8 +197,7 @@ def test_the_first_request_goes_out_on_the_early_connection(
     early = EarlyConnection(proxy.addr, timeout=5)
     [opened] = wait_for_connections(proxy, 1)
 
-    with Vault(VaultSettings(addresses=(proxy.addr,), request_timeout=5),
-               early=early) as vault:
+    with Vault(VaultSettings(addresses=(proxy.addr,), request_timeout=5), early=early) as vault:
         info = vault.lookup_wrapping(world.bao.wrapped_secret_id(world.role))
 
     assert info.creation_path == f"auth/approle/role/{world.role}/secret-id"
@@ -206,8 +211,7 @@ def test_an_early_connection_to_another_address_is_closed_unused(
     early = EarlyConnection(proxy.addr, timeout=5)
     [opened] = wait_for_connections(proxy, 1)
 
-    with Vault(VaultSettings(addresses=(openbao.addr,), request_timeout=5),
-               early=early) as vault:
+    with Vault(VaultSettings(addresses=(openbao.addr,), request_timeout=5), early=early) as vault:
         vault.lookup_wrapping(world.bao.wrapped_secret_id(world.role))
 
     assert proxy.connections == [opened]
@@ -219,8 +223,15 @@ def test_the_early_connection_is_started_before_the_http_client_is_loaded() -> N
     """What agent.py imports before it starts EarlyConnection (bootsecrets.connect with it)
     loads none of urllib3, requests, hvac or ssl: ~90 ms of imports the handshake overlaps.
     The transport (bootsecrets.connect.transport) loads them, with bootsecrets.vault."""
-    probe = ("import sys, bootsecrets.agent, bootsecrets.connect, bootsecrets.connect.deadline\n"
-             "print(sorted(m for m in ('urllib3', 'requests', 'hvac', 'ssl') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
-                         text=True, stdin=subprocess.DEVNULL).stdout
+    probe = (
+        "import sys, bootsecrets.agent, bootsecrets.connect, bootsecrets.connect.deadline\n"
+        "print(sorted(m for m in ('urllib3', 'requests', 'hvac', 'ssl') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout
     assert out.strip() == "[]"

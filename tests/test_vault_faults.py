@@ -24,8 +24,13 @@ from bootsecrets.vaultconfig import VaultSettings
 
 A = "http://vault-a.invalid:8200"
 B = "http://vault-b.invalid:8200"
-LOOKUP_OK = {"data": {"creation_path": "auth/approle/role/r/secret-id", "creation_ttl": 600,
-                      "creation_time": "2026-11-23T00:00:00Z"}}
+LOOKUP_OK = {
+    "data": {
+        "creation_path": "auth/approle/role/r/secret-id",
+        "creation_ttl": 600,
+        "creation_time": "2026-11-23T00:00:00Z",
+    }
+}
 UNWRAP_OK = {"data": {"secret_id": "sid-123456", "secret_id_accessor": "acc"}}
 READ_OK = {"data": {"data": {"k": "v-123456"}, "metadata": {"version": 3}}}
 REF = SecretRef("db", "secret", "app/db", Engine.KV2)
@@ -64,14 +69,16 @@ def vault(fake_time: FakeTime, *addresses: str, deadline: float = 30) -> Vault:
 
 def refused() -> requests.exceptions.ConnectionError:
     reason = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]
-    return requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(
-        None, "/", reason))  # type: ignore[arg-type]
+    return requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", reason))  # type: ignore[arg-type]
 
 
 def dropped() -> requests.exceptions.ConnectionError:
     """The connection died after the request was sent (server may have acted on it)."""
-    return requests.exceptions.ConnectionError(urllib3.exceptions.ProtocolError(
-        "Connection aborted.", http.client.RemoteDisconnected("closed")))
+    return requests.exceptions.ConnectionError(
+        urllib3.exceptions.ProtocolError(
+            "Connection aborted.", http.client.RemoteDisconnected("closed")
+        )
+    )
 
 
 def calls(mocked: responses.RequestsMock, path: str) -> int:
@@ -82,8 +89,9 @@ def calls(mocked: responses.RequestsMock, path: str) -> int:
 def test_idempotent_requests_are_retried_on_transient_answers(
     mocked: responses.RequestsMock, fake_time: FakeTime, status: int
 ) -> None:
-    mocked.add(responses.GET, f"{A}/v1/secret/data/app/db", status=status,
-               json={"errors": ["try later"]})
+    mocked.add(
+        responses.GET, f"{A}/v1/secret/data/app/db", status=status, json={"errors": ["try later"]}
+    )
     mocked.add(responses.GET, f"{A}/v1/secret/data/app/db", json=READ_OK)
     data = vault(fake_time).read(REF)
     assert data.version == 3
@@ -103,8 +111,7 @@ def test_dropped_connection_mid_read_is_retried(
 def test_client_errors_are_never_retried(
     mocked: responses.RequestsMock, fake_time: FakeTime, status: int, error: type[Exception]
 ) -> None:
-    mocked.add(responses.GET, f"{A}/v1/secret/data/app/db", status=status,
-               json={"errors": ["no"]})
+    mocked.add(responses.GET, f"{A}/v1/secret/data/app/db", status=status, json={"errors": ["no"]})
     with pytest.raises(error):
         vault(fake_time).read(REF)
     assert calls(mocked, "/v1/secret/data/app/db") == 1
@@ -114,8 +121,12 @@ def test_client_errors_are_never_retried(
 def test_invalid_wrapping_token_is_never_retried(
     mocked: responses.RequestsMock, fake_time: FakeTime
 ) -> None:
-    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/lookup", status=400,
-               json={"errors": ["wrapping token is not valid or does not exist"]})
+    mocked.add(
+        responses.POST,
+        f"{A}/v1/sys/wrapping/lookup",
+        status=400,
+        json={"errors": ["wrapping token is not valid or does not exist"]},
+    )
     with pytest.raises(WrappingTokenInvalid):
         vault(fake_time).lookup_wrapping("wrap-123456")
     assert calls(mocked, "/v1/sys/wrapping/lookup") == 1
@@ -146,8 +157,12 @@ def test_unwrap_is_retried_when_it_never_reached_the_server(
     mocked: responses.RequestsMock, fake_time: FakeTime
 ) -> None:
     mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", body=refused())
-    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", status=503,
-               json={"errors": ["Vault is sealed"]})
+    mocked.add(
+        responses.POST,
+        f"{A}/v1/sys/wrapping/unwrap",
+        status=503,
+        json={"errors": ["Vault is sealed"]},
+    )
     mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", json=UNWRAP_OK)
     assert vault(fake_time).unwrap_secret_id("wrap-123456") == ("sid-123456", "acc")
     assert calls(mocked, "/v1/sys/wrapping/unwrap") == 3
@@ -175,8 +190,9 @@ def test_fails_over_to_the_next_address_and_stays_there(
 
 
 def test_deadline_bounds_the_retries(mocked: responses.RequestsMock, fake_time: FakeTime) -> None:
-    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/lookup", status=503,
-               json={"errors": ["sealed"]})
+    mocked.add(
+        responses.POST, f"{A}/v1/sys/wrapping/lookup", status=503, json={"errors": ["sealed"]}
+    )
     with pytest.raises(VaultUnreachable, match=r"before the deadline.*sealed or standby"):
         vault(fake_time, deadline=20).lookup_wrapping("wrap-123456")
     assert fake_time.now <= 20
@@ -188,7 +204,11 @@ def test_unwrap_during_a_leader_election_is_retried(
     mocked: responses.RequestsMock, fake_time: FakeTime
 ) -> None:
     # What an OpenBao standby answers while no node is active: the request went nowhere.
-    mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", status=500,
-               json={"errors": ["local node not active but active cluster node not found"]})
+    mocked.add(
+        responses.POST,
+        f"{A}/v1/sys/wrapping/unwrap",
+        status=500,
+        json={"errors": ["local node not active but active cluster node not found"]},
+    )
     mocked.add(responses.POST, f"{A}/v1/sys/wrapping/unwrap", json=UNWRAP_OK)
     assert vault(fake_time).unwrap_secret_id("wrap-123456") == ("sid-123456", "acc")

@@ -178,7 +178,7 @@ def test_a_stalled_tls_handshake_is_bounded_and_counts_as_not_sent(
                 return
             if server_sends == "a-drip":
                 try:
-                    sock.sendall(record[i:i + 1])
+                    sock.sendall(record[i : i + 1])
                 except OSError:
                     return
 
@@ -229,8 +229,7 @@ def test_bootstrap_against_a_dripping_vault_ends_at_boot_deadline(
         (upstream if request.path != "/v1/sys/wrapping/lookup" else handler)(request, reply)
 
     with FakeServer(handle) as proxy:
-        world.provision(vault={"address": proxy.addr, "boot_deadline": 3,
-                               "request_timeout": 1})
+        world.provision(vault={"address": proxy.addr, "boot_deadline": 3, "request_timeout": 1})
         sandbox: Sandbox = world.sandbox
         bootstrap = sandbox.store / "bootstrap.yaml"
         kept = bootstrap.read_bytes()
@@ -267,8 +266,11 @@ def huge_until_close(request: Request, reply: Reply) -> None:
     reply.close()
 
 
-@pytest.mark.parametrize("answer", [huge_with_length, huge_chunked, huge_until_close],
-                         ids=["content-length", "chunked", "until-close"])
+@pytest.mark.parametrize(
+    "answer",
+    [huge_with_length, huge_chunked, huge_until_close],
+    ids=["content-length", "chunked", "until-close"],
+)
 @pytest.mark.parametrize("call", ["read", "lookup"])
 def test_a_huge_answer_is_refused_before_it_is_read(answer: Handler, call: str) -> None:
     """300 MiB: refused once the cap is passed (at once when Content-Length says so), never
@@ -293,9 +295,11 @@ def padded(path: str, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-@pytest.mark.parametrize(("size", "accepted"), [(MAX_RESPONSE_BYTES, True),
-                                                (MAX_RESPONSE_BYTES + 1, False)],
-                         ids=["at-the-cap", "one-byte-over"])
+@pytest.mark.parametrize(
+    ("size", "accepted"),
+    [(MAX_RESPONSE_BYTES, True), (MAX_RESPONSE_BYTES + 1, False)],
+    ids=["at-the-cap", "one-byte-over"],
+)
 def test_the_cap_is_exact(framing: str, size: int, accepted: bool) -> None:
     read = CALL["read"]
 
@@ -304,7 +308,7 @@ def test_the_cap_is_exact(framing: str, size: int, accepted: bool) -> None:
         if framing == "chunked":
             reply.send(head(200, {"Content-Type": JSON, "Transfer-Encoding": "chunked"}))
             for at in range(0, len(body), CHUNK):
-                piece = body[at:at + CHUNK]
+                piece = body[at : at + CHUNK]
                 reply.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
             reply.send(b"0\r\n\r\n")
         else:
@@ -353,6 +357,7 @@ def test_a_deadline_shuts_down_what_it_watches_and_nothing_else() -> None:
 
 def test_requests_leave_no_descriptor_behind() -> None:
     """Each request watches its socket through a duplicate descriptor: all closed again."""
+
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 

@@ -45,12 +45,14 @@ def elsewhere() -> Iterator[Listener]:
 def redirecting(status: int, location: str) -> FakeServer:
     def handle(request: Request, reply: Reply) -> None:
         reply.answer(status, {"errors": []}, {"Location": location})
+
     return FakeServer(handle)
 
 
 def redirect_to(addr: str) -> Handler:
     def handle(request: Request, reply: Reply) -> None:
         reply.answer(307, {"errors": []}, {"Location": addr + request.target})
+
     return handle
 
 
@@ -80,18 +82,22 @@ def test_redirect_to_another_origin_is_refused_and_nothing_goes_there(
     assert_never_contacted(elsewhere)
 
 
-@pytest.mark.parametrize("location", [
-    "https://127.0.0.1:{port}/v1/sys/wrapping/lookup",  # same host and port, other scheme
-    "http://localhost:{port}/v1/sys/wrapping/lookup",  # same address, other host name
-    "//127.0.0.1:{other}/v1/sys/wrapping/lookup",  # scheme-relative, other port
-])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://127.0.0.1:{port}/v1/sys/wrapping/lookup",  # same host and port, other scheme
+        "http://localhost:{port}/v1/sys/wrapping/lookup",  # same address, other host name
+        "//127.0.0.1:{other}/v1/sys/wrapping/lookup",  # scheme-relative, other port
+    ],
+)
 def test_origins_are_compared_exactly(location: str, elsewhere: Listener) -> None:
     with FakeServer(good) as decoy:  # nothing may reach it either, under any name
         port = decoy.port
 
         def handle(request: Request, reply: Reply) -> None:
-            reply.answer(307, {"errors": []},
-                         {"Location": location.format(port=port, other=elsewhere.port)})
+            reply.answer(
+                307, {"errors": []}, {"Location": location.format(port=port, other=elsewhere.port)}
+            )
 
         with FakeServer(handle) as server:
             session = vault(server.addr)
@@ -105,8 +111,9 @@ def test_origins_are_compared_exactly(location: str, elsewhere: Listener) -> Non
     assert_never_contacted(elsewhere)
 
 
-@pytest.mark.parametrize("location", ["", "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x",
-                                      "http://[::1/x"])
+@pytest.mark.parametrize(
+    "location", ["", "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x", "http://[::1/x"]
+)
 def test_redirect_without_a_usable_location_is_refused(location: str) -> None:
     def handle(request: Request, reply: Reply) -> None:
         reply.answer(302, {"errors": []}, {"Location": location} if location else {})
@@ -193,8 +200,12 @@ def test_the_session_cannot_be_told_to_follow_or_to_go_elsewhere(elsewhere: List
     with redirecting(302, f"{target}/steal") as server:
         session = session_for([server.addr], True, 4)
         with pytest.raises(Redirected) as raised:
-            session.get(f"{server.addr}/v1/x", allow_redirects=True,
-                        headers={"X-Vault-Token": CLIENT_TOKEN}, timeout=5)
+            session.get(
+                f"{server.addr}/v1/x",
+                allow_redirects=True,
+                headers={"X-Vault-Token": CLIENT_TOKEN},
+                timeout=5,
+            )
         assert raised.value.target == origin_of(target)
         with pytest.raises(OriginRefused):
             session.get(f"{target}/v1/x", headers={"X-Vault-Token": CLIENT_TOKEN}, timeout=5)
@@ -218,8 +229,9 @@ def test_bootstrap_redirected_elsewhere_at_unwrap_exits_20_and_consumes_nothing(
             upstream(request, reply)
 
     with FakeServer(handle) as proxy:
-        wrapped = world.provision(vault={"address": proxy.addr, "boot_deadline": 10,
-                                         "request_timeout": 5})
+        wrapped = world.provision(
+            vault={"address": proxy.addr, "boot_deadline": 10, "request_timeout": 5}
+        )
         sandbox: Sandbox = world.sandbox
         code, _, err = sandbox.run("bootstrap")
 

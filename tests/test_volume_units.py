@@ -37,25 +37,49 @@ def units(tmp_path: Path) -> Iterator[Path]:
 
 def verify(units: Path, unit: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}
-    return subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                          capture_output=True, text=True, check=False, timeout=60, env=env)
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
 
 
 def volume(mount: str = "/srv/pg-data", **changes: object) -> EncryptedVolume:
     fields: dict[str, object] = {
-        "name": "pgdata", "device": Path("/dev/disk/by-id/scsi-0DO_Volume_pgdata"),
-        "mount": Path(mount), "transit_mount": "transit", "transit_key": "web",
-        "units": ("app.service",), **changes}
+        "name": "pgdata",
+        "device": Path("/dev/disk/by-id/scsi-0DO_Volume_pgdata"),
+        "mount": Path(mount),
+        "transit_mount": "transit",
+        "transit_key": "web",
+        "units": ("app.service",),
+        **changes,
+    }
     return EncryptedVolume(**fields)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("path", [
-    "/srv/data", "/srv/pg-data", "/var/lib/a@b=c+d", "/.hidden/x", "/srv/x.y", "/srv/_a:b",
-    "/srv/ünï", "/a/b/c/d/e/f",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/srv/data",
+        "/srv/pg-data",
+        "/var/lib/a@b=c+d",
+        "/.hidden/x",
+        "/srv/x.y",
+        "/srv/_a:b",
+        "/srv/ünï",
+        "/a/b/c/d/e/f",
+    ],
+)
 def test_mount_unit_names_are_systemds(path: str) -> None:
-    expected = subprocess.run(["systemd-escape", "--path", "--suffix=mount", path],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    expected = subprocess.run(
+        ["systemd-escape", "--path", "--suffix=mount", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert blockdev.unit_name_for(PurePosixPath(path)) == expected
 
 
@@ -66,7 +90,8 @@ def write_volume_units(units: Path, vol: EncryptedVolume, *, mount_unit: bool = 
     (units / "app.service").write_text("[Service]\nExecStart=/bin/true\n")
     (units / "app.service.d").mkdir(exist_ok=True)
     (units / "app.service.d" / blockdev.VOLUME_DROPIN).write_text(
-        blockdev.dependency_dropin([name]))
+        blockdev.dependency_dropin([name])
+    )
     return units / name
 
 
@@ -74,8 +99,11 @@ def test_the_mount_unit_and_the_binding_verify_cleanly(units: Path) -> None:
     vol = volume(filesystem=Filesystem.XFS, mount_options=("nodev", "nosuid", "noatime"))
     mount_unit = write_volume_units(units, vol)
     assert mount_unit.read_text().splitlines()[-4:] == [
-        "What=/dev/mapper/pgdata", "Where=/srv/pg-data", "Type=xfs",
-        "Options=nodev,nosuid,noatime"]
+        "What=/dev/mapper/pgdata",
+        "Where=/srv/pg-data",
+        "Type=xfs",
+        "Options=nodev,nosuid,noatime",
+    ]
     for unit in (mount_unit, units / "app.service"):
         result = verify(units, unit)
         assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -87,8 +115,9 @@ def test_while_the_volume_is_locked_a_start_fails_at_once(units: Path) -> None:
     write_volume_units(units, volume(), mount_unit=False)
     result = verify(units, units / "app.service")
     assert result.returncode != 0
-    assert "Failed to create app.service/start: Unit srv-pg\\x2ddata.mount not found." \
-        in result.stderr
+    assert (
+        "Failed to create app.service/start: Unit srv-pg\\x2ddata.mount not found." in result.stderr
+    )
 
 
 def test_a_mount_unit_under_another_name_is_refused_by_systemd(units: Path) -> None:
@@ -103,9 +132,13 @@ def test_the_sandbox_drop_in_verifies_and_only_adds(units: Path) -> None:
     dropin = REPO / "systemd/encrypted-volumes.conf"
     for name in ("bootsecrets.service", "bootsecrets-refresh.service"):
         text = (REPO / "systemd" / name).read_text()
-        (units / name).write_text("\n".join(
-            "ExecStart=/bin/true" if line.startswith("ExecStart=") else line
-            for line in text.splitlines()) + "\n")
+        (units / name).write_text(
+            "\n".join(
+                "ExecStart=/bin/true" if line.startswith("ExecStart=") else line
+                for line in text.splitlines()
+            )
+            + "\n"
+        )
         (units / f"{name}.d").mkdir()
         shutil.copy(dropin, units / f"{name}.d" / dropin.name)
     shutil.copy(REPO / "systemd/bootsecrets-store.service", units)
@@ -116,7 +149,11 @@ def test_the_sandbox_drop_in_verifies_and_only_adds(units: Path) -> None:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(dropin)
     # Lists systemd merges (added to the unit's), and PrivateDevices= itself: nothing else.
-    assert set(parser["Service"]) == {"PrivateDevices", "CapabilityBoundingSet",
-                                      "SystemCallFilter", "ReadWritePaths",
-                                      "RestrictAddressFamilies"}
+    assert set(parser["Service"]) == {
+        "PrivateDevices",
+        "CapabilityBoundingSet",
+        "SystemCallFilter",
+        "ReadWritePaths",
+        "RestrictAddressFamilies",
+    }
     assert parser.sections() == ["Service"]

@@ -38,8 +38,9 @@ DATA = b"LEDGER-ON-THE-VOLUME-3c9e1f0b7a5d\n" * 64
 
 
 @pytest.fixture
-def vols(openbao: OpenBao, sandbox_root: Path, captured: Captured,
-         unique: str) -> Iterator[Volumes]:
+def vols(
+    openbao: OpenBao, sandbox_root: Path, captured: Captured, unique: str
+) -> Iterator[Volumes]:
     with volume_world(openbao, sandbox_root, captured, unique) as volumes:
         yield volumes
 
@@ -80,22 +81,34 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
     assert header.keyslots == (0,) and header.token is not None
     token = header.token
     assert (token.mount, token.key_name, token.key_version) == ("transit", key, 1)
-    dump = json.loads(subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata",
-                                      str(image)], capture_output=True, text=True,
-                                     check=True).stdout)
+    dump = json.loads(
+        subprocess.run(
+            ["cryptsetup", "luksDump", "--dump-json-metadata", str(image)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert dump["keyslots"]["0"]["kdf"]["type"] == "pbkdf2"
     assert dump["keyslots"]["0"]["kdf"]["iterations"] == 1000
     uuid = blockdev.luks_uuid(image)
     record = vols.record("data")
     assert record == {
-        "version": 1, "name": "data", "device": vols.device("data"), "mapper": "data",
-        "mount": "/srv/data", "luks_uuid": uuid, "state": "ready",
-        "transit_mount": "transit", "transit_key": key, "created_at": record["created_at"]}
+        "version": 1,
+        "name": "data",
+        "device": vols.device("data"),
+        "mapper": "data",
+        "mount": "/srv/data",
+        "luks_uuid": uuid,
+        "state": "ready",
+        "transit_mount": "transit",
+        "transit_key": key,
+        "created_at": record["created_at"],
+    }
     assert mode_of(sandbox.root / "var/lib/bootsecrets/volumes/data.json") == 0o600
     # The key reached cryptsetup on stdin only, 64 bytes, for luksFormat and open.
     device = str(sandbox.root / vols.device("data").lstrip("/"))
-    keyed = [(argv[:2], size) for argv, size in dm.calls if size is not None
-             and argv[1] != "token"]
+    keyed = [(argv[:2], size) for argv, size in dm.calls if size is not None and argv[1] != "token"]
     assert keyed == [(("cryptsetup", "luksFormat"), 64), (("cryptsetup", "open"), 64)]
     assert luks.format_argv(Path(device), uuid) in dm.argvs()
     assert luks.open_argv(Path(device), "data") in dm.argvs()
@@ -114,7 +127,8 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
     assert sorted(sandbox.started_units()) == ["app.service", "worker.service"]
     verbs = sandbox.runner.verbs()
     assert verbs.index(("start", "--", "srv-data.mount")) < verbs.index(
-        ("start", "--no-block", "--", "app.service", "worker.service"))
+        ("start", "--no-block", "--", "app.service", "worker.service")
+    )
     raw_key = data_key(openbao, key, image)
     assert image.read_bytes().count(raw_key) == 0
     # The token is in both copies of the LUKS2 metadata (primary and secondary header).
@@ -130,8 +144,9 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
     code, _, err = sandbox.run("bootstrap")
     assert code == 0, err
     assert transit_requests(openbao, offset) == [f"transit/decrypt/{key}"]
-    assert not any(argv[1] in ("luksFormat", "erase") or argv[0].startswith("mkfs")
-                   for argv in dm.argvs())
+    assert not any(
+        argv[1] in ("luksFormat", "erase") or argv[0].startswith("mkfs") for argv in dm.argvs()
+    )
     assert (mount / "ledger.csv").read_bytes() == DATA
     assert "app.service" in sandbox.started_units()
 
@@ -140,15 +155,27 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
     assert code == 0
     [volume] = json.loads(out)["volumes"]
     assert volume == {
-        "name": "data", "device": vols.device("data"), "mapper": "data", "mount": "/srv/data",
-        "mount_unit": "srv-data.mount", "units": ["app.service"],
-        "transit_key": f"transit/keys/{key}", "state": "mounted", "open": True,
-        "mounted": True, "key_version": 1, "luks_uuid": uuid,
-        "formatted_at": record["created_at"], "problem": None}
+        "name": "data",
+        "device": vols.device("data"),
+        "mapper": "data",
+        "mount": "/srv/data",
+        "mount_unit": "srv-data.mount",
+        "units": ["app.service"],
+        "transit_key": f"transit/keys/{key}",
+        "state": "mounted",
+        "open": True,
+        "mounted": True,
+        "key_version": 1,
+        "luks_uuid": uuid,
+        "formatted_at": record["created_at"],
+        "problem": None,
+    }
     assert token.ciphertext.split(":")[2][:40] not in out
     code, text, _ = sandbox.run("status")
-    assert (f"encrypted volume data ({vols.device('data')} at /srv/data): mounted, Transit "
-            f"key transit/keys/{key} v1, units app.service") in text
+    assert (
+        f"encrypted volume data ({vols.device('data')} at /srv/data): mounted, Transit "
+        f"key transit/keys/{key} v1, units app.service"
+    ) in text
 
     # Rotation: a refresh rewraps; the header's token moves to v2 and still opens it.
     rotate(openbao, key)
@@ -169,24 +196,46 @@ def test_first_boot_formats_reboot_opens_decommission_erases(
     assert code == 0, err
     verbs = sandbox.runner.verbs()
     assert verbs[:3] == [
-        ("stop", "--", "bootsecrets-refresh.timer", "bootsecrets-wakeup.timer", "app.service",
-         "worker.service"),
-        ("stop", "--", "srv-data.mount"), ("daemon-reload",)]
+        (
+            "stop",
+            "--",
+            "bootsecrets-refresh.timer",
+            "bootsecrets-wakeup.timer",
+            "app.service",
+            "worker.service",
+        ),
+        ("stop", "--", "srv-data.mount"),
+        ("daemon-reload",),
+    ]
     commands = [argv for argv in dm.argvs() if argv[1] in ("close", "token", "erase")]
-    assert commands == [luks.close_argv("data"), luks.token_remove_argv(Path(device), 0),
-                        luks.erase_argv(Path(device))]
+    assert commands == [
+        luks.close_argv("data"),
+        luks.token_remove_argv(Path(device), 0),
+        luks.erase_argv(Path(device)),
+    ]
     steps = {s["step"]: s for s in json.loads(out)["steps"]}
-    assert list(steps) == ["stop-units", "revoke-leases", "unmount-volumes", "close-volumes",
-                           "erase-volumes", "lock-keys", "remove-key-records", "remove-store",
-                           "revoke-token"]
+    assert list(steps) == [
+        "stop-units",
+        "revoke-leases",
+        "unmount-volumes",
+        "close-volumes",
+        "erase-volumes",
+        "lock-keys",
+        "remove-key-records",
+        "remove-store",
+        "revoke-token",
+    ]
     assert steps["unmount-volumes"] == {
-        "step": "unmount-volumes", "outcome": "done",
-        "detail": f"data ({vols.device('data')}): unmounted from /srv/data; "
-                  "srv-data.mount removed"}
-    assert steps["close-volumes"]["detail"].endswith("/dev/mapper/data closed: its key left "
-                                                     "the kernel")
+        "step": "unmount-volumes",
+        "outcome": "done",
+        "detail": f"data ({vols.device('data')}): unmounted from /srv/data; srv-data.mount removed",
+    }
+    assert steps["close-volumes"]["detail"].endswith(
+        "/dev/mapper/data closed: its key left the kernel"
+    )
     assert steps["erase-volumes"]["detail"].endswith(
-        "erased: keyslot(s) 0 destroyed, token(s) 0 removed")
+        "erased: keyslot(s) 0 destroyed, token(s) 0 removed"
+    )
     assert steps["lock-keys"]["outcome"] == "nothing-to-do"
     erased = luks.read_header(image)
     assert erased.keyslots == () and erased.tokens == {}
@@ -218,21 +267,34 @@ def test_a_second_run_in_one_boot_changes_nothing(vols: Volumes, openbao: OpenBa
     assert transit_requests(openbao, offset) == [f"transit/rewrap/{key}"]  # version: same
     assert image.read_bytes() == before
     assert [argv[1] for argv in vols.dm.argvs() if argv[0] == "cryptsetup"] == [
-        "status", "luksDump", "luksUUID"]
-    assert not any(call[:1] == ("daemon-reload",) or call[-1].endswith(".mount")
-                   for call in vols.sandbox.runner.verbs())
+        "status",
+        "luksDump",
+        "luksUUID",
+    ]
+    assert not any(
+        call[:1] == ("daemon-reload",) or call[-1].endswith(".mount")
+        for call in vols.sandbox.runner.verbs()
+    )
 
 
 def test_owner_mode_options_and_a_mapper_name_of_its_own(vols: Volumes) -> None:
-    booted(vols, user="nobody", group="nogroup", mode="0750", mapper="pg-main",
-           filesystem="ext4", mount_options=["nodev", "nosuid", "noexec", "noatime"])
+    booted(
+        vols,
+        user="nobody",
+        group="nogroup",
+        mode="0750",
+        mapper="pg-main",
+        filesystem="ext4",
+        mount_options=["nodev", "nosuid", "noexec", "noatime"],
+    )
     mount = vols.mount_point("data")
     st = os.stat(mount)
     assert (st.st_uid, st.st_gid) == (65534, 65534) and mode_of(mount) == 0o750
     entry = blockdev.mounted_at(mount)
     assert entry is not None and entry.fstype == "ext4"
-    options = subprocess.run(["findmnt", "-no", "OPTIONS", str(mount)], capture_output=True,
-                             text=True, check=True).stdout
+    options = subprocess.run(
+        ["findmnt", "-no", "OPTIONS", str(mount)], capture_output=True, text=True, check=True
+    ).stdout
     assert {"nodev", "nosuid", "noexec", "noatime"} <= set(options.strip().split(","))
     assert blockdev.mounted_from(mount, vols.sandbox.root / "dev/mapper/pg-main")
     assert vols.record("data")["mapper"] == "pg-main"
@@ -254,8 +316,9 @@ def test_a_volume_formatted_elsewhere_is_adopted_never_formatted(
 
     assert code == 0, err
     assert "formatted elsewhere; adopted" in err
-    assert not any(argv[1] == "luksFormat" or argv[0].startswith("mkfs")
-                   for argv in vols.dm.argvs())
+    assert not any(
+        argv[1] == "luksFormat" or argv[0].startswith("mkfs") for argv in vols.dm.argvs()
+    )
     assert (vols.mount_point("data") / "ledger.csv").read_bytes() == DATA
     assert vols.record("data")["luks_uuid"] == uuid
     assert blockdev.luks_uuid(image) == uuid
@@ -269,8 +332,9 @@ def test_a_first_use_cut_short_after_luksformat_is_finished(vols: Volumes) -> No
     vols.provision(vols.config())
     real = vols.dm.__call__
 
-    def no_mkfs(argv: tuple[str, ...], *, stdin: luks.Stdin | None = None,
-                check: bool = True) -> luks.Completed:
+    def no_mkfs(
+        argv: tuple[str, ...], *, stdin: luks.Stdin | None = None, check: bool = True
+    ) -> luks.Completed:
         if argv[0].startswith("mkfs"):
             return luks.Completed(tuple(argv), 1, "", "mkfs.ext4: killed\n")
         return real(argv, stdin=stdin, check=check)
@@ -306,13 +370,16 @@ def test_decommission_with_a_file_open_on_the_volume(vols: Volumes) -> None:
         steps = {s["step"]: s for s in json.loads(out)["steps"]}
         unmount = steps["unmount-volumes"]
         assert unmount["outcome"] == "failed"
-        assert f"still mounted at /srv/data: in use (processes: {os.getpid()} (" \
-            in unmount["detail"]
+        assert (
+            f"still mounted at /srv/data: in use (processes: {os.getpid()} (" in unmount["detail"]
+        )
         assert steps["close-volumes"]["outcome"] == "failed"
         assert "Device data is still in use." in steps["close-volumes"]["detail"]
         assert steps["erase-volumes"]["outcome"] == "done"
-        assert "/dev/mapper/data is still open, so its data stays readable on this host" \
+        assert (
+            "/dev/mapper/data is still open, so its data stays readable on this host"
             in steps["erase-volumes"]["detail"]
+        )
         assert luks.read_header(image).keyslots == ()
     finally:
         handle.close()
@@ -332,8 +399,7 @@ def test_decommission_without_the_image_config_finds_volumes_by_their_records(
     sandbox.env["VAULT_ADDR"] = openbao.addr
     code, out, err = sandbox.run("decommission", "--yes")
     assert code == 0, err
-    assert f"unmount-volumes: done: data ({vols.device('data')}): unmounted from /srv/data" \
-        in out
+    assert f"unmount-volumes: done: data ({vols.device('data')}): unmounted from /srv/data" in out
     assert "erase-volumes: done" in out
     assert luks.read_header(image).keyslots == () and "data" not in vols.dm.active
     code, out, err = sandbox.run("decommission", "--yes")
@@ -346,9 +412,23 @@ def test_decommission_leaves_a_foreign_luks_header_alone(vols: Volumes) -> None:
     decommission does not erase what it never owned."""
     vols.transit()
     image = vols.image("data")
-    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
-                    "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", str(image)],
-                   input=b"y" * 64, check=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file=-",
+            str(image),
+        ],
+        input=b"y" * 64,
+        check=True,
+    )
     vols.provision(vols.config())
     assert vols.sandbox.run("bootstrap")[0] == errors.VolumeTokenInvalid.exit_code
     code, out, _ = vols.sandbox.run("decommission", "--yes")

@@ -29,30 +29,39 @@ from test_volumes import booted
 
 
 @pytest.fixture
-def vols(openbao: OpenBao, sandbox_root: Path, captured: Captured,
-         unique: str) -> Iterator[Volumes]:
+def vols(
+    openbao: OpenBao, sandbox_root: Path, captured: Captured, unique: str
+) -> Iterator[Volumes]:
     with volume_world(openbao, sandbox_root, captured, unique) as volumes:
         yield volumes
 
 
-def alerts(caplog: pytest.LogCaptureFixture, error: type[errors.BootsecretsError]
-           ) -> list[logging.LogRecord]:
+def alerts(
+    caplog: pytest.LogCaptureFixture, error: type[errors.BootsecretsError]
+) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "MESSAGE_ID", None) == error.message_id]
 
 
-def assert_held_back(vols: Volumes, caplog: pytest.LogCaptureFixture,
-                     error: type[errors.BootsecretsError], volume: str = "data", *,
-                     started: tuple[str, ...] = ("worker.service",)) -> None:
+def assert_held_back(
+    vols: Volumes,
+    caplog: pytest.LogCaptureFixture,
+    error: type[errors.BootsecretsError],
+    volume: str = "data",
+    *,
+    started: tuple[str, ...] = ("worker.service",),
+) -> None:
     """app.service (needing the volume) held back, worker.service started (at a boot; a
     refresh leaves it running as it is), one alert."""
     assert vols.sandbox.started_units() == list(started)
     state = json.loads((vols.sandbox.store / "state.json").read_text())
-    assert state["skipped"] == {"app.service": f"held back: encrypted volume {volume} is "
-                                               "not mounted"}
+    assert state["skipped"] == {
+        "app.service": f"held back: encrypted volume {volume} is not mounted"
+    }
     [alert] = alerts(caplog, error)
     assert alert.__dict__["VOLUME"] == volume and alert.__dict__["UNIT"] == "app.service"
-    assert not blockdev.mounted_from(vols.mount_point(volume),
-                                     vols.sandbox.root / "dev/mapper" / volume)
+    assert not blockdev.mounted_from(
+        vols.mount_point(volume), vols.sandbox.root / "dev/mapper" / volume
+    )
 
 
 def first_boot(vols: Volumes, **volume: object) -> tuple[int, str]:
@@ -64,12 +73,18 @@ def first_boot(vols: Volumes, **volume: object) -> tuple[int, str]:
 # --- refused before any Transit call for the volume ------------------------------------------
 
 
-@pytest.mark.parametrize(("make", "found"), [
-    (["mkfs.ext4", "-q", "-F"], "signature ext4"),
-    (["mkfs.xfs", "-q", "-f"], "signature xfs"),
-])
+@pytest.mark.parametrize(
+    ("make", "found"),
+    [
+        (["mkfs.ext4", "-q", "-F"], "signature ext4"),
+        (["mkfs.xfs", "-q", "-f"], "signature xfs"),
+    ],
+)
 def test_a_device_with_a_filesystem_is_never_formatted(
-    vols: Volumes, openbao: OpenBao, caplog: pytest.LogCaptureFixture, make: list[str],
+    vols: Volumes,
+    openbao: OpenBao,
+    caplog: pytest.LogCaptureFixture,
+    make: list[str],
     found: str,
 ) -> None:
     vols.transit()
@@ -81,8 +96,10 @@ def test_a_device_with_a_filesystem_is_never_formatted(
     code, err = first_boot(vols)
 
     assert code == errors.VolumeNotBlank.exit_code, err
-    assert (f"encrypted volume data ({vols.device('data')}): is not blank ({found}; non-zero "
-            "bytes in the first MiB); refusing to format it") in err
+    assert (
+        f"encrypted volume data ({vols.device('data')}): is not blank ({found}; non-zero "
+        "bytes in the first MiB); refusing to format it"
+    ) in err
     assert digest(image) == before
     assert transit_requests(openbao, offset) == []
     assert not any(argv[1] in ("luksFormat", "open") for argv in vols.dm.argvs())
@@ -106,9 +123,23 @@ def test_data_without_a_signature_and_a_foreign_luks_header(
     assert "non-zero bytes in the first MiB" in err and digest(image) == before
 
     other = vols.image("data")  # a LUKS2 volume someone made by hand: no bootsecrets token
-    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
-                    "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", str(other)],
-                   input=b"x" * 64, check=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file=-",
+            str(other),
+        ],
+        input=b"x" * 64,
+        check=True,
+    )
     before = digest(other)
     caplog.clear()
     vols.sandbox.runner.calls.clear()
@@ -119,8 +150,9 @@ def test_data_without_a_signature_and_a_foreign_luks_header(
     assert_held_back(vols, caplog, errors.VolumeTokenInvalid, started=())
 
 
-def test_a_blank_device_with_format_never(vols: Volumes, openbao: OpenBao,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_a_blank_device_with_format_never(
+    vols: Volumes, openbao: OpenBao, caplog: pytest.LogCaptureFixture
+) -> None:
     vols.transit()
     image = vols.image("data")
     offset = openbao.audit_offset()
@@ -177,24 +209,27 @@ def test_a_token_naming_another_transit_key_than_the_config(
     key, _ = booted(vols)
     vols.reboot()
     create_key(vols.world.bao, "other-key")
-    vols.sandbox.write_config(vols.config(volumes=vols.section(data={
-        "transit_key": "other-key"})))
+    vols.sandbox.write_config(vols.config(volumes=vols.section(data={"transit_key": "other-key"})))
     caplog.clear()
     vols.sandbox.runner.calls.clear()
     code, _, err = vols.sandbox.run("bootstrap")
     assert code == errors.VolumeMismatch.exit_code, err
-    assert (f"its token names Transit key transit/keys/{key}, the config "
-            "transit/keys/other-key") in err
+    assert (
+        f"its token names Transit key transit/keys/{key}, the config transit/keys/other-key"
+    ) in err
     assert_held_back(vols, caplog, errors.VolumeMismatch)
 
 
-def test_device_mapper_out_of_reach(vols: Volumes, openbao: OpenBao,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_device_mapper_out_of_reach(
+    vols: Volumes, openbao: OpenBao, caplog: pytest.LogCaptureFixture
+) -> None:
     """As in a bootsecrets.service without the encrypted-volumes drop-in (PrivateDevices=)."""
     vols.transit()
     image = vols.image("data")
-    vols.dm.fail["status"] = (1, "Cannot initialize device-mapper. Is dm_mod kernel module "
-                                 "loaded?\n")
+    vols.dm.fail["status"] = (
+        1,
+        "Cannot initialize device-mapper. Is dm_mod kernel module loaded?\n",
+    )
     offset = openbao.audit_offset()
     code, err = first_boot(vols)
     assert code == errors.VolumeFailed.exit_code, err
@@ -213,8 +248,10 @@ def test_a_wrong_device_path_fails_closed_after_the_wait(
     vols.transit()
     code, err = first_boot(vols, attach_timeout=1)
     assert code == errors.VolumeMissing.exit_code, err
-    assert (f"encrypted volume data ({vols.device('data')}): not there after 1 s (the volume "
-            "is not attached, or the device path is wrong)") in err
+    assert (
+        f"encrypted volume data ({vols.device('data')}): not there after 1 s (the volume "
+        "is not attached, or the device path is wrong)"
+    ) in err
     assert_held_back(vols, caplog, errors.VolumeMissing)
     [volume] = json.loads(vols.sandbox.run("status", "--json")[1])["volumes"]
     assert volume["state"] == "absent"
@@ -248,8 +285,9 @@ def test_a_volume_attached_during_the_wait(vols: Volumes) -> None:
 # --- refused at Vault or by cryptsetup -----------------------------------------------------
 
 
-def test_decrypt_denied_then_granted(vols: Volumes, openbao: OpenBao,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_decrypt_denied_then_granted(
+    vols: Volumes, openbao: OpenBao, caplog: pytest.LogCaptureFixture
+) -> None:
     key, image = booted(vols)
     vols.reboot()
     grant(vols.world, key, operations=("datakey/plaintext", "rewrap"))  # no decrypt
@@ -260,8 +298,10 @@ def test_decrypt_denied_then_granted(vols: Volumes, openbao: OpenBao,
     code, _, err = vols.sandbox.run("bootstrap")
 
     assert code == errors.DataLocked.exit_code, err
-    assert f"encrypted volume data ({vols.device('data')}): permission denied on " \
-           f"transit/decrypt/{key}" in err
+    assert (
+        f"encrypted volume data ({vols.device('data')}): permission denied on "
+        f"transit/decrypt/{key}" in err
+    )
     assert "data" not in vols.dm.active and digest(image) == before
     assert_held_back(vols, caplog, errors.DataLocked)
 
@@ -290,18 +330,34 @@ def test_a_tampered_ciphertext_is_rejected_by_transit(
     assert_held_back(vols, caplog, errors.DataKeyRejected)
 
 
-@pytest.mark.parametrize(("change", "field"), [
-    ({"key_version": 9}, "key_version"),
-    ({"key_name": "../x"}, "key_name"),
-    ({"ciphertext": "plaintext?"}, "ciphertext"),
-])
-def test_a_tampered_token_field(vols: Volumes, caplog: pytest.LogCaptureFixture,
-                                change: dict[str, object], field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"key_version": 9}, "key_version"),
+        ({"key_name": "../x"}, "key_name"),
+        ({"ciphertext": "plaintext?"}, "ciphertext"),
+    ],
+)
+def test_a_tampered_token_field(
+    vols: Volumes, caplog: pytest.LogCaptureFixture, change: dict[str, object], field: str
+) -> None:
     _, image = booted(vols)
     vols.reboot()
     data = {**json.loads(luks.read_token(image).to_json()), **change}
-    subprocess.run(["cryptsetup", "token", "import", "--json-file=-", "--token-id", "0",
-                    "--token-replace", str(image)], input=json.dumps(data).encode(), check=True)
+    subprocess.run(
+        [
+            "cryptsetup",
+            "token",
+            "import",
+            "--json-file=-",
+            "--token-id",
+            "0",
+            "--token-replace",
+            str(image),
+        ],
+        input=json.dumps(data).encode(),
+        check=True,
+    )
     caplog.clear()
     vols.sandbox.runner.calls.clear()
     code, _, err = vols.sandbox.run("bootstrap")
@@ -354,8 +410,10 @@ def test_a_mount_pid1_refuses(vols: Volumes, caplog: pytest.LogCaptureFixture) -
     vols.sandbox.pid1.failing.add("srv-data.mount")
     code, err = first_boot(vols)
     assert code == errors.VolumeFailed.exit_code, err
-    assert ("PID 1 did not mount /dev/mapper/data at /srv/data (`systemctl start "
-            "srv-data.mount` exited with 5); see `systemctl status srv-data.mount`") in err
+    assert (
+        "PID 1 did not mount /dev/mapper/data at /srv/data (`systemctl start "
+        "srv-data.mount` exited with 5); see `systemctl status srv-data.mount`"
+    ) in err
     assert_held_back(vols, caplog, errors.VolumeFailed)
 
 
@@ -365,8 +423,7 @@ def test_the_agent_units_let_the_others_start_exactly_on_the_per_data_outcomes()
     from bootsecrets import encdirs, volumes
 
     repo = Path(__file__).resolve().parent.parent
-    expected = {cls.exit_code for cls in (*encdirs.DIRECTORY_FAILURES,
-                                          *volumes.VOLUME_FAILURES)}
+    expected = {cls.exit_code for cls in (*encdirs.DIRECTORY_FAILURES, *volumes.VOLUME_FAILURES)}
     for name in ("bootsecrets.service", "bootsecrets-refresh.service"):
         unit = configparser.ConfigParser(strict=False, interpolation=None)
         unit.read(repo / "systemd" / name)

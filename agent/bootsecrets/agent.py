@@ -82,8 +82,7 @@ def _check_data(run: Run) -> features.DataAtRest:
     return features.DataAtRest.check(run)
 
 
-def _render_and_deploy(run: Run, vault: Vault, data: features.DataAtRest, *,
-                       at_boot: bool) -> None:
+def _render_and_deploy(run: Run, vault: Vault, data: features.DataAtRest, *, at_boot: bool) -> None:
     """Unlock the data while the secrets are read (leased ones issued or taken up), then
     start (or restart) what can run: the units needing a directory that stays locked, or a
     volume that is not mounted, are held back, and the run ends with that exit code once
@@ -96,8 +95,13 @@ def _render_and_deploy(run: Run, vault: Vault, data: features.DataAtRest, *,
         if not leases.active:
             vault.close()
         reload = data.settle()
-        deploy(run, data.hold_back(rendered), at_boot=at_boot, reload=reload,
-               together=leases.together())
+        deploy(
+            run,
+            data.hold_back(rendered),
+            at_boot=at_boot,
+            reload=reload,
+            together=leases.together(),
+        )
     data.raise_failures()
 
 
@@ -112,7 +116,8 @@ def revoke_leases(ctx: Context) -> None:
 
 
 def read_and_render(
-    config: Config, vault: Vault,
+    config: Config,
+    vault: Vault,
     leased: Mapping[str, SecretData | BootsecretsError] | None = None,
 ) -> Rendered:
     """Read every used secret once (leased ones come as `leased`, never read) and render
@@ -121,8 +126,10 @@ def read_and_render(
     A required unit whose secrets cannot be read or rendered fails the whole run (nothing
     has been written yet). An optional unit is left out with a warning.
     """
-    results = {**vault.read_all([r for r in config.used_secrets() if not r.leased]),
-               **(leased or {})}
+    results = {
+        **vault.read_all([r for r in config.used_secrets() if not r.leased]),
+        **(leased or {}),
+    }
     secrets = {name: r for name, r in results.items() if isinstance(r, SecretData)}
     units: dict[str, RenderedUnit] = {}
     skipped: dict[str, str] = {}
@@ -137,11 +144,16 @@ def read_and_render(
             if service.required:
                 raise
             skipped[service.unit] = str(err)
-            log.warning("optional unit %s left out: %s", service.unit, err,
-                        extra={"UNIT": service.unit})
+            log.warning(
+                "optional unit %s left out: %s", service.unit, err, extra={"UNIT": service.unit}
+            )
     for data in (d for n, d in secrets.items() if not config.secrets[n].leased):
-        log.info("read %s%s", data.path, f" version {data.version}" if data.version else "",
-                 extra={"SECRET_PATH": data.path, "SECRET_VERSION": data.version or ""})
+        log.info(
+            "read %s%s",
+            data.path,
+            f" version {data.version}" if data.version else "",
+            extra={"SECRET_PATH": data.path, "SECRET_VERSION": data.version or ""},
+        )
     return Rendered(units, secrets, skipped)
 
 
@@ -155,7 +167,10 @@ def _wrapped_from_stdin(text: str, run: Run) -> Bootstrap:
     known = identity.load_identity(run.paths)
     if known.role_id is None:
         raise BootstrapError(
-            "<stdin>", None, "role_id",
+            "<stdin>",
+            None,
+            "role_id",
             "no role-id is known on this host; pipe a whole bootstrap document "
-            "(role_id, wrapped_secret_id, vault_addr) instead of a bare token")
+            "(role_id, wrapped_secret_id, vault_addr) instead of a bare token",
+        )
     return Bootstrap(known.role_id, wrapped, known.vault_addr)

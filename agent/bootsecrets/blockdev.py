@@ -60,8 +60,9 @@ def mapped_device(name: str, runner: luks.Runner = luks.run) -> Path | None:
         key, _, value = line.strip().partition(":")
         if key == "device" and value.strip():
             return Path(value.strip())
-    raise luks.CryptsetupFailed(name, result.argv, result.returncode,
-                                "`cryptsetup status` named no device")
+    raise luks.CryptsetupFailed(
+        name, result.argv, result.returncode, "`cryptsetup status` named no device"
+    )
 
 
 def same_device(first: Path, second: Path) -> bool:
@@ -86,15 +87,27 @@ def mkfs_argv(filesystem: Filesystem, device: Path) -> tuple[str, ...]:
     return ("mkfs.ext4", "-q", "-E", "nodiscard", str(device))
 
 
-def make_filesystem(volume: EncryptedVolume, device: Path, owner: tuple[int, int],
-                    runner: luks.Runner = luks.run) -> None:
+def make_filesystem(
+    volume: EncryptedVolume, device: Path, owner: tuple[int, int], runner: luks.Runner = luks.run
+) -> None:
     """mkfs on the open mapping, then the filesystem's root given the volume's owner and
     mode through a private mount (the agent's own namespace; gone when it is done)."""
     _checked(runner, mkfs_argv(volume.filesystem, device), device)
     workdir = Path(tempfile.mkdtemp(prefix="bootsecrets-mkfs-"))
     try:
-        _checked(runner, ("mount", "-t", volume.filesystem.value, "-o", "nodev,nosuid,noexec",
-                          str(device), str(workdir)), device)
+        _checked(
+            runner,
+            (
+                "mount",
+                "-t",
+                volume.filesystem.value,
+                "-o",
+                "nodev,nosuid,noexec",
+                str(device),
+                str(workdir),
+            ),
+            device,
+        )
         try:
             fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
@@ -138,8 +151,14 @@ def mounts(mountinfo: Path = MOUNTINFO) -> list[MountEntry]:
         if len(fields) < 5 or len(tail) < 2:
             continue
         major, _, minor = fields[2].partition(":")
-        entries.append(MountEntry(_unescape(fields[4]), os.makedev(int(major), int(minor)),
-                                  tail[0], _unescape(tail[1])))
+        entries.append(
+            MountEntry(
+                _unescape(fields[4]),
+                os.makedev(int(major), int(minor)),
+                tail[0],
+                _unescape(tail[1]),
+            )
+        )
     return entries
 
 
@@ -188,8 +207,13 @@ def _inside(link: Path, prefix: str) -> bool:
 # --- waiting for a device ------------------------------------------------------------------
 
 
-def wait_for(path: Path, timeout: float, *, sleep: Callable[[float], None] = time.sleep,
-             clock: Callable[[], float] = time.monotonic) -> bool:
+def wait_for(
+    path: Path,
+    timeout: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
     """Poll until `path` exists (udev makes the by-id link when the volume is attached)."""
     give_up = clock() + timeout
     while not os.path.exists(path):
@@ -222,21 +246,23 @@ def mount_unit_text(volume: EncryptedVolume) -> str:
     """The mount unit PID 1 mounts the volume with. DefaultDependencies=no: it is started
     by the agent, long after local-fs.target; it still goes before umount.target at
     shutdown (units bound to it stop first, then it is unmounted)."""
-    return "\n".join([
-        UNIT_COMMENT,
-        "[Unit]",
-        f"Description=bootsecrets encrypted volume {volume.name}",
-        "DefaultDependencies=no",
-        "Conflicts=umount.target",
-        "Before=umount.target",
-        "",
-        "[Mount]",
-        f"What={unit_file_path(volume.mapper_path)}",
-        f"Where={unit_file_path(volume.mount)}",
-        f"Type={volume.filesystem.value}",
-        f"Options={','.join(volume.mount_options)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            UNIT_COMMENT,
+            "[Unit]",
+            f"Description=bootsecrets encrypted volume {volume.name}",
+            "DefaultDependencies=no",
+            "Conflicts=umount.target",
+            "Before=umount.target",
+            "",
+            "[Mount]",
+            f"What={unit_file_path(volume.mapper_path)}",
+            f"Where={unit_file_path(volume.mount)}",
+            f"Type={volume.filesystem.value}",
+            f"Options={','.join(volume.mount_options)}",
+            "",
+        ]
+    )
 
 
 def dependency_dropin(mount_units: list[str]) -> str:

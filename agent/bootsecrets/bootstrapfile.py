@@ -52,6 +52,10 @@ def parse_wrapped_secret_id(text: str, source: str = "<stdin>") -> str:
     """A wrapped secret-id given on standard input (one line, surrounding space ignored)."""
     token = text.strip()
     if not TOKEN_SHAPE.match(token):
-        raise BootstrapError(source, None, "wrapped_secret_id",
-                             "must be one token: printable ASCII, no spaces, <= 1024 bytes")
+        raise BootstrapError(
+            source,
+            None,
+            "wrapped_secret_id",
+            "must be one token: printable ASCII, no spaces, <= 1024 bytes",
+        )
     return token

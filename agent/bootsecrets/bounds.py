@@ -57,8 +57,10 @@ class Budget:
     def step(self) -> None:
         self.steps -= 1
         if self.steps < 0:
-            raise TemplateLimit(f"more than {STEP_LIMIT} steps (loop iterations, blocks, "
-                                "operations, filter and function calls)")
+            raise TemplateLimit(
+                f"more than {STEP_LIMIT} steps (loop iterations, blocks, "
+                "operations, filter and function calls)"
+            )
         if not self.steps & 0x3FF:
             self.clock()
 
@@ -74,8 +76,7 @@ class Budget:
     def room(self, size: int) -> None:
         """Refuse before building output that could not be emitted."""
         if size > self.output:
-            raise TemplateLimit(f"the unit's templates output more than {OUTPUT_LIMIT} "
-                                "characters")
+            raise TemplateLimit(f"the unit's templates output more than {OUTPUT_LIMIT} characters")
 
     def emit(self, size: int) -> None:
         self.room(size)

@@ -48,19 +48,38 @@ def epilog() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                        help="treat DIR as / for every host path (tests, image trees)")
-    common.add_argument("--debug", action="store_true",
-                        help="log debug messages and show tracebacks")
-    common.add_argument("--systemctl", default="systemctl", metavar="PROGRAM",
-                        help="run PROGRAM instead of systemctl (a stand-in for sandboxes)")
-    common.add_argument("--systemd-run", default=None, metavar="PROGRAM", dest="systemd_run",
-                        help="run PROGRAM instead of systemd-run to arm the lease wake-up "
-                        "timer (default: systemd-run, or the --systemctl stand-in if given)")
+    common.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        metavar="DIR",
+        help="treat DIR as / for every host path (tests, image trees)",
+    )
+    common.add_argument(
+        "--debug", action="store_true", help="log debug messages and show tracebacks"
+    )
+    common.add_argument(
+        "--systemctl",
+        default="systemctl",
+        metavar="PROGRAM",
+        help="run PROGRAM instead of systemctl (a stand-in for sandboxes)",
+    )
+    common.add_argument(
+        "--systemd-run",
+        default=None,
+        metavar="PROGRAM",
+        dest="systemd_run",
+        help="run PROGRAM instead of systemd-run to arm the lease wake-up "
+        "timer (default: systemd-run, or the --systemctl stand-in if given)",
+    )
     locked = argparse.ArgumentParser(add_help=False)
-    locked.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                        help="wait this long for another bootstrap/refresh to finish "
-                        "(default 60)")
+    locked.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for another bootstrap/refresh to finish (default 60)",
+    )
     parser = argparse.ArgumentParser(
         prog="bootsecrets",
         description="Secrets from Vault/OpenBao into systemd units of a secret-free image.",
@@ -69,36 +88,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bootsecrets {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("bootstrap", parents=[common, locked], help="first-boot bootstrap",
-                        description="Log in with the wrapped secret-id from "
-                        "/run/bootsecrets/bootstrap.yaml (or the kept token), render and "
-                        "start the units.")
-    refresh = commands.add_parser("refresh", parents=[common, locked],
-                                  help="apply rotated secrets",
-                                  description="Re-read secrets; restart only changed units.")
-    refresh.add_argument("--wrapped-secret-id", metavar="-", dest="wrapped",
-                         help="read a new wrapped secret-id (or a bootstrap document) from "
-                         "standard input and re-provision; only `-` is accepted")
+    commands.add_parser(
+        "bootstrap",
+        parents=[common, locked],
+        help="first-boot bootstrap",
+        description="Log in with the wrapped secret-id from "
+        "/run/bootsecrets/bootstrap.yaml (or the kept token), render and "
+        "start the units.",
+    )
+    refresh = commands.add_parser(
+        "refresh",
+        parents=[common, locked],
+        help="apply rotated secrets",
+        description="Re-read secrets; restart only changed units.",
+    )
+    refresh.add_argument(
+        "--wrapped-secret-id",
+        metavar="-",
+        dest="wrapped",
+        help="read a new wrapped secret-id (or a bootstrap document) from "
+        "standard input and re-provision; only `-` is accepted",
+    )
     status = commands.add_parser("status", parents=[common], help="show what runs with what")
     status.add_argument("--json", action="store_true", help="stable JSON (docs/status.md)")
     decommission = commands.add_parser(
-        "decommission", parents=[common, locked],
+        "decommission",
+        parents=[common, locked],
         help="crypto-shred this host's side: lock data, delete keys, revoke the token",
         description="Stop the units, unmount, close and erase the encrypted volumes "
         "(their LUKS2 keyslots and tokens), remove the encrypted directories' keys from the "
         "kernel, delete the stored ciphertexts, the rendered store and the drop-ins, and "
-        "revoke the Vault token. Each step is idempotent and reported.")
-    decommission.add_argument("--yes", action="store_true",
-                              help="do it without asking (required when standard input "
-                              "is not a terminal)")
+        "revoke the Vault token. Each step is idempotent and reported.",
+    )
+    decommission.add_argument(
+        "--yes",
+        action="store_true",
+        help="do it without asking (required when standard input is not a terminal)",
+    )
     decommission.add_argument("--json", action="store_true", help="the steps as JSON")
-    commands.add_parser("revoke-leases", parents=[common, locked],
-                        help="revoke every lease the agent holds",
-                        description="Revoke every lease the agent holds (database "
-                        "credentials) with the kept token, and stop the lease wake-up "
-                        "timer: for decommission (docs/leases.md).")
-    check = commands.add_parser("image-check", parents=[common],
-                                help="scan an image tree for secrets and unclean state")
+    commands.add_parser(
+        "revoke-leases",
+        parents=[common, locked],
+        help="revoke every lease the agent holds",
+        description="Revoke every lease the agent holds (database "
+        "credentials) with the kept token, and stop the lease wake-up "
+        "timer: for decommission (docs/leases.md).",
+    )
+    check = commands.add_parser(
+        "image-check", parents=[common], help="scan an image tree for secrets and unclean state"
+    )
     check.add_argument("--json", action="store_true", help="findings as JSON")
     return parser
 
@@ -144,8 +182,10 @@ def main(
     except Exception as err:
         if args.debug:
             _print_traceback(err)
-        print(f"bootsecrets: internal error ({type(err).__name__}); run with --debug and "
-              "report it", file=sys.stderr)
+        print(
+            f"bootsecrets: internal error ({type(err).__name__}); run with --debug and report it",
+            file=sys.stderr,
+        )
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -160,8 +200,9 @@ def _print_traceback(err: BaseException) -> None:
     current: BaseException | None = err
     while current is not None and current not in chain:
         chain.append(current)
-        current = current.__cause__ or (None if current.__suppress_context__
-                                        else current.__context__)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     for exc in reversed(chain):
         print("Traceback (most recent call last):", file=sys.stderr)
         traceback.print_tb(exc.__traceback__, file=sys.stderr)
@@ -169,14 +210,16 @@ def _print_traceback(err: BaseException) -> None:
         print(f"{type(exc).__module__}.{type(exc).__qualname__}: {text}", file=sys.stderr)
 
 
-def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
-              out: TextIO) -> int:
+def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO, out: TextIO) -> int:
     if args.command == "image-check":
         from bootsecrets import imagecheck  # noqa: PLC0415
 
         findings = imagecheck.scan(args.root)
-        out.write(imagecheck.format_json(findings, args.root) if args.json
-                  else imagecheck.format_text(findings, args.root))
+        out.write(
+            imagecheck.format_json(findings, args.root)
+            if args.json
+            else imagecheck.format_text(findings, args.root)
+        )
         if findings:
             raise imagecheck.findings_error(findings, args.root)
         return 0
@@ -188,10 +231,17 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         process.harden()  # secrets will be in this process's memory from here on
 
     systemd_run = args.systemd_run or (
-        "systemd-run" if args.systemctl == "systemctl" else args.systemctl)
-    ctx = context if isinstance(context, Context) else Context(
-        paths=Paths(args.root), systemctl_program=args.systemctl,
-        systemd_run_program=systemd_run)
+        "systemd-run" if args.systemctl == "systemctl" else args.systemctl
+    )
+    ctx = (
+        context
+        if isinstance(context, Context)
+        else Context(
+            paths=Paths(args.root),
+            systemctl_program=args.systemctl,
+            systemd_run_program=systemd_run,
+        )
+    )
     ctx.lock_wait = getattr(args, "wait", ctx.lock_wait)
     if args.command == "bootstrap":
         agent.bootstrap(ctx)
@@ -199,8 +249,10 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         wrapped = None
         if args.wrapped is not None:
             if args.wrapped != "-":
-                raise UsageError("--wrapped-secret-id takes only `-`: pipe the token on "
-                                 "standard input, never on the command line")
+                raise UsageError(
+                    "--wrapped-secret-id takes only `-`: pipe the token on "
+                    "standard input, never on the command line"
+                )
             wrapped = _read_stdin(stdin)
         agent.refresh(ctx, wrapped_secret_id=wrapped)
     elif args.command == "decommission":
@@ -209,8 +261,10 @@ def _dispatch(args: argparse.Namespace, context: object | None, stdin: TextIO,
         if not args.yes:
             _confirm(stdin)
         steps = decommission.decommission(ctx, wait=ctx.lock_wait)
-        out.write((decommission.format_json(steps) if args.json
-                   else decommission.format_text(steps)) + "\n")
+        out.write(
+            (decommission.format_json(steps) if args.json else decommission.format_text(steps))
+            + "\n"
+        )
         decommission.check(steps)
     elif args.command == "revoke-leases":
         agent.revoke_leases(ctx)
@@ -226,10 +280,13 @@ def _confirm(stdin: TextIO) -> None:
     """Without --yes: ask on a terminal, refuse otherwise (a script must say --yes)."""
     if not stdin.isatty():
         raise UsageError("decommission needs --yes when standard input is not a terminal")
-    print("This stops the units, erases the encrypted volumes' keyslots, locks the "
-          "encrypted directories for good (their stored keys are deleted) and revokes this "
-          "host's Vault token.\n"
-          "Type `decommission` to go on:", file=sys.stderr)
+    print(
+        "This stops the units, erases the encrypted volumes' keyslots, locks the "
+        "encrypted directories for good (their stored keys are deleted) and revokes this "
+        "host's Vault token.\n"
+        "Type `decommission` to go on:",
+        file=sys.stderr,
+    )
     if stdin.readline(64).strip() != "decommission":
         raise UsageError("decommission not confirmed; nothing was done")
 

@@ -40,8 +40,9 @@ UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\@-]+)?\.service\Z")
 UNIT_NAME_MAX = 255
 #: The agent's own units: a drop-in making one of them Require bootsecrets.service would be a
 #: dependency loop (or a unit restarting the agent that renders it).
-OWN_UNITS = frozenset({"bootsecrets.service", "bootsecrets-refresh.service",
-                       "bootsecrets-store.service"})
+OWN_UNITS = frozenset(
+    {"bootsecrets.service", "bootsecrets-refresh.service", "bootsecrets-store.service"}
+)
 CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -201,8 +202,9 @@ class Config:
 # --- image config -------------------------------------------------------------------------
 
 CONFIG_FIELDS = frozenset({"vault", "approle", "reboot_policy", "mounts", "secrets", "services"})
-CONFIG_OPTIONAL = frozenset({"store", "restart_timeout", "encrypted_directories",
-                             "encrypted_volumes", "leases"})
+CONFIG_OPTIONAL = frozenset(
+    {"store", "restart_timeout", "encrypted_directories", "encrypted_volumes", "leases"}
+)
 
 
 def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
@@ -222,7 +224,8 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
     vault = parse_vault_settings(top["vault"], env)
     approle = top["approle"].mapping(frozenset({"role"}), frozenset({"mount"}))
     approle_mount = (
-        _mount_name(approle["mount"], approle["mount"].string()) if "mount" in approle
+        _mount_name(approle["mount"], approle["mount"].string())
+        if "mount" in approle
         else "approle"
     )
     role = approle["role"].matching(PATH_COMPONENT, "an AppRole role name")
@@ -236,9 +239,7 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         if not SECRET_NAME.match(name):
             raise at.error("secret names must be identifiers ([A-Za-z_][A-Za-z0-9_]*)")
     secrets = {name: _secret_ref(at, name, mounts) for name, at in declared.items()}
-    services = tuple(
-        _service(at, unit, secrets) for unit, at in top["services"].mapping().items()
-    )
+    services = tuple(_service(at, unit, secrets) for unit, at in top["services"].mapping().items())
     if not services:
         raise top["services"].error("declare at least one service")
     directories: tuple[EncryptedDirectory, ...] = ()
@@ -246,13 +247,15 @@ def _config(doc: Node, env: Mapping[str, str]) -> Config:
         from bootsecrets.dirconfig import parse_encrypted_directories  # noqa: PLC0415 (see imports)
 
         directories = parse_encrypted_directories(
-            top["encrypted_directories"], [s.unit for s in services], role)
+            top["encrypted_directories"], [s.unit for s in services], role
+        )
     volumes: tuple[EncryptedVolume, ...] = ()
     if "encrypted_volumes" in top:
         from bootsecrets.volconfig import parse_encrypted_volumes  # noqa: PLC0415 (see imports)
 
         volumes = parse_encrypted_volumes(
-            top["encrypted_volumes"], [s.unit for s in services], role, directories)
+            top["encrypted_volumes"], [s.unit for s in services], role, directories
+        )
     lease_settings = None
     if "leases" in top:
         from bootsecrets.leasespec import parse_settings  # noqa: PLC0415 (see imports)
@@ -317,27 +320,38 @@ def _secret_ref(at: Node, name: str, mounts: Mapping[str, Engine]) -> SecretRef:
             if engine in (Engine.DATABASE, Engine.PKI):
                 from bootsecrets.leasespec import parse_leased  # noqa: PLC0415 (see imports)
 
-                return SecretRef(name, mount, rest, engine,
-                                 parse_leased(owner, at, engine.value, rest, options))
+                return SecretRef(
+                    name, mount, rest, engine, parse_leased(owner, at, engine.value, rest, options)
+                )
             if options:
                 raise next(iter(options.values())).error(
-                    "unknown key (options are for database and pki secrets only)")
+                    "unknown key (options are for database and pki secrets only)"
+                )
             return SecretRef(name, mount, rest, engine)
     raise at.error("must start with a mount declared under `mounts`")
 
 
-SERVICE_FIELDS = frozenset({
-    "environment", "environment_from", "credentials", "user", "group", "mode", "on_change",
-    "required",
-})
+SERVICE_FIELDS = frozenset(
+    {
+        "environment",
+        "environment_from",
+        "credentials",
+        "user",
+        "group",
+        "mode",
+        "on_change",
+        "required",
+    }
+)
 
 
 def _unit_name(at: Node, unit: str) -> str:
     if not UNIT_NAME.match(unit) or len(unit) > UNIT_NAME_MAX:
         problem = "must be a systemd service unit name like `app.service`"
         if unit.endswith("@.service"):
-            problem = ("is a template: name an instance (`app@blue.service`), a template "
-                       "cannot be started")
+            problem = (
+                "is a template: name an instance (`app@blue.service`), a template cannot be started"
+            )
         raise at.error(problem)
     if unit in OWN_UNITS:
         raise at.error("is one of bootsecrets' own units; it cannot receive secrets")
@@ -349,46 +363,50 @@ def _service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Service:
     fields = at.mapping(frozenset(), SERVICE_FIELDS)
     environment = tuple(
         _template(child, name, secrets, ENV_NAME, "a variable name ([A-Za-z_][A-Za-z0-9_]*)")
-        for name, child in (fields["environment"].mapping().items() if "environment" in fields
-                            else ())
+        for name, child in (
+            fields["environment"].mapping().items() if "environment" in fields else ()
+        )
     )
     environment_from = tuple(
-        _env_from(child, secrets) for child in
-        (fields["environment_from"].sequence() if "environment_from" in fields else ())
+        _env_from(child, secrets)
+        for child in (fields["environment_from"].sequence() if "environment_from" in fields else ())
     )
     credentials = tuple(
         _template(child, name, secrets, CREDENTIAL_NAME, "a credential name ([A-Za-z0-9_.-])")
-        for name, child in (fields["credentials"].mapping().items() if "credentials" in fields
-                            else ())
+        for name, child in (
+            fields["credentials"].mapping().items() if "credentials" in fields else ()
+        )
     )
     if not (environment or environment_from or credentials):
         raise at.error("gets no secrets: give `environment`, `environment_from` or `credentials`")
     prefixes = [e.prefix for e in environment_from]
     if len(environment_from) > 1 and "" in prefixes:
         raise fields["environment_from"].error(
-            "several secrets without a prefix would collide; give each a `prefix`")
+            "several secrets without a prefix would collide; give each a `prefix`"
+        )
     mode = 0o400 if credentials and not (environment or environment_from) else 0o600
     if "mode" in fields:
         mode = _file_mode(fields["mode"])
-    on_change = fields["on_change"].choice(OnChange) if "on_change" in fields \
-        else OnChange.RESTART
+    on_change = fields["on_change"].choice(OnChange) if "on_change" in fields else OnChange.RESTART
     in_env = {e.secret for e in environment_from}.union(*(t.secrets for t in environment))
     leased_in_env = sorted(n for n in in_env if secrets[n].leased)
-    leased_in_credentials = sorted(n for t in credentials for n in t.secrets
-                                   if secrets[n].leased)
+    leased_in_credentials = sorted(n for t in credentials for n in t.secrets if secrets[n].leased)
     if leased_in_env or leased_in_credentials:
         from bootsecrets.leasespec import check_on_change  # noqa: PLC0415 (see imports)
 
-        check_on_change(fields.get("on_change", at), on_change.value, leased_in_env,
-                        leased_in_credentials)
+        check_on_change(
+            fields.get("on_change", at), on_change.value, leased_in_env, leased_in_credentials
+        )
     return Service(
         unit=unit,
         environment=environment,
         environment_from=environment_from,
         credentials=credentials,
-        user=fields["user"].matching(USER_NAME, "a user name or uid") if "user" in fields
+        user=fields["user"].matching(USER_NAME, "a user name or uid")
+        if "user" in fields
         else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid") if "group" in fields
+        group=fields["group"].matching(USER_NAME, "a group name or gid")
+        if "group" in fields
         else "root",
         mode=mode,
         on_change=on_change,
@@ -421,7 +439,8 @@ def _env_from(at: Node, secrets: Mapping[str, SecretRef]) -> EnvFrom:
     if prefix.startswith(PROTECTED_PREFIXES):
         raise fields["prefix"].error(
             "would make variables that change how programs are loaded (LD_*, BASH_FUNC_*); "
-            "name such a variable under `environment` instead")
+            "name such a variable under `environment` instead"
+        )
     return EnvFrom(
         secret=name,
         prefix=prefix,
@@ -430,7 +449,11 @@ def _env_from(at: Node, secrets: Mapping[str, SecretRef]) -> EnvFrom:
 
 
 def _template(
-    at: Node, name: str, secrets: Mapping[str, SecretRef], pattern: re.Pattern[str], what: str,
+    at: Node,
+    name: str,
+    secrets: Mapping[str, SecretRef],
+    pattern: re.Pattern[str],
+    what: str,
 ) -> Template:
     if not pattern.match(name) or len(name) > 255:
         raise at.error(f"must be {what}")

@@ -43,8 +43,9 @@ def _new_vault(*args: Any, **kwargs: Any) -> Vault:
     return Vault(*args, **kwargs)
 
 
-def _run_block(argv: Sequence[str], *, stdin: Stdin | None = None,
-               check: bool = True) -> luks.Completed:
+def _run_block(
+    argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True
+) -> luks.Completed:
     # luks.run, loaded on first use: only a config with encrypted volumes runs cryptsetup.
     from bootsecrets import luks  # noqa: PLC0415
 
@@ -140,8 +141,9 @@ class Run:
         first = (addresses or settings.addresses or ("",))[0]
         early = EarlyConnection(first, settings.request_timeout) if first else None
         try:
-            self.vault = self.ctx.make_vault(settings, addresses=addresses,
-                                             config_root=self.paths.root, early=early)
+            self.vault = self.ctx.make_vault(
+                settings, addresses=addresses, config_root=self.paths.root, early=early
+            )
         except BaseException:
             if early is not None:
                 early.close()
@@ -154,12 +156,21 @@ class Run:
         return State.from_json(self.store.load_state())
 
     def record(
-        self, state: State, *, outcome: str = "ok", error: BootsecretsError | None = None,
+        self,
+        state: State,
+        *,
+        outcome: str = "ok",
+        error: BootsecretsError | None = None,
         **changes: Any,
     ) -> State:
         """Save `state` with `changes`, this run's outcome and the token's TTL."""
-        last = RunRecord(self.command, now(), outcome, error.exit_code if error else 0,
-                         str(error) if error else None)
+        last = RunRecord(
+            self.command,
+            now(),
+            outcome,
+            error.exit_code if error else 0,
+            str(error) if error else None,
+        )
         changes["last_run"] = last
         if outcome == "ok":
             changes["last_success"] = last
@@ -167,8 +178,7 @@ class Run:
             changes["token"] = token_state(self.token)
         if self.address is not None:
             changes["vault_addr"] = self.address
-        state = dataclasses.replace(state, reboot_policy=self.config.reboot_policy.value,
-                                    **changes)
+        state = dataclasses.replace(state, reboot_policy=self.config.reboot_policy.value, **changes)
         self.store.save_state(state.to_json())
         return state
 
@@ -188,8 +198,7 @@ def token_state(token: TokenInfo) -> TokenState:
 
 def shared_store(config: Config) -> bool:
     """Whether some unit's files belong to a non-root user (store directories then 0751)."""
-    return any(s.user not in ("root", "0") or s.group not in ("root", "0")
-               for s in config.services)
+    return any(s.user not in ("root", "0") or s.group not in ("root", "0") for s in config.services)
 
 
 def _owner(config: Config, service: Service) -> tuple[int, int]:
@@ -197,12 +206,13 @@ def _owner(config: Config, service: Service) -> tuple[int, int]:
     try:
         uid = int(service.user) if service.user.isdigit() else pwd.getpwnam(service.user).pw_uid
     except KeyError:
-        raise ConfigError(config.source, None, f"services.{service.unit}.user",
-                          "no such user on this host") from None
+        raise ConfigError(
+            config.source, None, f"services.{service.unit}.user", "no such user on this host"
+        ) from None
     try:
-        gid = (int(service.group) if service.group.isdigit()
-               else grp.getgrnam(service.group).gr_gid)
+        gid = int(service.group) if service.group.isdigit() else grp.getgrnam(service.group).gr_gid
     except KeyError:
-        raise ConfigError(config.source, None, f"services.{service.unit}.group",
-                          "no such group on this host") from None
+        raise ConfigError(
+            config.source, None, f"services.{service.unit}.group", "no such group on this host"
+        ) from None
     return uid, gid

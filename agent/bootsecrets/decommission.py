@@ -108,8 +108,13 @@ def decommission(ctx: Context, *, wait: float) -> list[Step]:
             _guarded("revoke-token", lambda: _revoke(target, ctx, kept)),
         ]
     for step in steps:
-        log.info("decommission: %s: %s: %s", step.step, step.outcome, step.detail,
-                 extra={"DECOMMISSION_STEP": step.step, "OUTCOME": step.outcome})
+        log.info(
+            "decommission: %s: %s: %s",
+            step.step,
+            step.outcome,
+            step.detail,
+            extra={"DECOMMISSION_STEP": step.step, "OUTCOME": step.outcome},
+        )
     return steps
 
 
@@ -133,8 +138,11 @@ def _target(ctx: Context) -> _Target:
     try:
         config: Config | None = ctx.load_config()
     except ConfigError as err:
-        log.warning("decommission without the image config (%s): units from the state file, "
-                    "directories from the key records", err)
+        log.warning(
+            "decommission without the image config (%s): units from the state file, "
+            "directories from the key records",
+            err,
+        )
         config = None
     paths = ctx.paths.with_store(config.store if config else DEFAULT_STORE)
     directories = {d.name: str(d.path) for d in config.directories} if config else {}
@@ -150,22 +158,30 @@ def _target(ctx: Context) -> _Target:
     else:
         state = State.from_json(Store(paths).load_state()) if paths.store.is_dir() else State()
         units = tuple(sorted(state.units))
-    return _Target(config, paths, units, tuple(sorted(directories.items())),
-                   voldecommission.targets(config, paths))
+    return _Target(
+        config,
+        paths,
+        units,
+        tuple(sorted(directories.items())),
+        voldecommission.targets(config, paths),
+    )
 
 
 def _volume_steps(target: _Target, ctx: Context) -> list[Step]:
     volumes, runner = target.volumes, ctx.block_runner
     steps: dict[str, Callable[[], voldecommission.Result]] = {
-        "unmount-volumes": lambda: voldecommission.unmount(volumes, target.paths,
-                                                           ctx.systemctl(), runner),
+        "unmount-volumes": lambda: voldecommission.unmount(
+            volumes, target.paths, ctx.systemctl(), runner
+        ),
         "close-volumes": lambda: voldecommission.close(volumes, runner),
         "erase-volumes": lambda: voldecommission.erase(volumes, target.paths, runner),
     }
     done = []
     for name, step in steps.items():
+
         def one(name: str = name, step: Callable[[], voldecommission.Result] = step) -> Step:
             return Step(name, *step())
+
         done.append(_guarded(name, one))
     return done
 
@@ -189,8 +205,9 @@ def _stop_units(target: _Target, ctx: Context) -> Step:
     result = ctx.systemctl()("stop", "--", *TIMERS, *target.units, check=False)
     if result.returncode != 0:
         last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        return Step("stop-units", "failed",
-                    f"`systemctl stop` exited with {result.returncode}: {last}")
+        return Step(
+            "stop-units", "failed", f"`systemctl stop` exited with {result.returncode}: {last}"
+        )
     return Step("stop-units", "done", f"stopped {', '.join(target.units)}")
 
 
@@ -227,10 +244,11 @@ def _lock_one(paths: Paths, name: str, path: Path) -> tuple[str, bool]:
     removal = fscrypt.remove_key(where, identifier)
     if removal.files_busy:
         holders = ", ".join(f"{pid} ({comm})" for pid, comm in _holders(path)) or "unknown"
-        return (f"key removed, but files are still open (processes: {holders}); they stay "
-                "readable until closed: stop them and run decommission again"), False
-    return ("key removed, directory locked" if removal.was_present
-            else "already locked"), True
+        return (
+            f"key removed, but files are still open (processes: {holders}); they stay "
+            "readable until closed: stop them and run decommission again"
+        ), False
+    return ("key removed, directory locked" if removal.was_present else "already locked"), True
 
 
 def _record_or_none(paths: Paths, name: str) -> keyrecord.KeyRecord | None:
@@ -254,8 +272,10 @@ def _holders(path: Path) -> Iterator[tuple[int, str]]:
             continue
         try:
             links = [entry / "cwd", *(entry / "fd").iterdir()]
-            inside = any(os.readlink(link) == prefix or os.readlink(link).startswith(prefix + "/")
-                         for link in links)
+            inside = any(
+                os.readlink(link) == prefix or os.readlink(link).startswith(prefix + "/")
+                for link in links
+            )
             if inside:
                 yield int(entry.name), (entry / "comm").read_text().strip()
         except OSError:
@@ -263,12 +283,16 @@ def _holders(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _remove_records(target: _Target) -> Step:
-    removed = [name for name in keyrecord.names(target.paths)
-               if keyrecord.remove(target.paths, name)]
+    removed = [
+        name for name in keyrecord.names(target.paths) if keyrecord.remove(target.paths, name)
+    ]
     if not removed:
         return Step("remove-key-records", "nothing-to-do", "no key record")
-    return Step("remove-key-records", "done", f"removed {', '.join(removed)} from "
-                f"{keyrecord.keys_dir(target.paths)}")
+    return Step(
+        "remove-key-records",
+        "done",
+        f"removed {', '.join(removed)} from {keyrecord.keys_dir(target.paths)}",
+    )
 
 
 def _remove_store(target: _Target, ctx: Context) -> Step:
@@ -278,8 +302,14 @@ def _remove_store(target: _Target, ctx: Context) -> Step:
     removed = []
     if os.path.lexists(store) and not os.path.islink(store):
         with fsio.open_dir(root, store) as directory:
-            for name in ("current", "state.json", leasestore.FILE, "bootstrap.yaml",
-                         "generations", "unlocked"):
+            for name in (
+                "current",
+                "state.json",
+                leasestore.FILE,
+                "bootstrap.yaml",
+                "generations",
+                "unlocked",
+            ):
                 if directory.lstat(name) is not None:
                     directory.remove_tree(name)
                     removed.append(name)
@@ -294,8 +324,12 @@ def _remove_store(target: _Target, ctx: Context) -> Step:
         ctx.systemctl().daemon_reload()
     if not removed and not dropins:
         return Step("remove-store", "nothing-to-do", f"{store} holds nothing rendered")
-    return Step("remove-store", "done", f"removed {', '.join(removed) or 'nothing'} from "
-                f"{store} and {len(dropins)} runtime drop-in(s)")
+    return Step(
+        "remove-store",
+        "done",
+        f"removed {', '.join(removed) or 'nothing'} from "
+        f"{store} and {len(dropins)} runtime drop-in(s)",
+    )
 
 
 def _revoke_leases(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> Step:
@@ -304,8 +338,12 @@ def _revoke_leases(target: _Target, ctx: Context, kept: identity.KeptToken | Non
     if not held:
         return Step("revoke-leases", "nothing-to-do", "no lease is kept on this host")
     if kept is None:
-        return Step("revoke-leases", "failed", f"{len(held)} lease(s) kept but no token to "
-                    "revoke them with; revoke them in Vault (`bao lease revoke -prefix`)")
+        return Step(
+            "revoke-leases",
+            "failed",
+            f"{len(held)} lease(s) kept but no token to "
+            "revoke them with; revoke them in Vault (`bao lease revoke -prefix`)",
+        )
     try:
         vault = _session(target, ctx, kept)
     except BootsecretsError as err:
@@ -314,8 +352,11 @@ def _revoke_leases(target: _Target, ctx: Context, kept: identity.KeptToken | Non
         vault.use_token(kept.token)
         revoked, failed = leasing.revoke_kept(target.paths, vault)
     if failed:
-        return Step("revoke-leases", "failed",
-                    f"revoked {revoked}; not revoked: " + "; ".join(str(f) for f in failed))
+        return Step(
+            "revoke-leases",
+            "failed",
+            f"revoked {revoked}; not revoked: " + "; ".join(str(f) for f in failed),
+        )
     return Step("revoke-leases", "done", f"revoked {revoked} lease(s)")
 
 
@@ -331,8 +372,12 @@ def _session(target: _Target, ctx: Context, kept: identity.KeptToken) -> Vault:
         override = _env_address(ctx)
         addresses = (override,) if override else addresses
         settings = VaultSettings(addresses=addresses)
-    return ctx.make_vault(settings, addresses=addresses, config_root=target.paths.root,
-                          deadline=min(settings.boot_deadline, REVOKE_DEADLINE))
+    return ctx.make_vault(
+        settings,
+        addresses=addresses,
+        config_root=target.paths.root,
+        deadline=min(settings.boot_deadline, REVOKE_DEADLINE),
+    )
 
 
 def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> Step:
@@ -349,20 +394,27 @@ def _revoke(target: _Target, ctx: Context, kept: identity.KeptToken | None) -> S
             vault.use_token(kept.token)
         except TokenInvalid:
             _forget(target.paths)
-            return Step("revoke-token", "done", f"token (accessor {kept.accessor}) was already "
-                        "revoked or expired")
+            return Step(
+                "revoke-token",
+                "done",
+                f"token (accessor {kept.accessor}) was already revoked or expired",
+            )
         except BootsecretsError as err:
             return Step("revoke-token", "failed", f"{err}; {by_hand}")
         try:
-            vault.write("auth/token/revoke-self", {}, what="auth/token/revoke-self",
-                        idempotent=True)
+            vault.write(
+                "auth/token/revoke-self", {}, what="auth/token/revoke-self", idempotent=True
+            )
         except PermissionDenied:
             pass  # revoked between the lookup and now
         except BootsecretsError as err:
             return Step("revoke-token", "failed", f"{err}; {by_hand}")
     _forget(target.paths)
-    return Step("revoke-token", "done",
-                f"token (accessor {kept.accessor}) revoked, with its leases and child tokens")
+    return Step(
+        "revoke-token",
+        "done",
+        f"token (accessor {kept.accessor}) revoked, with its leases and child tokens",
+    )
 
 
 def _env_address(ctx: Context) -> str | None:
@@ -381,10 +433,15 @@ def _forget(paths: Paths) -> None:
 
 
 def format_json(steps: list[Step]) -> str:
-    return json.dumps({"version": DECOMMISSION_VERSION,
-                       "ok": all(s.outcome != "failed" for s in steps),
-                       "steps": [dataclasses.asdict(s) for s in steps]},
-                      indent=2, sort_keys=True)
+    return json.dumps(
+        {
+            "version": DECOMMISSION_VERSION,
+            "ok": all(s.outcome != "failed" for s in steps),
+            "steps": [dataclasses.asdict(s) for s in steps],
+        },
+        indent=2,
+        sort_keys=True,
+    )
 
 
 def format_text(steps: list[Step]) -> str:

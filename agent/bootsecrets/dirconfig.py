@@ -39,13 +39,44 @@ USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
 #: Never encrypted, and nothing under them: memory-backed or kernel trees, the boot files,
 #: and the agent's own config and key records (an encrypted directory holding the keys that
 #: unlock it could never be opened again).
-FORBIDDEN_TREES = tuple(PurePosixPath(p) for p in (
-    "/run", "/tmp", "/var/tmp", "/proc", "/sys", "/dev", "/boot", "/etc/bootsecrets",  # noqa: S108
-    "/var/lib/bootsecrets"))
+FORBIDDEN_TREES = tuple(
+    PurePosixPath(p)
+    for p in (
+        "/run",
+        "/tmp",  # noqa: S108 (refused, not used)
+        "/var/tmp",  # noqa: S108
+        "/proc",
+        "/sys",
+        "/dev",
+        "/boot",
+        "/etc/bootsecrets",
+        "/var/lib/bootsecrets",
+    )
+)
 #: System directories that must stay plain themselves (their subdirectories are fine).
-SYSTEM_DIRECTORIES = frozenset(PurePosixPath(p) for p in (
-    "/", "/etc", "/usr", "/var", "/var/lib", "/var/log", "/var/cache", "/bin", "/sbin", "/lib",
-    "/lib32", "/lib64", "/opt", "/srv", "/home", "/root", "/mnt", "/media"))
+SYSTEM_DIRECTORIES = frozenset(
+    PurePosixPath(p)
+    for p in (
+        "/",
+        "/etc",
+        "/usr",
+        "/var",
+        "/var/lib",
+        "/var/log",
+        "/var/cache",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/opt",
+        "/srv",
+        "/home",
+        "/root",
+        "/mnt",
+        "/media",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +104,22 @@ def parse_encrypted_directories(
     directories = []
     for name, child in at.mapping().items():
         if not NAME.match(name):
-            raise child.error("names are letters, digits, `-` and `_` (the key record's "
-                              "file name), at most 64")
+            raise child.error(
+                "names are letters, digits, `-` and `_` (the key record's file name), at most 64"
+            )
         directories.append(_directory(child, name, services, role))
     for i, first in enumerate(directories):
-        for second in directories[i + 1:]:
+        for second in directories[i + 1 :]:
             if first.path.is_relative_to(second.path) or second.path.is_relative_to(first.path):
                 where = at.mapping()[second.name].mapping()["path"]
-                raise where.error(f"overlaps encrypted_directories.{first.name}: encrypted "
-                                  "directories cannot be nested")
+                raise where.error(
+                    f"overlaps encrypted_directories.{first.name}: encrypted "
+                    "directories cannot be nested"
+                )
     return tuple(directories)
 
 
-def _directory(
-    at: Node, name: str, services: Collection[str], role: str
-) -> EncryptedDirectory:
+def _directory(at: Node, name: str, services: Collection[str], role: str) -> EncryptedDirectory:
     fields = at.mapping(FIELDS, OPTIONAL)
     units = tuple(_unit(u, services) for u in fields["units"].sequence())
     if not units:
@@ -97,14 +129,16 @@ def _directory(
     return EncryptedDirectory(
         name=name,
         path=_path(fields["path"]),
-        transit_mount=_mount(fields["transit_mount"]) if "transit_mount" in fields
-        else "transit",
+        transit_mount=_mount(fields["transit_mount"]) if "transit_mount" in fields else "transit",
         transit_key=fields["transit_key"].matching(VAULT_COMPONENT, "a Transit key name")
-        if "transit_key" in fields else role,
+        if "transit_key" in fields
+        else role,
         units=units,
-        user=fields["user"].matching(USER_NAME, "a user name or uid") if "user" in fields
+        user=fields["user"].matching(USER_NAME, "a user name or uid")
+        if "user" in fields
         else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid") if "group" in fields
+        group=fields["group"].matching(USER_NAME, "a group name or gid")
+        if "group" in fields
         else "root",
         mode=_mode(fields["mode"]) if "mode" in fields else 0o700,
     )
@@ -113,8 +147,10 @@ def _directory(
 def _unit(at: Node, services: Collection[str]) -> str:
     unit = at.string()
     if unit not in services:
-        raise at.error("must be a unit declared under `services` (the agent starts it once "
-                       "the directory is unlocked)")
+        raise at.error(
+            "must be a unit declared under `services` (the agent starts it once "
+            "the directory is unlocked)"
+        )
     return unit
 
 
@@ -131,15 +167,17 @@ def _path(at: Node) -> Path:
     if not path.is_absolute() or value != str(path) or ".." in path.parts:
         raise at.error("must be an absolute, normalised path without `..` or trailing `/`")
     if not all(PATH_COMPONENT.match(p) for p in path.parts[1:]):
-        raise at.error("must be a path of plain names ([A-Za-z0-9_.@=+-]) such as "
-                       "/var/lib/app")
+        raise at.error("must be a path of plain names ([A-Za-z0-9_.@=+-]) such as /var/lib/app")
     for tree in FORBIDDEN_TREES:
         if path.is_relative_to(tree) or tree.is_relative_to(path):
-            raise at.error(f"must not be {tree}, inside it or above it (memory-backed, a "
-                           "kernel tree, boot files, or bootsecrets' own files)")
+            raise at.error(
+                f"must not be {tree}, inside it or above it (memory-backed, a "
+                "kernel tree, boot files, or bootsecrets' own files)"
+            )
     if path in SYSTEM_DIRECTORIES:
-        raise at.error("must not be a system directory itself; use a directory inside it, "
-                       "such as /var/lib/app")
+        raise at.error(
+            "must not be a system directory itself; use a directory inside it, such as /var/lib/app"
+        )
     return Path(value)
 
 

@@ -19,17 +19,32 @@ STATES = ("unlocked", "locked", "locking", "absent", "not-encrypted", "mismatch"
 
 
 def collect(config: Config, paths: Paths) -> list[dict[str, Any]]:
-    return [_one(directory.name, str(directory.path), paths, directory.units,
-                 f"{directory.transit_mount}/keys/{directory.transit_key}")
-            for directory in config.directories]
+    return [
+        _one(
+            directory.name,
+            str(directory.path),
+            paths,
+            directory.units,
+            f"{directory.transit_mount}/keys/{directory.transit_key}",
+        )
+        for directory in config.directories
+    ]
 
 
-def _one(name: str, host_path: str, paths: Paths, units: tuple[str, ...],
-         transit_key: str) -> dict[str, Any]:
+def _one(
+    name: str, host_path: str, paths: Paths, units: tuple[str, ...], transit_key: str
+) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "name": name, "path": host_path, "units": list(units), "transit_key": transit_key,
-        "state": "unknown", "key_version": None, "key_identifier": None, "created_at": None,
-        "rewrapped_at": None, "problem": None,
+        "name": name,
+        "path": host_path,
+        "units": list(units),
+        "transit_key": transit_key,
+        "state": "unknown",
+        "key_version": None,
+        "key_identifier": None,
+        "created_at": None,
+        "rewrapped_at": None,
+        "problem": None,
     }
     try:
         record = keyrecord.load(paths, name)
@@ -37,9 +52,13 @@ def _one(name: str, host_path: str, paths: Paths, units: tuple[str, ...],
         record = None
         report["problem"] = str(err)
     if record is not None:
-        report.update(key_version=record.key_version, key_identifier=record.key_identifier,
-                      created_at=record.created_at, rewrapped_at=record.rewrapped_at,
-                      transit_key=f"{record.transit_mount}/keys/{record.transit_key}")
+        report.update(
+            key_version=record.key_version,
+            key_identifier=record.key_identifier,
+            created_at=record.created_at,
+            rewrapped_at=record.rewrapped_at,
+            transit_key=f"{record.transit_mount}/keys/{record.transit_key}",
+        )
     path = paths.under_root(Path(host_path))
     if not os.path.lexists(path):
         report["state"] = "absent"
@@ -58,17 +77,22 @@ def _one(name: str, host_path: str, paths: Paths, units: tuple[str, ...],
     except fscrypt.FscryptError as err:
         report["problem"] = err.problem
         return report
-    report["state"] = {fscrypt.KeyState.PRESENT: "unlocked", fscrypt.KeyState.ABSENT: "locked",
-                       fscrypt.KeyState.INCOMPLETELY_REMOVED: "locking"}[status]
+    report["state"] = {
+        fscrypt.KeyState.PRESENT: "unlocked",
+        fscrypt.KeyState.ABSENT: "locked",
+        fscrypt.KeyState.INCOMPLETELY_REMOVED: "locking",
+    }[status]
     return report
 
 
 def format_line(directory: dict[str, Any]) -> str:
     version = directory["key_version"]
-    text = (f"encrypted directory {directory['name']} ({directory['path']}): "
-            f"{directory['state']}, Transit key {directory['transit_key']}"
-            + (f" v{version}" if version else "")
-            + f", units {', '.join(directory['units'])}")
+    text = (
+        f"encrypted directory {directory['name']} ({directory['path']}): "
+        f"{directory['state']}, Transit key {directory['transit_key']}"
+        + (f" v{version}" if version else "")
+        + f", units {', '.join(directory['units'])}"
+    )
     if directory["state"] == "locking":
         text += " (key removed; files still open keep it alive)"
     if directory["problem"]:

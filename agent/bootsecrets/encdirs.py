@@ -3,8 +3,8 @@ Vault's Transit engine (envelope encryption), unlocked before the units that nee
 
 The steps of a bootstrap or refresh:
 
-1. `check` (before Vault, nothing written): per directory, can the filesystem encrypt it,
-   is its owner known, and do the directory and its key record (keyrecord) go together:
+1. `check` (dircheck.py; before Vault, nothing written): per directory, can the filesystem
+   encrypt it, is its owner known, and do the directory and its key record (keyrecord) go together:
    first use (absent or empty, no record or a pending one), locked, or already unlocked.
    Each refusal is its own exit code (16-19) and the run stops before anything is spent.
 2. `unlocking` (after the login, concurrently with the secret reads): first use takes a new
@@ -25,29 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import grp
 import logging
 import os
-import pwd
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bootsecrets import fscrypt, fsio, keyrecord, logs, transit
 from bootsecrets.config import Config
 from bootsecrets.context import Run
-from bootsecrets.dirconfig import EncryptedDirectory
+from bootsecrets.dircheck import DirState, Prepared, check, problem
 from bootsecrets.errors import (
     BootsecretsError,
-    ConfigError,
     DataKeyRejected,
     DataLocked,
-    DataNotEmpty,
-    EncryptionUnsupported,
-    KeyMismatch,
-    KeyRecordInvalid,
     TransitKeyMissing,
 )
 from bootsecrets.keyrecord import KeyRecord
@@ -65,31 +56,6 @@ DROPIN_NAME = "51-bootsecrets-encrypted.conf"
 DIRECTORY_FAILURES = (DataLocked, TransitKeyMissing, DataKeyRejected)
 
 
-class DirState(enum.Enum):
-    NEW = "new"  # first use: created, encrypted, keyed
-    LOCKED = "locked"  # encrypted, key not in the kernel: decrypt and add it
-    UNLOCKED = "unlocked"  # key already in the kernel (a second run in one boot)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    directory: EncryptedDirectory
-    path: Path  # under the run's root
-    record: KeyRecord | None
-    state: DirState
-    owner: tuple[int, int]
-
-    @property
-    def transit_key(self) -> transit.TransitKey:
-        if self.record is not None:
-            return transit.TransitKey(self.record.transit_mount, self.record.transit_key)
-        return transit.TransitKey(self.directory.transit_mount, self.directory.transit_key)
-
-    @property
-    def what(self) -> str:
-        return f"encrypted directory {self.directory.name} ({self.directory.path})"
-
-
 @dataclasses.dataclass
 class Outcome:
     """Per directory name: its record once unlocked, or why it stays locked. `later` holds
@@ -98,111 +64,6 @@ class Outcome:
     unlocked: dict[str, KeyRecord] = dataclasses.field(default_factory=dict)
     failed: dict[str, BootsecretsError] = dataclasses.field(default_factory=dict)
     later: dict[str, BootsecretsError] = dataclasses.field(default_factory=dict)
-
-
-# --- 1. before Vault -----------------------------------------------------------------------
-
-
-def check(run: Run) -> tuple[Prepared, ...]:
-    return tuple(_check(run, d) for d in run.config.directories)
-
-
-def _check(run: Run, directory: EncryptedDirectory) -> Prepared:
-    path = run.paths.under_root(directory.path)
-    where = f"encrypted directory {directory.name}: {directory.path}"
-    owner = _owner(run.config, directory)
-    try:
-        fscrypt.check_support(path)
-    except fscrypt.NotADirectory:
-        raise DataNotEmpty(f"{where}: it (or a parent) exists and is not a directory") from None
-    except fscrypt.FscryptError as err:
-        raise EncryptionUnsupported(f"{where}: {err.problem}") from None
-    exists = os.path.lexists(path)
-    if exists and (path.is_symlink() or not path.is_dir()):
-        raise DataNotEmpty(f"{where}: exists and is not a directory (or is a symlink)")
-    if exists and fscrypt.mount_root(path) == Path(os.path.realpath(path)):
-        raise EncryptionUnsupported(f"{where}: is the root directory of a filesystem, which "
-                                    "cannot be encrypted; use a directory inside it")
-    record = keyrecord.load(run.paths, directory.name)
-    if record is not None:
-        _matches_config(record, directory, where)
-    try:
-        policy = fscrypt.get_policy(path) if exists else None
-        empty = not exists or fscrypt.directory_is_empty(path)
-    except (fscrypt.FscryptError, OSError) as err:
-        raise EncryptionUnsupported(f"{where}: {_problem(err)}") from None
-    record_file = keyrecord.record_path(run.paths, directory.name)
-    if policy is None:
-        if record is not None and not record.pending:
-            raise KeyMismatch(f"{where}: {'is not encrypted' if exists else 'does not exist'}, "
-                              f"but {record_file} holds its key")
-        if not empty:
-            raise DataNotEmpty(f"{where}: already holds data; refusing to encrypt over it")
-        _check_writable(path, where)
-        return Prepared(directory, path, record, DirState.NEW, owner)
-    if record is None:
-        raise KeyRecordInvalid(f"{where}: is encrypted, but its key record {record_file} is "
-                               "missing")
-    if not policy.is_ours:
-        raise KeyMismatch(f"{where}: is encrypted with another policy than bootsecrets sets")
-    if record.key_identifier not in (None, policy.key_identifier):
-        raise KeyMismatch(f"{where}: is encrypted with another key than {record_file} names")
-    try:
-        present = fscrypt.key_status(path, policy.key_identifier).state
-    except fscrypt.FscryptError as err:
-        raise EncryptionUnsupported(f"{where}: {err.problem}") from None
-    unlocked = present is fscrypt.KeyState.PRESENT and not record.pending
-    return Prepared(directory, path, record, DirState.UNLOCKED if unlocked else DirState.LOCKED,
-                    owner)
-
-
-def _matches_config(record: KeyRecord, directory: EncryptedDirectory, where: str) -> None:
-    if record.kind != "directory" or record.path != str(directory.path):
-        raise KeyMismatch(f"{where}: its key record belongs to {record.kind} {record.path}")
-    if (record.transit_mount, record.transit_key) != (directory.transit_mount,
-                                                      directory.transit_key):
-        raise KeyMismatch(
-            f"{where}: its key was made with Transit key {record.transit_mount}/keys/"
-            f"{record.transit_key}, the config names {directory.transit_mount}/keys/"
-            f"{directory.transit_key}; a directory cannot move to another Transit key")
-
-
-def _check_writable(path: Path, where: str) -> None:
-    """First use creates the directory and sets its policy: both need a writable mount
-    (bootsecrets.service's ProtectSystem=strict makes everything read-only that is not in
-    its ReadWritePaths=)."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise EncryptionUnsupported(
-            f"{where}: {existing} is read-only for bootsecrets (add the directory's parent to "
-            "ReadWritePaths= of bootsecrets.service)")
-
-
-def _owner(config: Config, directory: EncryptedDirectory) -> tuple[int, int]:
-    field = f"encrypted_directories.{directory.name}"
-    try:
-        uid = (int(directory.user) if directory.user.isdigit()
-               else pwd.getpwnam(directory.user).pw_uid)
-    except KeyError:
-        raise ConfigError(config.source, None, f"{field}.user", "no such user on this host"
-                          ) from None
-    try:
-        gid = (int(directory.group) if directory.group.isdigit()
-               else grp.getgrnam(directory.group).gr_gid)
-    except KeyError:
-        raise ConfigError(config.source, None, f"{field}.group", "no such group on this host"
-                          ) from None
-    return uid, gid
-
-
-def _problem(err: BaseException) -> str:
-    if isinstance(err, fscrypt.FscryptError):
-        return err.problem
-    if isinstance(err, OSError):
-        return f"cannot be read: {err.strerror}"
-    return type(err).__name__
 
 
 # --- 2. after the login --------------------------------------------------------------------
@@ -219,16 +80,27 @@ def unlocking(
     the threads."""
     pending = [p for p in prepared if p.state is not DirState.UNLOCKED or p.record is None]
     if not pending:
-        outcome = Outcome(unlocked={p.directory.name: p.record for p in prepared
-                                    if p.record is not None})
+        outcome = Outcome(
+            unlocked={p.directory.name: p.record for p in prepared if p.record is not None}
+        )
         yield lambda: outcome
         return
-    identifiers = {p.directory.name: p.record.key_identifier for p in prepared
-                   if p.record is not None and p.record.key_identifier is not None}
+    identifiers = {
+        p.directory.name: p.record.key_identifier
+        for p in prepared
+        if p.record is not None and p.record.key_identifier is not None
+    }
     with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix="unlock") as pool:
-        futures = {p.directory.name: pool.submit(
-            unlock_one, run, vault, p,
-            {i for n, i in identifiers.items() if n != p.directory.name}) for p in pending}
+        futures = {
+            p.directory.name: pool.submit(
+                unlock_one,
+                run,
+                vault,
+                p,
+                {i for n, i in identifiers.items() if n != p.directory.name},
+            )
+            for p in pending
+        }
 
         def collect() -> Outcome:
             done = Outcome()
@@ -258,9 +130,17 @@ def _provision(run: Run, vault: Vault, item: Prepared) -> KeyRecord:
     directory = item.directory
     if item.record is None:
         key, wrapped = transit.generate(vault, item.transit_key, item.what)
-        record = KeyRecord(directory.name, "directory", str(directory.path),
-                           directory.transit_mount, directory.transit_key, wrapped.ciphertext,
-                           wrapped.key_version, None, now())
+        record = KeyRecord(
+            directory.name,
+            "directory",
+            str(directory.path),
+            directory.transit_mount,
+            directory.transit_key,
+            wrapped.ciphertext,
+            wrapped.key_version,
+            None,
+            now(),
+        )
         try:
             # Before the key reaches the kernel: a run stopped after this finishes from it.
             keyrecord.save(run.paths, record)
@@ -274,15 +154,19 @@ def _provision(run: Run, vault: Vault, item: Prepared) -> KeyRecord:
         _create(item)
         identifier = fscrypt.provision(item.path, key)
     except (fscrypt.FscryptError, OSError) as err:
-        raise DataLocked(f"{item.what}: the kernel refused to set it up: {_problem(err)}"
-                         ) from None
+        raise DataLocked(f"{item.what}: the kernel refused to set it up: {problem(err)}") from None
     finally:
         transit.zero(key)
     record = dataclasses.replace(record, key_identifier=identifier)
     keyrecord.save(run.paths, record)
-    log.info("%s created and unlocked (Transit key %s v%s, key identifier %s)", item.what,
-             item.transit_key, record.key_version, identifier,
-             extra={"DIRECTORY": directory.name, "KEY_IDENTIFIER": identifier})
+    log.info(
+        "%s created and unlocked (Transit key %s v%s, key identifier %s)",
+        item.what,
+        item.transit_key,
+        record.key_version,
+        identifier,
+        extra={"DIRECTORY": directory.name, "KEY_IDENTIFIER": identifier},
+    )
     return record
 
 
@@ -309,7 +193,8 @@ def _unlock(run: Run, vault: Vault, item: Prepared, others: set[str]) -> KeyReco
     except fscrypt.EncryptedWithOtherKey:
         raise DataKeyRejected(
             f"{item.what}: the key in {keyrecord.record_path(run.paths, record.name)} is not "
-            "the directory's key (the record was swapped)") from None
+            "the directory's key (the record was swapped)"
+        ) from None
     except fscrypt.FscryptError as err:
         raise DataLocked(f"{item.what}: the kernel refused its key: {err.problem}") from None
     finally:
@@ -317,9 +202,14 @@ def _unlock(run: Run, vault: Vault, item: Prepared, others: set[str]) -> KeyReco
     if record.pending:
         record = dataclasses.replace(record, key_identifier=identifier)
         keyrecord.save(run.paths, record)
-    log.info("%s unlocked (Transit key %s v%s, key identifier %s)", item.what,
-             item.transit_key, record.key_version, identifier,
-             extra={"DIRECTORY": item.directory.name, "KEY_IDENTIFIER": identifier})
+    log.info(
+        "%s unlocked (Transit key %s v%s, key identifier %s)",
+        item.what,
+        item.transit_key,
+        record.key_version,
+        identifier,
+        extra={"DIRECTORY": item.directory.name, "KEY_IDENTIFIER": identifier},
+    )
     return record
 
 
@@ -333,16 +223,22 @@ def settle(run: Run, prepared: tuple[Prepared, ...], outcome: Outcome) -> bool:
         name = item.directory.name
         err = outcome.failed.get(name)
         if err is not None:
-            logs.alert(err, DIRECTORY=name, DIRECTORY_PATH=str(item.directory.path),
-                       TRANSIT_KEY=str(item.transit_key), UNIT=",".join(item.directory.units))
+            logs.alert(
+                err,
+                DIRECTORY=name,
+                DIRECTORY_PATH=str(item.directory.path),
+                TRANSIT_KEY=str(item.transit_key),
+                UNIT=",".join(item.directory.units),
+            )
     if not run.config.directories:
         return False
     markers = run.paths.store / "unlocked"
     for directory in run.config.directories:
         marker = markers / directory.name
         if directory.name in outcome.unlocked:
-            fsio.write_private(run.paths.root, marker, b"", 0o600, create_dirs=0o700,
-                               memory_only=True)
+            fsio.write_private(
+                run.paths.root, marker, b"", 0o600, create_dirs=0o700, memory_only=True
+            )
         else:
             fsio.unlink_nofollow(run.paths.root, marker)
     return _write_dropins(run)
@@ -355,8 +251,11 @@ def dropin_text(run: Run, unit: str) -> str:
         "# unlock; they are gone at reboot). Do not edit.",
         "[Unit]",
     ]
-    lines += [f"AssertPathExists={unit_file_path(run.paths.store_host / 'unlocked' / d.name)}"
-              for d in run.config.directories if unit in d.units]
+    lines += [
+        f"AssertPathExists={unit_file_path(run.paths.store_host / 'unlocked' / d.name)}"
+        for d in run.config.directories
+        if unit in d.units
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -377,12 +276,19 @@ def hold_back(config: Config, rendered: Rendered, outcome: Outcome) -> Rendered:
     if not held:
         return rendered
     for unit, name in sorted(held.items()):
-        log.warning("%s held back: encrypted directory %s is locked", unit, name,
-                    extra={"UNIT": unit, "DIRECTORY": name})
-    skipped = {**rendered.skipped, **{u: f"held back: encrypted directory {n} is locked"
-                                      for u, n in held.items()}}
-    return Rendered({u: r for u, r in rendered.units.items() if u not in held},
-                    rendered.secrets, skipped)
+        log.warning(
+            "%s held back: encrypted directory %s is locked",
+            unit,
+            name,
+            extra={"UNIT": unit, "DIRECTORY": name},
+        )
+    skipped = {
+        **rendered.skipped,
+        **{u: f"held back: encrypted directory {n} is locked" for u, n in held.items()},
+    }
+    return Rendered(
+        {u: r for u, r in rendered.units.items() if u not in held}, rendered.secrets, skipped
+    )
 
 
 # --- 4. rotation ---------------------------------------------------------------------------
@@ -401,21 +307,35 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
         try:
             wrapped = transit.rewrap(vault, item.transit_key, record.ciphertext, item.what)
         except (TransitKeyMissing, DataKeyRejected) as err:
-            logs.alert(err, DIRECTORY=name, DIRECTORY_PATH=str(item.directory.path),
-                       TRANSIT_KEY=str(item.transit_key))
+            logs.alert(
+                err,
+                DIRECTORY=name,
+                DIRECTORY_PATH=str(item.directory.path),
+                TRANSIT_KEY=str(item.transit_key),
+            )
             outcome.later[name] = err
             continue
         except BootsecretsError as err:  # refused, or Vault gone: the data stays unlocked
-            log.warning("could not rewrap the key of %s: %s", item.what, err,
-                        extra={"DIRECTORY": name})
+            log.warning(
+                "could not rewrap the key of %s: %s", item.what, err, extra={"DIRECTORY": name}
+            )
             continue
         if wrapped.key_version > record.key_version:
-            record = dataclasses.replace(record, ciphertext=wrapped.ciphertext,
-                                         key_version=wrapped.key_version, rewrapped_at=now())
+            record = dataclasses.replace(
+                record,
+                ciphertext=wrapped.ciphertext,
+                key_version=wrapped.key_version,
+                rewrapped_at=now(),
+            )
             keyrecord.save(run.paths, record)
             outcome.unlocked[name] = record
-            log.info("rewrapped the key of %s: Transit key %s v%s", item.what,
-                     item.transit_key, record.key_version, extra={"DIRECTORY": name})
+            log.info(
+                "rewrapped the key of %s: Transit key %s v%s",
+                item.what,
+                item.transit_key,
+                record.key_version,
+                extra={"DIRECTORY": name},
+            )
 
 
 # --- 5. the run's end ----------------------------------------------------------------------
@@ -442,8 +362,10 @@ class Directories:
     def unlocking(self, vault: Vault) -> Iterator[Callable[[], None]]:
         """`unlocking`; the callable it gives takes the outcome up (once the block is left)."""
         with unlocking(self.run, vault, self.prepared) as unlocked:
+
             def done() -> None:
                 self.outcome = unlocked()
+
             yield done
 
     def rewrap(self, vault: Vault) -> None:

@@ -50,18 +50,64 @@ CREDENTIALS_TOTAL_SIZE_MAX = 1024 * 1024
 #: and runtimes' search paths and option hooks. `environment_from` may not produce one
 #: (whoever can write the secret would choose the code the unit runs); the config may
 #: still set one explicitly under `environment`. Listed in docs/architecture.md.
-PROTECTED_NAMES = frozenset({
-    "PATH", "GCONV_PATH", "GETCONF_DIR", "GLIBC_TUNABLES", "HOSTALIASES", "LOCALDOMAIN",
-    "LOCPATH", "MALLOC_TRACE", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS",
-    "TMPDIR", "TZDIR",
-    "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "CDPATH", "PS4",
-    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE",
-    "PYTHONSAFEPATH", "PYTHONPLATLIBDIR", "PYTHONBREAKPOINT", "PERL5LIB", "PERLLIB",
-    "PERL5OPT", "RUBYLIB", "RUBYOPT", "GEM_PATH", "GEM_HOME", "NODE_OPTIONS", "NODE_PATH",
-    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH", "LUA_PATH",
-    "LUA_CPATH", "LUA_INIT", "PHPRC", "PHP_INI_SCAN_DIR", "TCLLIBPATH", "GIT_EXEC_PATH",
-    "GIT_SSH", "GIT_SSH_COMMAND", "OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES",
-})
+PROTECTED_NAMES = frozenset(
+    {
+        "PATH",
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "MALLOC_TRACE",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "CDPATH",
+        "PS4",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "PYTHONUSERBASE",
+        "PYTHONSAFEPATH",
+        "PYTHONPLATLIBDIR",
+        "PYTHONBREAKPOINT",
+        "PERL5LIB",
+        "PERLLIB",
+        "PERL5OPT",
+        "RUBYLIB",
+        "RUBYOPT",
+        "GEM_PATH",
+        "GEM_HOME",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "CLASSPATH",
+        "LUA_PATH",
+        "LUA_CPATH",
+        "LUA_INIT",
+        "PHPRC",
+        "PHP_INI_SCAN_DIR",
+        "TCLLIBPATH",
+        "GIT_EXEC_PATH",
+        "GIT_SSH",
+        "GIT_SSH_COMMAND",
+        "OPENSSL_CONF",
+        "OPENSSL_ENGINES",
+        "OPENSSL_MODULES",
+    }
+)
 PROTECTED_PREFIXES = ("LD_", "BASH_FUNC_", "LUA_INIT_", "PYTHONMALLOC")
 
 
@@ -72,7 +118,8 @@ def is_protected(name: str) -> bool:
 
 _SPECIAL = re.compile(r'(["\\`$])')
 _NONCHARACTERS = "\ufdd0-\ufdef" + "".join(
-    f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17)
+)
 _REFUSED = re.compile(f"[\x00\ud800-\udfff{_NONCHARACTERS}]")
 
 
@@ -86,8 +133,10 @@ def env_value_problem(value: str) -> str | None:
         return "value contains a NUL byte, which cannot be passed on"
     if 0xD800 <= char <= 0xDFFF:
         return "value is not valid UTF-8 (it holds a lone surrogate)"
-    return ("value contains a Unicode noncharacter (U+FDD0-U+FDEF, U+FFFE or U+FFFF in some "
-            "plane), which systemd refuses")
+    return (
+        "value contains a Unicode noncharacter (U+FDD0-U+FDEF, U+FFFE or U+FFFF in some "
+        "plane), which systemd refuses"
+    )
 
 
 def encode_assignment(unit: str, name: str, value: str) -> bytes:
@@ -128,10 +177,12 @@ def encode(unit: str, assignments: Iterable[tuple[str, str]]) -> bytes:
         largest = max(largest, (name, size), key=lambda item: item[1])
     if total > MAX_ENVIRONMENT_BYTES:
         raise EncodeError(
-            unit, largest[0],
+            unit,
+            largest[0],
             f"the unit's variables total {total} bytes, over the 1 MiB (1048576) a unit may "
             "get: execve() refuses an environment over a quarter of the stack limit. This is "
-            "the largest variable; deliver big values as credentials instead")
+            "the largest variable; deliver big values as credentials instead",
+        )
     return b"".join(lines)
 
 
@@ -154,6 +205,8 @@ def check_credentials(unit: str, credentials: Mapping[str, bytes]) -> None:
         total += len(name) + len(data)
         if total > CREDENTIALS_TOTAL_SIZE_MAX:
             raise EncodeError(
-                unit, name,
+                unit,
+                name,
                 "the unit's credentials total more than 1 MiB (1048576, names included) with "
-                "this one, which systemd refuses to load")
+                "this one, which systemd refuses to load",
+            )

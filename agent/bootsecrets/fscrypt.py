@@ -152,7 +152,11 @@ class Policy:
     def is_ours(self) -> bool:
         """Policy v2 with the modes and flags this module sets."""
         return (self.version, self.contents_mode, self.filenames_mode, self.flags) == (
-            2, FSCRYPT_MODE_AES_256_XTS, FSCRYPT_MODE_AES_256_CTS, FSCRYPT_POLICY_FLAGS_PAD_32)
+            2,
+            FSCRYPT_MODE_AES_256_XTS,
+            FSCRYPT_MODE_AES_256_CTS,
+            FSCRYPT_POLICY_FLAGS_PAD_32,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,18 +206,23 @@ def check_support(path: Path, *, sysfs: Path = Path("/sys")) -> Filesystem:
     fstype = filesystem_type(existing)
     if fstype in (TMPFS_MAGIC, RAMFS_MAGIC):
         raise FscryptUnsupported(
-            path, "is on tmpfs/ramfs, which cannot hold encrypted directories (and is not "
-            "persistent); use a directory on the ext4 root disk")
+            path,
+            "is on tmpfs/ramfs, which cannot hold encrypted directories (and is not "
+            "persistent); use a directory on the ext4 root disk",
+        )
     kinds = {EXT4_SUPER_MAGIC: "ext4", F2FS_SUPER_MAGIC: "f2fs"}
     if fstype not in kinds:
         raise FscryptUnsupported(
-            path, f"is on a filesystem without fscrypt support (statfs type {fstype:#x}); "
-            "it must be ext4 (with the encrypt feature) or f2fs")
+            path,
+            f"is on a filesystem without fscrypt support (statfs type {fstype:#x}); "
+            "it must be ext4 (with the encrypt feature) or f2fs",
+        )
     kind = kinds[fstype]
     existing = Path(os.path.realpath(existing))  # the probe below opens with O_NOFOLLOW
     if not kernel_supports(kind, sysfs):
         raise FscryptUnsupported(
-            path, f"the running kernel has no fscrypt for {kind} (CONFIG_FS_ENCRYPTION)")
+            path, f"the running kernel has no fscrypt for {kind} (CONFIG_FS_ENCRYPTION)"
+        )
     root = mount_root(existing)
     try:
         with _opened(existing) as fd:
@@ -222,7 +231,8 @@ def check_support(path: Path, *, sysfs: Path = Path("/sys")) -> Filesystem:
         if err.errno == errno.EOPNOTSUPP:
             feature = "encrypt" if kind == "ext4" else "encryption"
             raise FscryptUnsupported(
-                path, f"the {kind} filesystem mounted at {root} does not have the {feature} "
+                path,
+                f"the {kind} filesystem mounted at {root} does not have the {feature} "
                 f"feature (tune2fs -O encrypt on its device, or mkfs with -O {feature})",
             ) from None
         raise
@@ -261,7 +271,8 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure, path: Path, operation: 
         code = err.errno or errno.EIO
         if code == errno.ENOTTY:
             raise FscryptUnsupported(
-                path, "the filesystem does not implement encryption (ENOTTY)") from None
+                path, "the filesystem does not implement encryption (ENOTTY)"
+            ) from None
         raise FscryptOSError(path, operation, code) from None
 
 
@@ -276,11 +287,21 @@ def _get_policy(fd: int, path: Path) -> Policy | None:
         raise
     if arg.policy.version == FSCRYPT_POLICY_V2:
         v2 = arg.policy.v2
-        return Policy(2, v2.contents_encryption_mode, v2.filenames_encryption_mode, v2.flags,
-                      bytes(v2.master_key_identifier).hex())
+        return Policy(
+            2,
+            v2.contents_encryption_mode,
+            v2.filenames_encryption_mode,
+            v2.flags,
+            bytes(v2.master_key_identifier).hex(),
+        )
     v1 = arg.policy.v1
-    return Policy(1, v1.contents_encryption_mode, v1.filenames_encryption_mode, v1.flags,
-                  bytes(v1.master_key_descriptor).hex())
+    return Policy(
+        1,
+        v1.contents_encryption_mode,
+        v1.filenames_encryption_mode,
+        v1.flags,
+        bytes(v1.master_key_descriptor).hex(),
+    )
 
 
 def get_policy(path: Path) -> Policy | None:
@@ -303,23 +324,28 @@ def set_policy(path: Path, key_identifier: str) -> None:
     policy.master_key_identifier[:] = list(identifier)
     with _opened(path) as fd:
         try:
-            _ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, policy, path,
-                   "FS_IOC_SET_ENCRYPTION_POLICY")
+            _ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, policy, path, "FS_IOC_SET_ENCRYPTION_POLICY")
         except FscryptOSError as err:
             if err.errno == errno.EEXIST:
                 raise EncryptedWithOtherKey(
-                    path, "is already encrypted with another key or policy") from None
+                    path, "is already encrypted with another key or policy"
+                ) from None
             if err.errno == errno.ENOTEMPTY:
                 raise DirectoryNotEmpty(
-                    path, "is not empty; refusing to encrypt a directory that holds data",
+                    path,
+                    "is not empty; refusing to encrypt a directory that holds data",
                 ) from None
             if err.errno == errno.EOPNOTSUPP:
                 raise FscryptUnsupported(
-                    path, "the filesystem does not have the encrypt feature") from None
+                    path, "the filesystem does not have the encrypt feature"
+                ) from None
             if err.errno == errno.EPERM:
-                raise FscryptOSError(path, "FS_IOC_SET_ENCRYPTION_POLICY (the root "
-                                     "directory of a filesystem cannot be encrypted)",
-                                     errno.EPERM) from None
+                raise FscryptOSError(
+                    path,
+                    "FS_IOC_SET_ENCRYPTION_POLICY (the root "
+                    "directory of a filesystem cannot be encrypted)",
+                    errno.EPERM,
+                ) from None
             raise
 
 
@@ -359,7 +385,7 @@ def add_key(path: Path, key: bytearray | memoryview) -> str:
         buf.arg.key_spec.type = FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
         buf.arg.raw_size = KEY_SIZE
         raw_offset = AddKeyBuffer.raw.offset
-        memoryview(buf).cast("B")[raw_offset:raw_offset + KEY_SIZE] = view
+        memoryview(buf).cast("B")[raw_offset : raw_offset + KEY_SIZE] = view
         with _opened(root) as fd:
             _ioctl(fd, FS_IOC_ADD_ENCRYPTION_KEY, buf, path, "FS_IOC_ADD_ENCRYPTION_KEY")
         return bytes(buf.arg.key_spec.u[:IDENTIFIER_SIZE]).hex()
@@ -373,11 +399,12 @@ def key_status(path: Path, key_identifier: str) -> KeyStatus:
     arg = GetKeyStatusArg()
     _key_spec(arg.key_spec, key_identifier)
     with _opened(mount_root(path)) as fd:
-        _ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, arg, path,
-               "FS_IOC_GET_ENCRYPTION_KEY_STATUS")
-    return KeyStatus(KeyState(arg.status),
-                     bool(arg.status_flags & FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF),
-                     int(arg.user_count))
+        _ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, arg, path, "FS_IOC_GET_ENCRYPTION_KEY_STATUS")
+    return KeyStatus(
+        KeyState(arg.status),
+        bool(arg.status_flags & FSCRYPT_KEY_STATUS_FLAG_ADDED_BY_SELF),
+        int(arg.user_count),
+    )
 
 
 def remove_key(path: Path, key_identifier: str, *, all_users: bool = True) -> Removal:
@@ -399,16 +426,17 @@ def remove_key(path: Path, key_identifier: str, *, all_users: bool = True) -> Re
                 return Removal(was_present=False, files_busy=False, other_users=False)
             raise
     flags = arg.removal_status_flags
-    return Removal(was_present=True,
-                   files_busy=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY),
-                   other_users=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS))
+    return Removal(
+        was_present=True,
+        files_busy=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_FILES_BUSY),
+        other_users=bool(flags & FSCRYPT_KEY_REMOVAL_STATUS_FLAG_OTHER_USERS),
+    )
 
 
 # --- the directory-level steps the agent uses --------------------------------------------
 
 
-def provision(path: Path, key: bytearray | memoryview, *,
-              sysfs: Path = Path("/sys")) -> str:
+def provision(path: Path, key: bytearray | memoryview, *, sysfs: Path = Path("/sys")) -> str:
     """First use: `path` must be an existing, empty directory on a filesystem that supports
     encryption. Add the key, set the policy, return the key identifier. Every check runs
     before the key reaches the kernel; the directory is left untouched on any refusal."""
@@ -417,7 +445,8 @@ def provision(path: Path, key: bytearray | memoryview, *,
         raise NotADirectory(path, "does not exist; create it (owner, mode) first")
     if not directory_is_empty(path):
         raise DirectoryNotEmpty(
-            path, "is not empty; refusing to encrypt a directory that holds data")
+            path, "is not empty; refusing to encrypt a directory that holds data"
+        )
     existing = get_policy(path)
     if existing is not None:
         raise EncryptedWithOtherKey(path, "is already encrypted")
@@ -431,8 +460,9 @@ def provision(path: Path, key: bytearray | memoryview, *,
     return identifier
 
 
-def unlock(path: Path, key: bytearray | memoryview, *,
-           other_identifiers: Collection[str] = ()) -> str:
+def unlock(
+    path: Path, key: bytearray | memoryview, *, other_identifiers: Collection[str] = ()
+) -> str:
     """Add the key of the encrypted directory `path`; return its identifier.
 
     A key whose identifier is not the directory's raises EncryptedWithOtherKey after this

@@ -112,6 +112,6 @@ FS_IOC_GET_ENCRYPTION_POLICY_EX = _ioc(_IOC_READ | _IOC_WRITE, 22, 9)  # __u8[9]
 FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 23, ctypes.sizeof(AddKeyArg))
 FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_IOC_READ | _IOC_WRITE, 24, ctypes.sizeof(RemoveKeyArg))
 FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS = _ioc(
-    _IOC_READ | _IOC_WRITE, 25, ctypes.sizeof(RemoveKeyArg))
-FS_IOC_GET_ENCRYPTION_KEY_STATUS = _ioc(
-    _IOC_READ | _IOC_WRITE, 26, ctypes.sizeof(GetKeyStatusArg))
+    _IOC_READ | _IOC_WRITE, 25, ctypes.sizeof(RemoveKeyArg)
+)
+FS_IOC_GET_ENCRYPTION_KEY_STATUS = _ioc(_IOC_READ | _IOC_WRITE, 26, ctypes.sizeof(GetKeyStatusArg))

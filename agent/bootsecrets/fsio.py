@@ -49,7 +49,11 @@ _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CL
 
 
 def read_regular_file(
-    path: Path, limit: int, *, follow_symlinks: bool = True, anchor: Path | None = None,
+    path: Path,
+    limit: int,
+    *,
+    follow_symlinks: bool = True,
+    anchor: Path | None = None,
 ) -> bytes:
     """The bytes of the regular file at `path`, at most `limit` of them.
 
@@ -62,8 +66,9 @@ def read_regular_file(
         try:
             parent = open_dir(anchor, path.parent)
         except _PathRefused as err:
-            raise (FileMissing(path) if err.missing else FileRefused(err.path, err.reason)
-                   ) from None
+            raise (
+                FileMissing(path) if err.missing else FileRefused(err.path, err.reason)
+            ) from None
         with parent:
             return parent.read_file(path.name, limit)
     flags = READ_FLAGS | (0 if follow_symlinks else os.O_NOFOLLOW)
@@ -137,7 +142,9 @@ class Dir:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None,
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -165,9 +172,12 @@ class Dir:
         ok = stat.S_ISREG(st.st_mode) if kind == "file" else stat.S_ISDIR(st.st_mode)
         if not ok:
             what = "a regular file" if kind == "file" else "a directory"
-            raise _PathRefused(self.path / name, "is a symlink; refusing to follow it"
-                              if stat.S_ISLNK(st.st_mode)
-                              else f"is {describe_mode(st.st_mode)}, not {what}")
+            raise _PathRefused(
+                self.path / name,
+                "is a symlink; refusing to follow it"
+                if stat.S_ISLNK(st.st_mode)
+                else f"is {describe_mode(st.st_mode)}, not {what}",
+            )
 
     def require_memory_backed(self) -> None:
         """Refuse unless what is written here lands on tmpfs or ramfs (fstatfs of this fd)."""
@@ -231,8 +241,9 @@ class Dir:
 
     # --- files -------------------------------------------------------------------------------
 
-    def create_file(self, name: str, data: bytes, *, mode: int, uid: int = -1,
-                    gid: int = -1) -> None:
+    def create_file(
+        self, name: str, data: bytes, *, mode: int, uid: int = -1, gid: int = -1
+    ) -> None:
         """Create `name` exclusively (never through a symlink), owner and mode set before its
         first byte, then write and fsync it."""
         _check_name(self.path, name)
@@ -245,13 +256,14 @@ class Dir:
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def replace_file(self, name: str, data: bytes, *, mode: int, uid: int = -1,
-                     gid: int = -1) -> None:
+    def replace_file(
+        self, name: str, data: bytes, *, mode: int, uid: int = -1, gid: int = -1
+    ) -> None:
         """Atomically replace `name` with `data`: a temporary file in this directory, then
         rename(2) within the same directory fd. An existing `name` that is not a regular file
         (a symlink above all) is refused, not replaced."""
@@ -315,13 +327,15 @@ class Dir:
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self.fd)
         except OSError as err:
-            raise _PathRefused(self.path / name,
-                              _why_not(self.fd, name, err, "a regular file")) from None
+            raise _PathRefused(
+                self.path / name, _why_not(self.fd, name, err, "a regular file")
+            ) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise _PathRefused(self.path / name,
-                               f"is {describe_mode(st.st_mode)}, not a regular file")
+            raise _PathRefused(
+                self.path / name, f"is {describe_mode(st.st_mode)}, not a regular file"
+            )
         return fd
 
     # --- symlinks ----------------------------------------------------------------------------
@@ -332,8 +346,10 @@ class Dir:
         if st is None:
             return None
         if not stat.S_ISLNK(st.st_mode):
-            raise _PathRefused(self.path / name, f"is {describe_mode(st.st_mode)}, "
-                                                 "not the symlink the agent maintains")
+            raise _PathRefused(
+                self.path / name,
+                f"is {describe_mode(st.st_mode)}, not the symlink the agent maintains",
+            )
         return os.readlink(name, dir_fd=self.fd)
 
     def replace_symlink(self, name: str, target: str) -> None:
@@ -347,8 +363,9 @@ class Dir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             if isinstance(err, OSError):
-                raise _PathRefused(self.path / name,
-                                   f"cannot be replaced: {err.strerror}") from None
+                raise _PathRefused(
+                    self.path / name, f"cannot be replaced: {err.strerror}"
+                ) from None
             raise
         self.fsync()
 
@@ -358,8 +375,9 @@ class Dir:
         try:
             os.rename(old, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
         except OSError as err:
-            raise _PathRefused(self.path / new, f"cannot be renamed into place: {err.strerror}"
-                               ) from None
+            raise _PathRefused(
+                self.path / new, f"cannot be renamed into place: {err.strerror}"
+            ) from None
 
 
 def _components(anchor: Path, path: Path) -> list[str]:
@@ -370,8 +388,9 @@ def _components(anchor: Path, path: Path) -> list[str]:
     return parts
 
 
-def open_dir(anchor: Path, path: Path, *, create: int | None = None,
-             parents_mode: int = 0o755) -> Dir:
+def open_dir(
+    anchor: Path, path: Path, *, create: int | None = None, parents_mode: int = 0o755
+) -> Dir:
     """Open `path` (at or below `anchor`) without following a symlink below the anchor.
 
     With `create`, missing directories are made: the last with mode `create`, the ones above
@@ -386,13 +405,13 @@ def _walk(anchor: Path, path: Path, create: int | None, parents_mode: int) -> Di
     try:
         fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
-        raise _PathRefused(anchor, f"cannot be opened: {err.strerror}",
-                       missing=err.errno == errno.ENOENT) from None
+        raise _PathRefused(
+            anchor, f"cannot be opened: {err.strerror}", missing=err.errno == errno.ENOENT
+        ) from None
     current = Dir(fd, anchor)
     try:
         for index, name in enumerate(parts):
-            mode = None if create is None else create if index == len(parts) - 1 \
-                else parents_mode
+            mode = None if create is None else create if index == len(parts) - 1 else parents_mode
             sub = current.child(name, create=mode)
             current.close()
             current = sub
@@ -402,8 +421,9 @@ def _walk(anchor: Path, path: Path, create: int | None, parents_mode: int) -> Di
     return current
 
 
-def check_tree(anchor: Path, path: Path, *, files: Iterable[str] = (),
-               dirs: Iterable[str] = ()) -> None:
+def check_tree(
+    anchor: Path, path: Path, *, files: Iterable[str] = (), dirs: Iterable[str] = ()
+) -> None:
     """Refuse (StoreError) if any existing component of `path` below `anchor` is a symlink or
     not a directory, or an existing entry named in `files`/`dirs` is not a regular file / a
     directory. Nothing missing is an error and nothing is created: a check before any work."""
@@ -421,8 +441,13 @@ def check_tree(anchor: Path, path: Path, *, files: Iterable[str] = (),
 
 
 def write_private(
-    anchor: Path, path: Path, data: bytes, mode: int = 0o600, *,
-    create_dirs: int | None = None, memory_only: bool = False,
+    anchor: Path,
+    path: Path,
+    data: bytes,
+    mode: int = 0o600,
+    *,
+    create_dirs: int | None = None,
+    memory_only: bool = False,
 ) -> None:
     """Atomically replace the file `path` with `data`, owned by the effective user, `mode`.
 

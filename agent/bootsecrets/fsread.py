@@ -22,8 +22,11 @@ def shown(path: os.PathLike[str] | str) -> str:
     for char in os.fspath(path):
         code = ord(char)
         if unicodedata.category(char) in ("Cc", "Cs") or code in (0x2028, 0x2029):
-            out.append(f"\\x{code & 0xFF:02x}" if code <= 0xFF or 0xDC80 <= code <= 0xDCFF
-                       else f"\\u{code:04x}")
+            out.append(
+                f"\\x{code & 0xFF:02x}"
+                if code <= 0xFF or 0xDC80 <= code <= 0xDCFF
+                else f"\\u{code:04x}"
+            )
         else:
             out.append(char)
     return "".join(out)
@@ -32,9 +35,12 @@ def shown(path: os.PathLike[str] | str) -> str:
 def describe_mode(mode: int) -> str:
     """What kind of file a stat mode is, for messages ("a FIFO", "a character device")."""
     kinds = (
-        (stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
         (stat.S_ISSOCK, "a socket"),
     )
     return next((name for test, name in kinds if test(mode)), "a special file")

@@ -67,13 +67,20 @@ def _text(record: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def save_token(policy: RebootPolicy, paths: Paths, token: str, accessor: str,
-               vault_addr: str | None) -> None:
+def save_token(
+    policy: RebootPolicy, paths: Paths, token: str, accessor: str, vault_addr: str | None
+) -> None:
     """Keep the token where `policy` says, and only there."""
     path = _token_path(policy, paths)
     record = {"token": token, "accessor": accessor, "vault_addr": vault_addr}
-    write_private(paths.root, path, json.dumps(record).encode(), 0o600, create_dirs=0o700,
-                  memory_only=path == paths.runtime_token)
+    write_private(
+        paths.root,
+        path,
+        json.dumps(record).encode(),
+        0o600,
+        create_dirs=0o700,
+        memory_only=path == paths.runtime_token,
+    )
     other = paths.runtime_token if path != paths.runtime_token else paths.persistent_token
     unlink_nofollow(paths.root, other)
 
@@ -92,8 +99,13 @@ def forget_token(paths: Paths) -> None:
 
 
 def save_identity(paths: Paths, identity: Identity) -> None:
-    write_private(paths.root, paths.identity,
-                  json.dumps(dataclasses.asdict(identity)).encode(), 0o600, create_dirs=0o700)
+    write_private(
+        paths.root,
+        paths.identity,
+        json.dumps(dataclasses.asdict(identity)).encode(),
+        0o600,
+        create_dirs=0o700,
+    )
 
 
 def load_identity(paths: Paths) -> Identity:

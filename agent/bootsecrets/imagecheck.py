@@ -50,23 +50,49 @@ from bootsecrets.imagewalk import (
     walk,
 )
 
-__all__ = ["BY_ID", "MAX_CONTENT_BYTES", "RULES", "Finding", "Rule", "findings_error",
-           "fingerprint", "format_json", "format_text", "scan"]
+__all__ = [
+    "BY_ID",
+    "MAX_CONTENT_BYTES",
+    "RULES",
+    "Finding",
+    "Rule",
+    "findings_error",
+    "fingerprint",
+    "format_json",
+    "format_text",
+    "scan",
+]
 
 # --- the rules ----------------------------------------------------------------------------
 
-_HISTORY = frozenset({
-    ".bash_history", ".zsh_history", ".sh_history", ".ash_history", ".history",
-    ".python_history", ".lesshst", ".viminfo", ".mysql_history", ".psql_history",
-    ".sqlite_history", ".node_repl_history", ".rediscli_history", ".irb_history",
-    "fish_history", ".wget-hsts",
-})
-_CREDENTIAL_FILES = frozenset({".vault-token", ".bao-token", ".netrc", ".pgpass",
-                               ".git-credentials"})
+_HISTORY = frozenset(
+    {
+        ".bash_history",
+        ".zsh_history",
+        ".sh_history",
+        ".ash_history",
+        ".history",
+        ".python_history",
+        ".lesshst",
+        ".viminfo",
+        ".mysql_history",
+        ".psql_history",
+        ".sqlite_history",
+        ".node_repl_history",
+        ".rediscli_history",
+        ".irb_history",
+        "fish_history",
+        ".wget-hsts",
+    }
+)
+_CREDENTIAL_FILES = frozenset(
+    {".vault-token", ".bao-token", ".netrc", ".pgpass", ".git-credentials"}
+)
 _AUTHORIZED_KEYS = frozenset({"authorized_keys", "authorized_keys2"})
 _SSH_HOST_KEY = re.compile(r"ssh_host_[A-Za-z0-9]+_key(?:\.pub|-cert\.pub)?\Z")
 _LOG_ARCHIVE = re.compile(
-    r".*(?:\.\d+|-\d{8}|\.old)(?:\.(?:gz|xz|bz2|zst|lz4))?\Z|.*\.(?:gz|xz|bz2|zst|lz4)\Z")
+    r".*(?:\.\d+|-\d{8}|\.old)(?:\.(?:gz|xz|bz2|zst|lz4))?\Z|.*\.(?:gz|xz|bz2|zst|lz4)\Z"
+)
 # Binary login records, written by the build's own SSH session; no secrets.
 _LOGIN_RECORDS = frozenset({"wtmp", "btmp", "lastlog", "faillog", "wtmp.db"})
 _SHADOW = frozenset({"/etc/shadow", "/etc/shadow-"})
@@ -84,13 +110,18 @@ def _nonempty(entry: Entry) -> bool:
 
 
 def _log(entry: Entry) -> bool:
-    return (_nonempty(entry) and entry.under("/var/log") and entry.name not in _LOGIN_RECORDS
-            and not entry.name.startswith("cloud-init"))
+    return (
+        _nonempty(entry)
+        and entry.under("/var/log")
+        and entry.name not in _LOGIN_RECORDS
+        and not entry.name.startswith("cloud-init")
+    )
 
 
 def _passwords(root: bool) -> Search:
     """Accounts in a shadow file with a password hash or an empty password field (locked,
     `*`, `!`, `!!`, is clean); `root` selects root's line or every other account's."""
+
     def search(data: bytes) -> Iterator[sp.Hit]:
         offset = 0
         for line in data.split(b"\n"):
@@ -99,6 +130,7 @@ def _passwords(root: bool) -> Search:
             if len(fields) >= 2 and fields[0] and not locked and (fields[0] == b"root") == root:
                 yield offset, fields[1]
             offset += len(line) + 1
+
     return search
 
 
@@ -123,93 +155,199 @@ def _any(_entry: Entry) -> bool:
 
 RULES: tuple[Rule, ...] = (
     # Secrets, wherever they are (content).
-    Rule("vault-token", "a Vault/OpenBao token; revoke it and remove the file",
-         reads=_any, search=sp.vault_tokens, public_if_packaged=True),
-    Rule("vault-token-assignment",
-         "VAULT_TOKEN/BAO_TOKEN set to a literal; revoke it, remove it",
-         reads=_any, search=sp.vault_token_assignments, public_if_packaged=True),
-    Rule("private-key", "a private key; remove it (generate per droplet at first boot)",
-         "root and users: private key file in ~/.ssh (id_rsa)",
-         reads=_any, search=sp.private_keys, public_if_packaged=True),
-    Rule("do-token", "a DigitalOcean API token; revoke it in the control panel and remove it",
-         reads=_any, search=sp.do_tokens, public_if_packaged=True),
-    Rule("aws-key", "an AWS access key id; deactivate the key and remove it",
-         reads=_any, search=sp.aws_keys, public_if_packaged=True),
-    Rule("aws-secret-key", "an AWS secret access key; deactivate the key and remove it",
-         reads=_any, search=sp.aws_secret_keys, public_if_packaged=True),
-    Rule("gcp-service-account", "a GCP service-account key file; delete the key and the file",
-         reads=_any, search=sp.gcp_service_accounts, public_if_packaged=True),
-    Rule("dotenv-secret", "a secret-looking value in an env file; deliver it with bootsecrets",
-         reads=_is_dotenv, search=sp.dotenv_secrets),
+    Rule(
+        "vault-token",
+        "a Vault/OpenBao token; revoke it and remove the file",
+        reads=_any,
+        search=sp.vault_tokens,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "vault-token-assignment",
+        "VAULT_TOKEN/BAO_TOKEN set to a literal; revoke it, remove it",
+        reads=_any,
+        search=sp.vault_token_assignments,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "private-key",
+        "a private key; remove it (generate per droplet at first boot)",
+        "root and users: private key file in ~/.ssh (id_rsa)",
+        reads=_any,
+        search=sp.private_keys,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "do-token",
+        "a DigitalOcean API token; revoke it in the control panel and remove it",
+        reads=_any,
+        search=sp.do_tokens,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "aws-key",
+        "an AWS access key id; deactivate the key and remove it",
+        reads=_any,
+        search=sp.aws_keys,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "aws-secret-key",
+        "an AWS secret access key; deactivate the key and remove it",
+        reads=_any,
+        search=sp.aws_secret_keys,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "gcp-service-account",
+        "a GCP service-account key file; delete the key and the file",
+        reads=_any,
+        search=sp.gcp_service_accounts,
+        public_if_packaged=True,
+    ),
+    Rule(
+        "dotenv-secret",
+        "a secret-looking value in an env file; deliver it with bootsecrets",
+        reads=_is_dotenv,
+        search=sp.dotenv_secrets,
+    ),
     # Accounts and identity (content of known files).
-    Rule("root-password",
-         "root has a password; lock it (passwd -l root; usermod -p '*' root)",
-         "checkRoot: root password set",
-         reads=lambda e: e.path in _SHADOW, search=_passwords(root=True)),
-    Rule("user-password", "an account has a password; lock it (usermod -p '*' USER)",
-         "checkUsers: user (uid >= 1000; here: any account) password set",
-         reads=lambda e: e.path in _SHADOW, search=_passwords(root=False)),
-    Rule("machine-id",
-         "a machine-id; truncate /etc/machine-id, remove /var/lib/dbus/machine-id",
-         reads=lambda e: e.path in _MACHINE_ID, search=_machine_id),
-    Rule("authorized-keys",
-         "an authorized_keys file; remove it (keys come from user-data)",
-         "checkRoot/checkUsers: populated authorized_keys; 90-cleanup: "
-         "rm /root/.ssh/authorized_keys",
-         reads=lambda e: e.name in _AUTHORIZED_KEYS, search=_non_blank),
+    Rule(
+        "root-password",
+        "root has a password; lock it (passwd -l root; usermod -p '*' root)",
+        "checkRoot: root password set",
+        reads=lambda e: e.path in _SHADOW,
+        search=_passwords(root=True),
+    ),
+    Rule(
+        "user-password",
+        "an account has a password; lock it (usermod -p '*' USER)",
+        "checkUsers: user (uid >= 1000; here: any account) password set",
+        reads=lambda e: e.path in _SHADOW,
+        search=_passwords(root=False),
+    ),
+    Rule(
+        "machine-id",
+        "a machine-id; truncate /etc/machine-id, remove /var/lib/dbus/machine-id",
+        reads=lambda e: e.path in _MACHINE_ID,
+        search=_machine_id,
+    ),
+    Rule(
+        "authorized-keys",
+        "an authorized_keys file; remove it (keys come from user-data)",
+        "checkRoot/checkUsers: populated authorized_keys; 90-cleanup: "
+        "rm /root/.ssh/authorized_keys",
+        reads=lambda e: e.name in _AUTHORIZED_KEYS,
+        search=_non_blank,
+    ),
     # State, by path.
-    Rule("ssh-host-key", "an SSH host key; remove /etc/ssh/ssh_host_* (regenerated at boot)",
-         "90-cleanup: rm /etc/ssh/*key*",
-         entry=lambda e: e.kind is not Kind.DIR and e.child_of("/etc/ssh")
-         and bool(_SSH_HOST_KEY.match(e.name))),
-    Rule("ssh-user-file", "a file in a .ssh directory; remove it",
-         "checkRoot/checkUsers: other files in ~/.ssh, populated known_hosts",
-         entry=lambda e: _nonempty(e) and e.parent.endswith("/.ssh")
-         and e.name not in _AUTHORIZED_KEYS),
-    Rule("shell-history", "shell/tool history; truncate or remove it",
-         "checkRoot/checkUsers: .bash_history (DO tolerates < 200 bytes); "
-         "90-cleanup: /root/.bash_history",
-         entry=lambda e: _nonempty(e) and e.name in _HISTORY),
-    Rule("credential-file", "a credential file; remove it",
-         entry=lambda e: _nonempty(e) and e.name in _CREDENTIAL_FILES),
-    Rule("cloud-init-state", "cloud-init instance state; run `cloud-init clean --logs --seed`",
-         "90-cleanup: rm -rf /var/lib/cloud/instances/*",
-         entry=lambda e: e.path == "/var/lib/cloud/instance" or e.child_of(*_CLOUD_STATE)),
-    Rule("cloud-init-seed", "a cloud-init seed; run `cloud-init clean --seed`",
-         entry=lambda e: _file(e) and e.under("/var/lib/cloud/seed")),
-    Rule("cloud-init-log", "a cloud-init log; run `cloud-init clean --logs`",
-         "checkLogs: un-cleared /var/log/*.log",
-         entry=lambda e: _nonempty(e) and e.under("/var/log")
-         and e.name.startswith("cloud-init")),
-    Rule("log-file", "a log file that was not cleared (the journal too); truncate it",
-         "checkLogs: un-cleared /var/log/*.log; 90-cleanup: truncate /var/log files",
-         entry=lambda e: _log(e) and not _LOG_ARCHIVE.match(e.name)),
-    Rule("log-archive", "a rotated log archive; remove it",
-         "checkLogs: log archives /var/log/*.[0-9], /var/log/*-????????; "
-         "90-cleanup: rm /var/log/*.gz",
-         entry=lambda e: _log(e) and bool(_LOG_ARCHIVE.match(e.name))),
-    Rule("tmp-file", "a leftover temporary file; remove it",
-         "90-cleanup: rm -rf /tmp/* /var/tmp/*",
-         entry=lambda e: _file(e) and e.under(*_TMP) and "/systemd-private-" not in e.path),
-    Rule("systemd-secret",
-         "systemd's random seed or credential key; remove it (every clone would share it)",
-         entry=lambda e: _file(e) and e.path in ("/var/lib/systemd/random-seed",
-                                                 "/var/lib/systemd/credential.secret")),
-    Rule("bootsecrets-store", "a leftover bootsecrets store; remove it",
-         entry=lambda e: (e.under("/run/bootsecrets") and (e.kind is Kind.LINK or _nonempty(e)))
-         or (_file(e) and e.under("/var/lib/bootsecrets")
-             and e.path != "/var/lib/bootsecrets/token")),
-    Rule("bootsecrets-token", "a leftover bootsecrets Vault token; revoke it and remove it",
-         entry=lambda e: _file(e) and e.path == "/var/lib/bootsecrets/token"),
-    Rule("do-agent", "DigitalOcean's droplet or monitoring agent; purge droplet-agent/do-agent",
-         "checkAgent: /opt/digitalocean",
-         entry=lambda e: e.kind is Kind.DIR and e.path in ("/opt/digitalocean",
-                                                          "/var/opt/digitalocean")),
-    Rule("cloud-init-missing",
-         "cloud-init is not installed; droplets could not read their user-data",
-         "checkCloudInit: cloud-init installed",
-         tree=lambda root: None if any(os.path.lexists(root / p) for p in (
-             "usr/bin/cloud-init", "bin/cloud-init")) else "/usr/bin/cloud-init"),
+    Rule(
+        "ssh-host-key",
+        "an SSH host key; remove /etc/ssh/ssh_host_* (regenerated at boot)",
+        "90-cleanup: rm /etc/ssh/*key*",
+        entry=lambda e: (
+            e.kind is not Kind.DIR and e.child_of("/etc/ssh") and bool(_SSH_HOST_KEY.match(e.name))
+        ),
+    ),
+    Rule(
+        "ssh-user-file",
+        "a file in a .ssh directory; remove it",
+        "checkRoot/checkUsers: other files in ~/.ssh, populated known_hosts",
+        entry=lambda e: (
+            _nonempty(e) and e.parent.endswith("/.ssh") and e.name not in _AUTHORIZED_KEYS
+        ),
+    ),
+    Rule(
+        "shell-history",
+        "shell/tool history; truncate or remove it",
+        "checkRoot/checkUsers: .bash_history (DO tolerates < 200 bytes); "
+        "90-cleanup: /root/.bash_history",
+        entry=lambda e: _nonempty(e) and e.name in _HISTORY,
+    ),
+    Rule(
+        "credential-file",
+        "a credential file; remove it",
+        entry=lambda e: _nonempty(e) and e.name in _CREDENTIAL_FILES,
+    ),
+    Rule(
+        "cloud-init-state",
+        "cloud-init instance state; run `cloud-init clean --logs --seed`",
+        "90-cleanup: rm -rf /var/lib/cloud/instances/*",
+        entry=lambda e: e.path == "/var/lib/cloud/instance" or e.child_of(*_CLOUD_STATE),
+    ),
+    Rule(
+        "cloud-init-seed",
+        "a cloud-init seed; run `cloud-init clean --seed`",
+        entry=lambda e: _file(e) and e.under("/var/lib/cloud/seed"),
+    ),
+    Rule(
+        "cloud-init-log",
+        "a cloud-init log; run `cloud-init clean --logs`",
+        "checkLogs: un-cleared /var/log/*.log",
+        entry=lambda e: _nonempty(e) and e.under("/var/log") and e.name.startswith("cloud-init"),
+    ),
+    Rule(
+        "log-file",
+        "a log file that was not cleared (the journal too); truncate it",
+        "checkLogs: un-cleared /var/log/*.log; 90-cleanup: truncate /var/log files",
+        entry=lambda e: _log(e) and not _LOG_ARCHIVE.match(e.name),
+    ),
+    Rule(
+        "log-archive",
+        "a rotated log archive; remove it",
+        "checkLogs: log archives /var/log/*.[0-9], /var/log/*-????????; "
+        "90-cleanup: rm /var/log/*.gz",
+        entry=lambda e: _log(e) and bool(_LOG_ARCHIVE.match(e.name)),
+    ),
+    Rule(
+        "tmp-file",
+        "a leftover temporary file; remove it",
+        "90-cleanup: rm -rf /tmp/* /var/tmp/*",
+        entry=lambda e: _file(e) and e.under(*_TMP) and "/systemd-private-" not in e.path,
+    ),
+    Rule(
+        "systemd-secret",
+        "systemd's random seed or credential key; remove it (every clone would share it)",
+        entry=lambda e: (
+            _file(e)
+            and e.path in ("/var/lib/systemd/random-seed", "/var/lib/systemd/credential.secret")
+        ),
+    ),
+    Rule(
+        "bootsecrets-store",
+        "a leftover bootsecrets store; remove it",
+        entry=lambda e: (
+            (e.under("/run/bootsecrets") and (e.kind is Kind.LINK or _nonempty(e)))
+            or (
+                _file(e)
+                and e.under("/var/lib/bootsecrets")
+                and e.path != "/var/lib/bootsecrets/token"
+            )
+        ),
+    ),
+    Rule(
+        "bootsecrets-token",
+        "a leftover bootsecrets Vault token; revoke it and remove it",
+        entry=lambda e: _file(e) and e.path == "/var/lib/bootsecrets/token",
+    ),
+    Rule(
+        "do-agent",
+        "DigitalOcean's droplet or monitoring agent; purge droplet-agent/do-agent",
+        "checkAgent: /opt/digitalocean",
+        entry=lambda e: (
+            e.kind is Kind.DIR and e.path in ("/opt/digitalocean", "/var/opt/digitalocean")
+        ),
+    ),
+    Rule(
+        "cloud-init-missing",
+        "cloud-init is not installed; droplets could not read their user-data",
+        "checkCloudInit: cloud-init installed",
+        tree=lambda root: (
+            None
+            if any(os.path.lexists(root / p) for p in ("usr/bin/cloud-init", "bin/cloud-init"))
+            else "/usr/bin/cloud-init"
+        ),
+    ),
     Rule("unreadable", "could not be read and may hide a secret; run image-check as root"),
 )
 BY_ID: dict[str, Rule] = {rule.id: rule for rule in RULES}

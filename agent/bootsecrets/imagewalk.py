@@ -27,16 +27,48 @@ from bootsecrets.errors import ImageCheckUnreadable
 MAX_CONTENT_BYTES = 4 * 1024 * 1024
 _HEAD = 8192
 _SKIP_TOP = frozenset({"proc", "sys", "dev"})
-_VIRTUAL_FS = frozenset({
-    "proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "ramfs", "cgroup", "cgroup2", "securityfs",
-    "debugfs", "tracefs", "mqueue", "hugetlbfs", "pstore", "bpf", "configfs", "fusectl",
-    "autofs", "binfmt_misc", "efivarfs", "rpc_pipefs", "nsfs",
-})
+_VIRTUAL_FS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "tmpfs",
+        "ramfs",
+        "cgroup",
+        "cgroup2",
+        "securityfs",
+        "debugfs",
+        "tracefs",
+        "mqueue",
+        "hugetlbfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "autofs",
+        "binfmt_misc",
+        "efivarfs",
+        "rpc_pipefs",
+        "nsfs",
+    }
+)
 # First bytes of files whose content a text regex cannot meaningfully search.
 _BINARY_MAGIC = (
-    b"\x7fELF", b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh91AY&SY",
-    b"\x5d\x00\x00\x80\x00", b"PK\x03\x04", b"!<arch>\n", b"\x89PNG\r\n\x1a\n", b"GIF8",
-    b"\xff\xd8\xff", b"\xde\x12\x04\x95", b"\x95\x04\x12\xde", b"hsqs",
+    b"\x7fELF",
+    b"\x1f\x8b",
+    b"\xfd7zXZ\x00",
+    b"\x28\xb5\x2f\xfd",
+    b"BZh91AY&SY",
+    b"\x5d\x00\x00\x80\x00",
+    b"PK\x03\x04",
+    b"!<arch>\n",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF8",
+    b"\xff\xd8\xff",
+    b"\xde\x12\x04\x95",
+    b"\x95\x04\x12\xde",
+    b"hsqs",
 )
 _PYCACHE = re.compile(r"(.*)/__pycache__/([^/.]+)\.[a-z]+-\d+(?:\.opt-\d)?\.pyc\Z")
 _MERGED_USR = frozenset({"bin", "sbin", "lib", "lib32", "lib64", "libx32"})
@@ -201,7 +233,8 @@ class _Scanner:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     if (rel_dir == "" and dirent.name in _SKIP_TOP) or (
-                            self.root + rel in self.skip_mounts):
+                        self.root + rel in self.skip_mounts
+                    ):
                         continue
                     self._path_rules(Entry(rel, dirent.name, Kind.DIR), dirent.path)
                     stack.append(rel)
@@ -228,8 +261,11 @@ class _Scanner:
 
     def _file(self, entry: Entry, path: str, st: os.stat_result) -> None:
         state = [r.id for r in self.path_rules if r.entry is not None and r.entry(entry)]
-        readers = [] if not 0 < entry.size <= MAX_CONTENT_BYTES else [
-            r for r in self.content_rules if r.reads is not None and r.reads(entry)]
+        readers = (
+            []
+            if not 0 < entry.size <= MAX_CONTENT_BYTES
+            else [r for r in self.content_rules if r.reads is not None and r.reads(entry)]
+        )
         if not (state or readers):
             return
         shared = st.st_nlink > 1 and not state
@@ -239,8 +275,7 @@ class _Scanner:
                 self.findings.extend(dataclasses.replace(f, path=entry.path) for f in cached)
                 return
         try:
-            data, binary, whole_fp = _read(path, want_data=bool(readers),
-                                           hash_whole=bool(state))
+            data, binary, whole_fp = _read(path, want_data=bool(readers), hash_whole=bool(state))
         except FileNotFoundError:
             return
         except OSError as err:

@@ -114,8 +114,11 @@ class _CodeGenerator(jinja2.compiler.CodeGenerator):
     macro bodies, if branches) and literals, `~` and constant output through the
     environment's checks."""
 
-    def blockvisit(self, nodes: Iterable[jinja2.nodes.Node], frame: jinja2.compiler.Frame,
-                   ) -> None:
+    def blockvisit(
+        self,
+        nodes: Iterable[jinja2.nodes.Node],
+        frame: jinja2.compiler.Frame,
+    ) -> None:
         self.writeline("environment.step()")
         super().blockvisit(nodes, frame)
 
@@ -183,8 +186,7 @@ class BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
     def join_parts(self, parts: tuple[Any, ...], autoescape: bool) -> str:
         """`a ~ b ~ ...`."""
         current().charge(bounded_size(parts))
-        joined = jinja2.runtime.markup_join(parts) if autoescape else \
-            jinja2.runtime.str_join(parts)
+        joined = jinja2.runtime.markup_join(parts) if autoescape else jinja2.runtime.str_join(parts)
         return checked(joined)
 
     def concat(self, parts: Iterable[str]) -> str:
@@ -219,8 +221,11 @@ class BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         budget.step()
         args = tuple(materialized(a) for a in args)
         kwargs = {k: materialized(v) for k, v in kwargs.items()}
-        receiver = getattr(__obj, "__self__", None) \
-            if isinstance(__obj, types.BuiltinMethodType | types.MethodWrapperType) else None
+        receiver = (
+            getattr(__obj, "__self__", None)
+            if isinstance(__obj, types.BuiltinMethodType | types.MethodWrapperType)
+            else None
+        )
         if isinstance(receiver, str | bytes | bytearray | int):
             # A method that can repeat its object: center(n), expandtabs(n), replace,
             # join, translate, to_bytes(n)...: integer arguments count as widths.
@@ -238,8 +243,7 @@ class BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         is_map = value.__name__ == "format_map"
 
         def bounded(*args: Any, **kwargs: Any) -> str:
-            current().charge(format_estimate(fmt, args[0] if is_map and args else
-                                              (args, kwargs)))
+            current().charge(format_estimate(fmt, args[0] if is_map and args else (args, kwargs)))
             return checked(wrapper(*args, **kwargs))
 
         return bounded
@@ -253,8 +257,12 @@ def _environment() -> BoundedEnvironment:
 # --- analysis at config load -------------------------------------------------------------------
 
 _COMPILED: dict[str, jinja2.Template] = {}
-_UNAVAILABLE = (jinja2.nodes.Extends, jinja2.nodes.Include, jinja2.nodes.Import,
-                jinja2.nodes.FromImport)
+_UNAVAILABLE = (
+    jinja2.nodes.Extends,
+    jinja2.nodes.Include,
+    jinja2.nodes.Import,
+    jinja2.nodes.FromImport,
+)
 
 
 def prepare(source: str) -> frozenset[str]:
@@ -275,11 +283,15 @@ def prepare(source: str) -> frozenset[str]:
     if unavailable is not None:
         raise TemplateProblem(
             "include, extends and import are not available: a template is one config value",
-            unavailable.lineno)
+            unavailable.lineno,
+        )
     for call in tree.find_all((jinja2.nodes.Filter, jinja2.nodes.Test)):
         assert isinstance(call, jinja2.nodes.Filter | jinja2.nodes.Test)
-        kind, known = ("filter", env.filters) if isinstance(call, jinja2.nodes.Filter) \
+        kind, known = (
+            ("filter", env.filters)
+            if isinstance(call, jinja2.nodes.Filter)
             else ("test", env.tests)
+        )
         if call.name not in known:
             raise TemplateProblem(f"no {kind} named `{call.name}`", call.lineno)
     try:
@@ -310,12 +322,12 @@ def _secrets_used(tree: jinja2.nodes.Template) -> frozenset[str]:
                 used.add(node.arg.value)
             else:
                 raise TemplateProblem(
-                    "write secrets.<name> or secrets['name'] with a literal name", node.lineno)
+                    "write secrets.<name> or secrets['name'] with a literal name", node.lineno
+                )
             resolved.add(id(target))
     for name_node in tree.find_all(jinja2.nodes.Name):
         if name_node.name == "secrets" and id(name_node) not in resolved:
-            raise TemplateProblem(
-                "use `secrets` only as secrets.<name>.<key>", name_node.lineno)
+            raise TemplateProblem("use `secrets` only as secrets.<name>.<key>", name_node.lineno)
     return frozenset(used)
 
 
@@ -366,27 +378,33 @@ class Renderer:
             # `secrets.a[secrets.b.k]` would be a value: find the missing key in the source.
             missing = _missing_key(template, self.secrets)
             if missing is None:
-                raise RenderError(unit, template.name,
-                                  "template refers to something the secrets do not have",
-                                  ) from None
+                raise RenderError(
+                    unit,
+                    template.name,
+                    "template refers to something the secrets do not have",
+                ) from None
             raise SecretMissing(missing[0], missing[1], f"{unit} {template.name}") from None
         except jinja2.TemplateError as err:
-            raise RenderError(unit, template.name,
-                              f"template error: {type(err).__name__}") from None
+            raise RenderError(
+                unit, template.name, f"template error: {type(err).__name__}"
+            ) from None
         except Exception as err:  # a filter or test failing on a value: name the type only
-            raise RenderError(unit, template.name,
-                              f"template failed: {type(err).__name__}") from None
+            raise RenderError(
+                unit, template.name, f"template failed: {type(err).__name__}"
+            ) from None
 
 
-def _missing_key(
-    template: Template, secrets: Mapping[str, SecretData]
-) -> tuple[str, str] | None:
+def _missing_key(template: Template, secrets: Mapping[str, SecretData]) -> tuple[str, str] | None:
     """(path, key) of a `secrets.<name>.<key>` in the template that the secret lacks."""
     tree = _environment().parse(template.source)
     for node in tree.find_all(jinja2.nodes.Getattr):
         inner = node.node
-        if isinstance(inner, jinja2.nodes.Getattr) and isinstance(inner.node, jinja2.nodes.Name) \
-                and inner.node.name == "secrets" and inner.attr in secrets \
-                and node.attr not in secrets[inner.attr].data:
+        if (
+            isinstance(inner, jinja2.nodes.Getattr)
+            and isinstance(inner.node, jinja2.nodes.Name)
+            and inner.node.name == "secrets"
+            and inner.attr in secrets
+            and node.attr not in secrets[inner.attr].data
+        ):
             return secrets[inner.attr].path, node.attr
     return None

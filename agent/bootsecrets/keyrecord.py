@@ -80,8 +80,7 @@ def load(paths: Paths, name: str) -> KeyRecord | None:
     read or is not a well-formed record for `name`."""
     path = record_path(paths, name)
     try:  # a regular file, reached without following a symlink below the root, bounded
-        data = read_regular_file(path, MAX_RECORD_BYTES, follow_symlinks=False,
-                                 anchor=paths.root)
+        data = read_regular_file(path, MAX_RECORD_BYTES, follow_symlinks=False, anchor=paths.root)
     except FileMissing:
         return None
     except FileRefused as err:
@@ -102,8 +101,15 @@ def _parse(raw: object, path: Path, name: str) -> KeyRecord:
     if raw.get("version") != RECORD_VERSION:
         raise bad(f"version must be {RECORD_VERSION}")
     texts = {}
-    for field in ("name", "kind", "path", "transit_mount", "transit_key", "ciphertext",
-                  "created_at"):
+    for field in (
+        "name",
+        "kind",
+        "path",
+        "transit_mount",
+        "transit_key",
+        "ciphertext",
+        "created_at",
+    ):
         value = raw.get(field)
         if not isinstance(value, str) or not value:
             raise bad(f"{field} must be a non-empty string")
@@ -118,8 +124,9 @@ def _parse(raw: object, path: Path, name: str) -> KeyRecord:
     if raw.get("key_version") != version:
         raise bad("key_version does not match the ciphertext's version")
     identifier = raw.get("key_identifier")
-    if identifier is not None and not (isinstance(identifier, str)
-                                       and IDENTIFIER.match(identifier)):
+    if identifier is not None and not (
+        isinstance(identifier, str) and IDENTIFIER.match(identifier)
+    ):
         raise bad("key_identifier must be 32 lower-case hex digits or null")
     rewrapped = raw.get("rewrapped_at")
     if rewrapped is not None and not isinstance(rewrapped, str):
@@ -128,19 +135,29 @@ def _parse(raw: object, path: Path, name: str) -> KeyRecord:
     if unknown:
         raise bad(f"unknown field {unknown[0]}")
     return KeyRecord(
-        name=name, kind=texts["kind"], path=texts["path"],
-        transit_mount=texts["transit_mount"], transit_key=texts["transit_key"],
-        ciphertext=texts["ciphertext"], key_version=version, key_identifier=identifier,
-        created_at=texts["created_at"], rewrapped_at=rewrapped,
+        name=name,
+        kind=texts["kind"],
+        path=texts["path"],
+        transit_mount=texts["transit_mount"],
+        transit_key=texts["transit_key"],
+        ciphertext=texts["ciphertext"],
+        key_version=version,
+        key_identifier=identifier,
+        created_at=texts["created_at"],
+        rewrapped_at=rewrapped,
     )
 
 
 def save(paths: Paths, record: KeyRecord) -> None:
     """Write (or replace) the record atomically: temp file, fsync, rename, root 0600."""
     path = record_path(paths, record.name)
-    write_private(paths.root, path,
-                  json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n",
-                  0o600, create_dirs=0o700)
+    write_private(
+        paths.root,
+        path,
+        json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n",
+        0o600,
+        create_dirs=0o700,
+    )
 
 
 def remove(paths: Paths, name: str) -> bool:
@@ -158,8 +175,11 @@ def names(paths: Paths) -> list[str]:
         entries = list(keys_dir(paths).iterdir())
     except FileNotFoundError:
         return []
-    return sorted(p.stem for p in entries
-                  if p.suffix == ".json" and NAME.match(p.stem) and not p.name.startswith("."))
+    return sorted(
+        p.stem
+        for p in entries
+        if p.suffix == ".json" and NAME.match(p.stem) and not p.name.startswith(".")
+    )
 
 
 def _fsync_dir(path: Path) -> None:

@@ -87,8 +87,7 @@ class Policy:
             raise ValueError("floor must be positive")
         if self.margin < 0 or self.slack < 0:
             raise ValueError("margin and slack must not be negative")
-        if not all(math.isfinite(x) for x in (self.fraction, self.floor, self.margin,
-                                               self.slack)):
+        if not all(math.isfinite(x) for x in (self.fraction, self.floor, self.margin, self.slack)):
             raise ValueError("policy values must be finite")
 
 
@@ -111,8 +110,9 @@ class Lease:
 
     @property
     def expires_at(self) -> float:
-        return (self.issued_at if self.renewed_at is None else self.renewed_at) \
-            + self.lease_duration
+        return (
+            self.issued_at if self.renewed_at is None else self.renewed_at
+        ) + self.lease_duration
 
     @property
     def can_renew(self) -> bool:
@@ -143,12 +143,25 @@ class Certificate:
 Record = Lease | Certificate
 
 
-def issued_lease(name: str, *, at: float, lease_duration: float, renewable: bool,
-                 has_lease_id: bool, max_ttl: float | None = None) -> Lease:
+def issued_lease(
+    name: str,
+    *,
+    at: float,
+    lease_duration: float,
+    renewable: bool,
+    has_lease_id: bool,
+    max_ttl: float | None = None,
+) -> Lease:
     """The record of a lease Vault just issued; `at` is when the request was sent."""
-    return Lease(name=name, issued_at=at, ttl=lease_duration, lease_duration=lease_duration,
-                 renewable=renewable, has_lease_id=has_lease_id,
-                 max_expires_at=None if max_ttl is None else at + max_ttl)
+    return Lease(
+        name=name,
+        issued_at=at,
+        ttl=lease_duration,
+        lease_duration=lease_duration,
+        renewable=renewable,
+        has_lease_id=has_lease_id,
+        max_expires_at=None if max_ttl is None else at + max_ttl,
+    )
 
 
 def renewed(lease: Lease, *, at: float, lease_duration: float, renewable: bool) -> Lease:
@@ -158,8 +171,13 @@ def renewed(lease: Lease, *, at: float, lease_duration: float, renewable: bool) 
     if lease_duration + CAP_TOLERANCE < lease.ttl:
         capped = at + lease_duration
         max_expires_at = capped if max_expires_at is None else min(max_expires_at, capped)
-    return replace(lease, renewed_at=at, lease_duration=lease_duration, renewable=renewable,
-                   max_expires_at=max_expires_at)
+    return replace(
+        lease,
+        renewed_at=at,
+        lease_duration=lease_duration,
+        renewable=renewable,
+        max_expires_at=max_expires_at,
+    )
 
 
 @dataclass(frozen=True)
@@ -198,10 +216,10 @@ def plan_lease(lease: Lease, now: float, next_run: float, policy: Policy) -> Dec
         notes.add(Note.SHORT_LIFE)
     expires = lease.expires_at
 
-    def decide(action: Action, reason: Reason, due: float | None,
-               next_action: Action) -> Decision:
-        return Decision(lease.name, Kind.LEASE, action, reason, expires, next_action, due,
-                        frozenset(notes))
+    def decide(action: Action, reason: Reason, due: float | None, next_action: Action) -> Decision:
+        return Decision(
+            lease.name, Kind.LEASE, action, reason, expires, next_action, due, frozenset(notes)
+        )
 
     if now >= expires:
         notes.add(Note.EXPIRED)
@@ -211,8 +229,9 @@ def plan_lease(lease: Lease, now: float, next_run: float, policy: Policy) -> Dec
     end = lease.hard_end
     reissue_due = None
     if end is not None:
-        reissue_due = min(lease.issued_at + policy.fraction * (end - lease.issued_at),
-                          end - policy.margin)
+        reissue_due = min(
+            lease.issued_at + policy.fraction * (end - lease.issued_at), end - policy.margin
+        )
         if now >= reissue_due - policy.slack:
             return decide(Action.REISSUE, Reason.THRESHOLD, reissue_due, Action.REISSUE)
         if earliest > end - policy.margin:
@@ -234,21 +253,27 @@ def plan_lease(lease: Lease, now: float, next_run: float, policy: Policy) -> Dec
     return decide(Action.NONE, Reason.NOT_DUE, renew_due, Action.RENEW)
 
 
-def plan_certificate(cert: Certificate, now: float, next_run: float,
-                     policy: Policy) -> Decision:
+def plan_certificate(cert: Certificate, now: float, next_run: float, policy: Policy) -> Decision:
     """Re-issue at the fraction of the validity, counted from when it arrived (or
     not_before when later: a host clock behind the CA's), and only then."""
     notes: set[Note] = set()
 
     def decide(action: Action, reason: Reason, due: float | None) -> Decision:
-        return Decision(cert.name, Kind.CERTIFICATE, action, reason, cert.not_after,
-                        Action.REISSUE, due, frozenset(notes))
+        return Decision(
+            cert.name,
+            Kind.CERTIFICATE,
+            action,
+            reason,
+            cert.not_after,
+            Action.REISSUE,
+            due,
+            frozenset(notes),
+        )
 
     if cert.received_at is not None and cert.received_at >= cert.not_after:
         notes.update((Note.CLOCK_SKEW, Note.EXPIRED))
         return decide(Action.NONE, Reason.CLOCK_AHEAD, None)
-    start = cert.not_before if cert.received_at is None \
-        else max(cert.not_before, cert.received_at)
+    start = cert.not_before if cert.received_at is None else max(cert.not_before, cert.received_at)
     if cert.not_after - start < policy.floor + policy.margin:
         notes.add(Note.SHORT_LIFE)
     if cert.not_before > now + policy.slack:
@@ -256,8 +281,7 @@ def plan_certificate(cert: Certificate, now: float, next_run: float,
     if now >= cert.not_after:
         notes.add(Note.EXPIRED)
         return decide(Action.REISSUE, Reason.EXPIRED, cert.not_after)
-    due = min(start + policy.fraction * (cert.not_after - start),
-              cert.not_after - policy.margin)
+    due = min(start + policy.fraction * (cert.not_after - start), cert.not_after - policy.margin)
     if now >= due - policy.slack:
         return decide(Action.REISSUE, Reason.THRESHOLD, due)
     if _earliest_next_run(now, next_run, policy) > cert.not_after - policy.margin:
@@ -265,12 +289,17 @@ def plan_certificate(cert: Certificate, now: float, next_run: float,
     return decide(Action.NONE, Reason.NOT_DUE, due)
 
 
-def plan(records: Iterable[Record], now: float, next_run: float,
-         policy: Policy = Policy()) -> tuple[Decision, ...]:
+def plan(
+    records: Iterable[Record], now: float, next_run: float, policy: Policy = Policy()
+) -> tuple[Decision, ...]:
     """One decision per record, in the records' order. `next_run` is when the regular
     refresh timer fires next (math.inf when unknown or disabled)."""
-    return tuple(plan_lease(r, now, next_run, policy) if isinstance(r, Lease)
-                 else plan_certificate(r, now, next_run, policy) for r in records)
+    return tuple(
+        plan_lease(r, now, next_run, policy)
+        if isinstance(r, Lease)
+        else plan_certificate(r, now, next_run, policy)
+        for r in records
+    )
 
 
 @dataclass(frozen=True)
@@ -288,8 +317,9 @@ class Wakeup:
     floored: bool
 
 
-def next_wakeup(decisions: Iterable[Decision], now: float, next_run: float,
-                policy: Policy = Policy()) -> Wakeup:
+def next_wakeup(
+    decisions: Iterable[Decision], now: float, next_run: float, policy: Policy = Policy()
+) -> Wakeup:
     due = [(d.due_at, d.name) for d in decisions if d.due_at is not None]
     if not due:
         return Wakeup(None, None, False, False)
@@ -336,8 +366,9 @@ class Step:
     which: Which | None = None
 
 
-def refresh_steps(decisions: Sequence[Decision],
-                  users: Mapping[str, Iterable[str]]) -> tuple[Step, ...]:
+def refresh_steps(
+    decisions: Sequence[Decision], users: Mapping[str, Iterable[str]]
+) -> tuple[Step, ...]:
     """The order of a refresh that acts on `decisions`; `users` maps a record to the units
     rendered from it. Renewals first (no restart). Then every re-issue, one render and
     switch, restarts of only the units that use a re-issued record, and only once each
@@ -354,13 +385,17 @@ def refresh_steps(decisions: Sequence[Decision],
     steps += [Step(Verb.RENDER), Step(Verb.SWITCH)]
     steps += [Step(Verb.RESTART, u) for u in units]
     steps += [Step(Verb.WAIT_ACTIVE, u) for u in units]
-    steps += [Step(Verb.REVOKE, d.name, Which.OLD) for d in reissue
-              if d.kind is Kind.LEASE and Note.NO_LEASE_ID not in d.notes]
+    steps += [
+        Step(Verb.REVOKE, d.name, Which.OLD)
+        for d in reissue
+        if d.kind is Kind.LEASE and Note.NO_LEASE_ID not in d.notes
+    ]
     return tuple(steps)
 
 
-def rollback_steps(reissued: Sequence[Decision], users: Mapping[str, Iterable[str]],
-                   failed_units: Iterable[str]) -> tuple[Step, ...]:
+def rollback_steps(
+    reissued: Sequence[Decision], users: Mapping[str, Iterable[str]], failed_units: Iterable[str]
+) -> tuple[Step, ...]:
     """After a unit failed to become active on re-issued credentials: back to the previous
     generation (whose credentials were not revoked, so they still work), restart the
     units that had restarted, wait for them, then revoke the *new* leases (nothing uses
@@ -370,8 +405,7 @@ def rollback_steps(reissued: Sequence[Decision], users: Mapping[str, Iterable[st
     steps = [Step(Verb.SWITCH_BACK)]
     steps += [Step(Verb.RESTART, u) for u in units]
     steps += [Step(Verb.WAIT_ACTIVE, u) for u in units]
-    steps += [Step(Verb.REVOKE, d.name, Which.NEW) for d in reissued
-              if d.kind is Kind.LEASE]
+    steps += [Step(Verb.REVOKE, d.name, Which.NEW) for d in reissued if d.kind is Kind.LEASE]
     steps += [Step(Verb.ALERT, u) for u in sorted(set(failed_units))]
     return tuple(steps)
 

@@ -22,8 +22,10 @@ _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: At most ten years: more is a typo, and it keeps every sum finite and exact.
 MAX_DURATION = 10 * 365 * 86400
 _FRACTION = re.compile(r"([0-9]{1,6})/([0-9]{1,6})\Z")
-_DNS_NAME = re.compile(r"(?=.{1,253}\Z)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
-                       r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z")
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,11 @@ def parse_settings(at: Node) -> Policy:
 def duration(at: Node) -> float:
     """Seconds, as a plain number or with a unit: `90`, `90s`, `15m`, `72h`, `30d`."""
     node = at.node
-    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) \
-        and node.tag.endswith((":int", ":str")) else None
+    text = (
+        str(node.value).strip()
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":int", ":str"))
+        else None
+    )
     match = _DURATION.match(text or "")
     if match is None:
         raise at.error("must be a duration: seconds, or a number with s, m, h or d (`72h`)")
@@ -99,8 +104,11 @@ def fraction(at: Node) -> float:
     """A number strictly between 0 and 1, written `0.5` or `2/3`."""
     node = at.node
     value: float | None = None
-    text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) \
-        and node.tag.endswith((":float", ":str")) else ""
+    text = (
+        str(node.value).strip()
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":float", ":str"))
+        else ""
+    )
     if re.fullmatch(r"0?\.[0-9]{1,15}", text):
         value = float(text)
     elif (match := _FRACTION.match(text)) and int(match.group(2)):
@@ -110,8 +118,9 @@ def fraction(at: Node) -> float:
     return value
 
 
-def parse_leased(owner: Node, at: Node, kind: str, rest: str,
-                 fields: dict[str, Node]) -> LeasedSpec:
+def parse_leased(
+    owner: Node, at: Node, kind: str, rest: str, fields: dict[str, Node]
+) -> LeasedSpec:
     """The options of a secret (`owner`) on a `database` (kind) or `pki` mount; `at` is its
     path, `rest` the path under the mount, `fields` its mapping's entries other than `path`
     (empty for a plain path)."""
@@ -122,33 +131,41 @@ def parse_leased(owner: Node, at: Node, kind: str, rest: str,
         _known(fields, allowed)
         return DatabaseSpec(
             max_ttl=duration(fields["max_ttl"]) if "max_ttl" in fields else None,
-            fraction=fraction(fields["fraction"]) if "fraction" in fields else None)
+            fraction=fraction(fields["fraction"]) if "fraction" in fields else None,
+        )
     if not re.fullmatch(r"issue/[^/]+", rest):
         raise at.error("a pki secret must be <mount>/issue/<role> (not sign/)")
     _known(fields, {"common_name", "alt_names", "ip_sans", "ttl", "fraction"})
     if "common_name" not in fields:
         raise owner.child(owner.node, "common_name").error(
-            "missing required field (a pki secret must name its certificate)")
+            "missing required field (a pki secret must name its certificate)"
+        )
     return CertificateSpec(
         common_name=_dns(fields["common_name"], fields["common_name"].string()),
         alt_names=tuple(_dns(n, n.string()) for n in _list(fields, "alt_names")),
         ip_sans=tuple(_ip(n) for n in _list(fields, "ip_sans")),
         ttl=duration(fields["ttl"]) if "ttl" in fields else None,
-        fraction=fraction(fields["fraction"]) if "fraction" in fields else None)
+        fraction=fraction(fields["fraction"]) if "fraction" in fields else None,
+    )
 
 
-def check_on_change(at: Node, on_change: str, leased_in_environment: list[str],
-                    leased_in_credentials: list[str]) -> None:
+def check_on_change(
+    at: Node, on_change: str, leased_in_environment: list[str], leased_in_credentials: list[str]
+) -> None:
     """A unit on leased credentials must pick new ones up before the old lease is revoked:
     `none` never would, and a reload cannot change a running process's environment."""
     leased = sorted({*leased_in_environment, *leased_in_credentials})
     if leased and on_change == "none":
-        raise at.error(f"uses the leased secret {leased[0]}: on_change must be restart or "
-                       "reload (its old lease is revoked once the unit runs the new one)")
+        raise at.error(
+            f"uses the leased secret {leased[0]}: on_change must be restart or "
+            "reload (its old lease is revoked once the unit runs the new one)"
+        )
     if leased_in_environment and on_change == "reload":
-        raise at.error("a reload cannot give a running process the new environment of the "
-                       f"leased secret {leased_in_environment[0]}: use restart, or deliver "
-                       "it as credentials")
+        raise at.error(
+            "a reload cannot give a running process the new environment of the "
+            f"leased secret {leased_in_environment[0]}: use restart, or deliver "
+            "it as credentials"
+        )
 
 
 def _known(fields: dict[str, Node], allowed: set[str]) -> None:

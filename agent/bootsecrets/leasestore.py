@@ -61,14 +61,18 @@ class Held:
 
     @property
     def expires_at(self) -> float:
-        return self.record.expires_at if isinstance(self.record, Lease) \
-            else self.record.not_after
+        return self.record.expires_at if isinstance(self.record, Lease) else self.record.not_after
 
     def secret(self) -> SecretData:
         """What the templates see (`secrets.<name>.<key>`)."""
         duration = self.record.lease_duration if isinstance(self.record, Lease) else None
-        return SecretData(self.name, self.path, self.data, version=self.version,
-                          lease_duration=int(duration) if duration else None)
+        return SecretData(
+            self.name,
+            self.path,
+            self.data,
+            version=self.version,
+            lease_duration=int(duration) if duration else None,
+        )
 
     def retired(self) -> Retired:
         return Retired(self.name, self.path, self.lease_id, self.expires_at)
@@ -91,8 +95,7 @@ class Kept:
     revoke: tuple[Retired, ...] = ()
 
     def versions(self, name: str) -> dict[int, Held]:
-        held = [*self.older.get(name, ()), *([self.current[name]] if name in self.current
-                                             else [])]
+        held = [*self.older.get(name, ()), *([self.current[name]] if name in self.current else [])]
         return {h.version: h for h in held}
 
     def next_version(self, name: str) -> int:
@@ -100,10 +103,14 @@ class Kept:
 
     def lease_ids(self) -> list[tuple[str, str, str]]:
         """(name, path, lease ID) of every lease held or waiting for revocation."""
-        held = [h for h in (*self.current.values(), *(h for hs in self.older.values()
-                                                      for h in hs)) if h.lease_id]
-        return [(h.name, h.path, h.lease_id) for h in held] + \
-            [(r.name, r.path, r.lease_id) for r in self.revoke]
+        held = [
+            h
+            for h in (*self.current.values(), *(h for hs in self.older.values() for h in hs))
+            if h.lease_id
+        ]
+        return [(h.name, h.path, h.lease_id) for h in held] + [
+            (r.name, r.path, r.lease_id) for r in self.revoke
+        ]
 
 
 def load(paths: Paths) -> Kept:
@@ -118,11 +125,17 @@ def load(paths: Paths) -> Kept:
         return Kept(
             current={n: _held(n, h) for n, h in doc["current"].items()},
             older={n: tuple(_held(n, h) for h in hs) for n, hs in doc["older"].items()},
-            revoke=tuple(Retired(r["name"], r["path"], r["lease_id"], float(r["expires_at"]))
-                         for r in doc["revoke"]))
+            revoke=tuple(
+                Retired(r["name"], r["path"], r["lease_id"], float(r["expires_at"]))
+                for r in doc["revoke"]
+            ),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        log.warning("ignoring the unreadable %s (%s): its leases are left to expire",
-                    FILE, type(err).__name__)
+        log.warning(
+            "ignoring the unreadable %s (%s): its leases are left to expire",
+            FILE,
+            type(err).__name__,
+        )
         return Kept()
 
 
@@ -130,8 +143,10 @@ def save(paths: Paths, kept: Kept) -> None:
     doc = {
         "current": {n: _doc(h) for n, h in kept.current.items()},
         "older": {n: [_doc(h) for h in hs] for n, hs in kept.older.items() if hs},
-        "revoke": [{"name": r.name, "path": r.path, "lease_id": r.lease_id,
-                    "expires_at": r.expires_at} for r in kept.revoke],
+        "revoke": [
+            {"name": r.name, "path": r.path, "lease_id": r.lease_id, "expires_at": r.expires_at}
+            for r in kept.revoke
+        ],
     }
     with fsio.open_dir(paths.root, paths.store) as store:
         store.replace_file(FILE, json.dumps(doc, sort_keys=True).encode() + b"\n", mode=0o600)
@@ -143,49 +158,89 @@ def to_state(kept: Kept) -> dict[str, LeasedState]:
     for name, held in kept.current.items():
         record = held.record
         common = LeasedState(
-            kind="lease", path=held.path, version=held.version, issued_at=0.0,
+            kind="lease",
+            path=held.path,
+            version=held.version,
+            issued_at=0.0,
             older=len(kept.older.get(name, ())),
-            revoke_pending=sum(1 for r in kept.revoke if r.name == name))
+            revoke_pending=sum(1 for r in kept.revoke if r.name == name),
+        )
         if isinstance(record, Lease):
             out[name] = dataclasses.replace(
-                common, issued_at=record.issued_at, ttl=record.ttl,
-                lease_duration=record.lease_duration, renewable=record.renewable,
-                has_lease_id=record.has_lease_id, renewed_at=record.renewed_at,
-                max_expires_at=record.max_expires_at)
+                common,
+                issued_at=record.issued_at,
+                ttl=record.ttl,
+                lease_duration=record.lease_duration,
+                renewable=record.renewable,
+                has_lease_id=record.has_lease_id,
+                renewed_at=record.renewed_at,
+                max_expires_at=record.max_expires_at,
+            )
         else:
             out[name] = dataclasses.replace(
-                common, kind="certificate",
+                common,
+                kind="certificate",
                 issued_at=record.received_at or record.not_before,
-                not_before=record.not_before, not_after=record.not_after,
-                serial_number=held.serial_number)
+                not_before=record.not_before,
+                not_after=record.not_after,
+                serial_number=held.serial_number,
+            )
     return out
 
 
 def from_state(name: str, state: LeasedState) -> Record:
     """The planner's record from its copy in state.json (what `status` plans with)."""
     if state.kind == "lease":
-        return Lease(name, state.issued_at, state.ttl, state.lease_duration, state.renewable,
-                     state.has_lease_id, state.renewed_at, state.max_expires_at)
-    return Certificate(name, state.not_before if state.not_before is not None
-                       else state.issued_at, state.not_after or state.issued_at,
-                       state.issued_at)
+        return Lease(
+            name,
+            state.issued_at,
+            state.ttl,
+            state.lease_duration,
+            state.renewable,
+            state.has_lease_id,
+            state.renewed_at,
+            state.max_expires_at,
+        )
+    return Certificate(
+        name,
+        state.not_before if state.not_before is not None else state.issued_at,
+        state.not_after or state.issued_at,
+        state.issued_at,
+    )
 
 
 def _doc(held: Held) -> dict[str, Any]:
     record = dataclasses.asdict(held.record)
     record.pop("name")
-    return {"path": held.path, "version": held.version, "lease_id": held.lease_id,
-            "serial_number": held.serial_number, "data": dict(held.data),
-            "request": held.request,
-            "kind": held.kind.value, "record": record}
+    return {
+        "path": held.path,
+        "version": held.version,
+        "lease_id": held.lease_id,
+        "serial_number": held.serial_number,
+        "data": dict(held.data),
+        "request": held.request,
+        "kind": held.kind.value,
+        "record": record,
+    }
 
 
 def _held(name: str, doc: Mapping[str, Any]) -> Held:
     fields = dict(doc["record"])
-    record: Record = Lease(name=name, **fields) if doc["kind"] == Kind.LEASE.value \
+    record: Record = (
+        Lease(name=name, **fields)
+        if doc["kind"] == Kind.LEASE.value
         else Certificate(name=name, **fields)
-    return Held(name, str(doc["path"]), int(doc["version"]), record, dict(doc["data"]),
-                str(doc["lease_id"]), doc.get("serial_number"), str(doc.get("request", "")))
+    )
+    return Held(
+        name,
+        str(doc["path"]),
+        int(doc["version"]),
+        record,
+        dict(doc["data"]),
+        str(doc["lease_id"]),
+        doc.get("serial_number"),
+        str(doc.get("request", "")),
+    )
 
 
 def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> Held:
@@ -195,21 +250,41 @@ def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> He
     if isinstance(ref.spec, DatabaseSpec):
         if grant.lease_duration <= 0:
             raise LeaseIssueFailed(ref.name, ref.full_path, "Vault's answer has no lease")
-        record = issued_lease(ref.name, at=at, lease_duration=grant.lease_duration,
-                              renewable=grant.renewable, has_lease_id=bool(grant.lease_id),
-                              max_ttl=ref.spec.max_ttl)
+        record = issued_lease(
+            ref.name,
+            at=at,
+            lease_duration=grant.lease_duration,
+            renewable=grant.renewable,
+            has_lease_id=bool(grant.lease_id),
+            max_ttl=ref.spec.max_ttl,
+        )
         return Held(ref.name, ref.full_path, version, record, data, grant.lease_id)
     expiration, not_before = data.get("expiration"), data.get("not_before", int(at))
-    if not all(isinstance(data.get(k), str) for k in ("certificate", "private_key")) \
-            or not isinstance(expiration, int) or not isinstance(not_before, int):
-        raise LeaseIssueFailed(ref.name, ref.full_path,
-                               "Vault's answer has no certificate, key or validity")
+    if (
+        not all(isinstance(data.get(k), str) for k in ("certificate", "private_key"))
+        or not isinstance(expiration, int)
+        or not isinstance(not_before, int)
+    ):
+        raise LeaseIssueFailed(
+            ref.name, ref.full_path, "Vault's answer has no certificate, key or validity"
+        )
     chain = data.get("ca_chain")
-    data["ca_chain"] = "\n".join(str(c) for c in chain) if isinstance(chain, list) \
+    data["ca_chain"] = (
+        "\n".join(str(c) for c in chain)
+        if isinstance(chain, list)
         else str(data.get("issuing_ca", ""))
+    )
     cert = Certificate(ref.name, float(not_before), float(expiration), at)
-    return Held(ref.name, ref.full_path, version, cert, data, "",
-                str(data.get("serial_number", "")), request_of(ref))
+    return Held(
+        ref.name,
+        ref.full_path,
+        version,
+        cert,
+        data,
+        "",
+        str(data.get("serial_number", "")),
+        request_of(ref),
+    )
 
 
 def request_of(ref: SecretRef) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from bootsecrets import leasestore, logs, wakeup
+from bootsecrets import leasestore, logs, vaultleases, wakeup
 from bootsecrets.config import SecretRef
 from bootsecrets.context import Run
 from bootsecrets.errors import (
@@ -62,8 +62,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Which problem a run ends with when it has several (each is logged when it happens).
-_SEVERITY = (LeaseExpired, LeaseRenewalRefused, LeaseIssueFailed, CertificateRefused,
-             LeaseRevokeFailed)
+_SEVERITY = (
+    LeaseExpired,
+    LeaseRenewalRefused,
+    LeaseIssueFailed,
+    CertificateRefused,
+    LeaseRevokeFailed,
+)
 
 
 class Session:
@@ -83,14 +88,19 @@ class Session:
     def active(self) -> bool:
         """Whether this run has leased secrets to look after (and so needs Vault after
         deploy)."""
-        return bool(self.kept.current or self.kept.older or self.kept.revoke
-                    or any(r.leased for r in self.run.config.secrets.values()))
+        return bool(
+            self.kept.current
+            or self.kept.older
+            or self.kept.revoke
+            or any(r.leased for r in self.run.config.secrets.values())
+        )
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self.active:
             return
         if err is None:
@@ -113,9 +123,14 @@ class Session:
                 continue
             held = self.kept.current.get(ref.name)
             if held is not None and (held.path, held.request) != (
-                    ref.full_path, leasestore.request_of(ref)):
-                log.info("%s changed in the image config: issuing anew", ref.name,
-                         extra={"SECRET_PATH": ref.full_path})
+                ref.full_path,
+                leasestore.request_of(ref),
+            ):
+                log.info(
+                    "%s changed in the image config: issuing anew",
+                    ref.name,
+                    extra={"SECRET_PATH": ref.full_path},
+                )
                 held = None
             try:
                 out[ref.name] = self._one(ref, held).secret()
@@ -139,8 +154,13 @@ class Session:
                 held = self._renew(ref, held)
                 decision = plan((held.record,), now, math.inf, policy)[0]
             except BootsecretsError as err:
-                log.warning("renewing %s (%s) failed (%s): re-issuing", ref.name,
-                            ref.full_path, err, extra={"SECRET_PATH": ref.full_path})
+                log.warning(
+                    "renewing %s (%s) failed (%s): re-issuing",
+                    ref.name,
+                    ref.full_path,
+                    err,
+                    extra={"SECRET_PATH": ref.full_path},
+                )
                 refused = err
                 decision = dataclasses.replace(decision, action=Action.REISSUE)
         if decision.action is not Action.REISSUE:
@@ -149,32 +169,45 @@ class Session:
             new = self._issue(ref, held)
         except LeaseIssueFailed as err:
             if Note.EXPIRED in decision.notes:
-                raise LeaseExpired(ref.name, ref.full_path,
-                                   f"expired and {err.problem}") from None
+                raise LeaseExpired(ref.name, ref.full_path, f"expired and {err.problem}") from None
             if refused is not None:
-                raise LeaseIssueFailed(ref.name, ref.full_path,
-                                       f"renewal refused ({refused}); {err.problem}") from None
+                raise LeaseIssueFailed(
+                    ref.name, ref.full_path, f"renewal refused ({refused}); {err.problem}"
+                ) from None
             raise
         if Note.EXPIRED in decision.notes:
-            self._problem(LeaseExpired(ref.name, ref.full_path,
-                                       "had expired before it was replaced; re-issued"))
+            self._problem(
+                LeaseExpired(
+                    ref.name, ref.full_path, "had expired before it was replaced; re-issued"
+                )
+            )
         if refused is not None:
-            self._problem(LeaseRenewalRefused(ref.name, ref.full_path,
-                                              f"renewal refused ({refused}); re-issued"))
+            self._problem(
+                LeaseRenewalRefused(
+                    ref.name, ref.full_path, f"renewal refused ({refused}); re-issued"
+                )
+            )
         return new
 
     def _renew(self, ref: SecretRef, held: Held) -> Held:
         record = held.record
         assert isinstance(record, Lease)
         at = self.run.ctx.clock()
-        duration, renewable = self.vault.renew_lease(
-            held.lease_id, int(record.ttl), what=f"renew the lease of {ref.full_path}")
-        new = dataclasses.replace(held, record=renewed(
-            record, at=at, lease_duration=duration, renewable=renewable))
-        self._keep(dataclasses.replace(self.kept, current={**self.kept.current,
-                                                           ref.name: new}))
-        log.info("renewed the lease of %s (%s, version %s) for %ss", ref.name, ref.full_path,
-                 held.version, duration, extra={"SECRET_PATH": ref.full_path})
+        duration, renewable = vaultleases.renew_lease(
+            self.vault, held.lease_id, int(record.ttl), what=f"renew the lease of {ref.full_path}"
+        )
+        new = dataclasses.replace(
+            held, record=renewed(record, at=at, lease_duration=duration, renewable=renewable)
+        )
+        self._keep(dataclasses.replace(self.kept, current={**self.kept.current, ref.name: new}))
+        log.info(
+            "renewed the lease of %s (%s, version %s) for %ss",
+            ref.name,
+            ref.full_path,
+            held.version,
+            duration,
+            extra={"SECRET_PATH": ref.full_path},
+        )
         return new
 
     def _issue(self, ref: SecretRef, old: Held | None) -> Held:
@@ -186,24 +219,32 @@ class Session:
         # credentials still valid: give up rather than risk a lease whose answer was lost.
         idempotent = self.at_boot or old is None
         try:
-            grant = self.vault.issue(ref, body, idempotent=idempotent)
+            grant = vaultleases.issue(self.vault, ref, body, idempotent=idempotent)
             held = leasestore.from_grant(ref, grant, at, self.kept.next_version(ref.name))
         except (CertificateRefused, LeaseIssueFailed):
             raise
         except BootsecretsError as err:
-            raise LeaseIssueFailed(ref.name, ref.full_path,
-                                   f"could not be issued: {err}") from None
+            raise LeaseIssueFailed(ref.name, ref.full_path, f"could not be issued: {err}") from None
         previous = self.kept.current.get(ref.name)
-        older = (*self.kept.older.get(ref.name, ()),
-                 *((previous,) if previous is not None else ()))
-        self._keep(dataclasses.replace(
-            self.kept, current={**self.kept.current, ref.name: held},
-            older={**self.kept.older, ref.name: older}))
+        older = (*self.kept.older.get(ref.name, ()), *((previous,) if previous is not None else ()))
+        self._keep(
+            dataclasses.replace(
+                self.kept,
+                current={**self.kept.current, ref.name: held},
+                older={**self.kept.older, ref.name: older},
+            )
+        )
         self.issued.append(held)
         what = "certificate" if isinstance(held.record, Certificate) else "credentials"
-        log.info("issued %s for %s (%s, version %s) valid until %s", what, ref.name,
-                 ref.full_path, held.version, _when(held.expires_at),
-                 extra={"SECRET_PATH": ref.full_path, "SECRET_VERSION": str(held.version)})
+        log.info(
+            "issued %s for %s (%s, version %s) valid until %s",
+            what,
+            ref.name,
+            ref.full_path,
+            held.version,
+            _when(held.expires_at),
+            extra={"SECRET_PATH": ref.full_path, "SECRET_VERSION": str(held.version)},
+        )
         return held
 
     def together(self) -> tuple[frozenset[str], ...]:
@@ -230,8 +271,9 @@ class Session:
             ref = config.secrets.get(name)
             return config.users(name) if ref is not None and ref.leased else ()
 
-        self._keep(reconcile(self.kept, state, users, rolled_back=rolled_back,
-                             at_boot=self.at_boot))
+        self._keep(
+            reconcile(self.kept, state, users, rolled_back=rolled_back, at_boot=self.at_boot)
+        )
         self._revoke_retired()
         self._save()
 
@@ -241,15 +283,25 @@ class Session:
             what = f"revoke an old lease of {retired.path}"
             try:
                 if retired.expires_at > now:
-                    self.vault.revoke_lease(retired.lease_id, what=what)
-                    log.info("revoked an old lease of %s (%s)", retired.name, retired.path,
-                             extra={"SECRET_PATH": retired.path})
+                    vaultleases.revoke_lease(self.vault, retired.lease_id, what=what)
+                    log.info(
+                        "revoked an old lease of %s (%s)",
+                        retired.name,
+                        retired.path,
+                        extra={"SECRET_PATH": retired.path},
+                    )
             except BootsecretsError as err:
-                self._problem(LeaseRevokeFailed(retired.name, retired.path,
-                                                f"an old lease was not revoked ({err})"))
+                self._problem(
+                    LeaseRevokeFailed(
+                        retired.name, retired.path, f"an old lease was not revoked ({err})"
+                    )
+                )
                 continue
-            self._keep(dataclasses.replace(
-                self.kept, revoke=tuple(r for r in self.kept.revoke if r is not retired)))
+            self._keep(
+                dataclasses.replace(
+                    self.kept, revoke=tuple(r for r in self.kept.revoke if r is not retired)
+                )
+            )
 
     def _failed(self) -> None:
         """The run failed. If its new generation never went live, nothing uses what it
@@ -265,11 +317,17 @@ class Session:
                 else:
                     current.pop(held.name, None)
                 kept = dataclasses.replace(
-                    kept, current=current, older={**kept.older, held.name: older},
-                    revoke=(*kept.revoke, *((held.retired(),) if held.lease_id else ())))
+                    kept,
+                    current=current,
+                    older={**kept.older, held.name: older},
+                    revoke=(*kept.revoke, *((held.retired(),) if held.lease_id else ())),
+                )
             self._keep(kept)
-            log.info("the run failed before its new values went live: revoking the %d "
-                     "lease(s) it issued", len(self.issued))
+            log.info(
+                "the run failed before its new values went live: revoking the %d "
+                "lease(s) it issued",
+                len(self.issued),
+            )
             self._revoke_retired()
         self._save()
 
@@ -279,8 +337,12 @@ class Session:
         would stop every unit that Requires= it."""
         if not self.problems or self.at_boot:
             return
-        worst = min(self.problems, key=lambda e: next(
-            (i for i, cls in enumerate(_SEVERITY) if isinstance(e, cls)), len(_SEVERITY)))
+        worst = min(
+            self.problems,
+            key=lambda e: next(
+                (i for i, cls in enumerate(_SEVERITY) if isinstance(e, cls)), len(_SEVERITY)
+            ),
+        )
         raise worst
 
     def _problem(self, err: BootsecretsError) -> None:
@@ -301,8 +363,14 @@ class Session:
         self.run.save(dataclasses.replace(state, leases=leasestore.to_state(self.kept)))
 
 
-def reconcile(kept: Kept, state: State, users: Callable[[str], tuple[str, ...]], *,
-              rolled_back: bool, at_boot: bool) -> Kept:
+def reconcile(
+    kept: Kept,
+    state: State,
+    users: Callable[[str], tuple[str, ...]],
+    *,
+    rolled_back: bool,
+    at_boot: bool,
+) -> Kept:
     """Per secret: which issues the units' files hold (state.json); after a rollback the
     newest of them is current again; an issue no unit holds (and not current) is retired.
     A unit behind on a restart may run anything older than its files: keep all of it. At
@@ -323,15 +391,22 @@ def reconcile(kept: Kept, state: State, users: Callable[[str], tuple[str, ...]],
         keep = held | ({top.version} if top is not None else set())
         if behind:
             keep |= {v for v in versions if v <= max(held, default=0)}
-        older[name] = tuple(h for v, h in sorted(versions.items())
-                            if v in keep and (top is None or v != top.version))
+        older[name] = tuple(
+            h
+            for v, h in sorted(versions.items())
+            if v in keep and (top is None or v != top.version)
+        )
         for version, old in sorted(versions.items()):
             if version in keep:
                 continue
             if old.lease_id and not at_boot:
                 revoke.append(old.retired())
-            log.info("%s version %s is no longer used%s", name, version,
-                     "" if old.lease_id and not at_boot else ": left to expire")
+            log.info(
+                "%s version %s is no longer used%s",
+                name,
+                version,
+                "" if old.lease_id and not at_boot else ": left to expire",
+            )
         if top is None and not older[name]:
             older.pop(name)
     return Kept(current, {n: hs for n, hs in older.items() if hs}, tuple(revoke))
@@ -353,8 +428,11 @@ def revoke_all(run: Run, vault: Vault) -> None:
     state.json's copy updated. LeaseRevokeFailed (the first) if any could not be."""
     revoked, failed = revoke_kept(run.paths, vault)
     wakeup.disarm(run.systemctl)
-    run.save(dataclasses.replace(run.load_state(), wakeup_at=None, leases=leasestore.to_state(
-        leasestore.load(run.paths))))
+    run.save(
+        dataclasses.replace(
+            run.load_state(), wakeup_at=None, leases=leasestore.to_state(leasestore.load(run.paths))
+        )
+    )
     log.info("revoked %d lease(s); %d could not be", revoked, len(failed))
     if failed:
         raise failed[0]
@@ -370,7 +448,7 @@ def revoke_kept(paths: Paths, vault: Vault) -> tuple[int, list[LeaseRevokeFailed
     revoked = 0
     for name, path, lease_id in kept.lease_ids():
         try:
-            vault.revoke_lease(lease_id, what=f"revoke a lease of {path}")
+            vaultleases.revoke_lease(vault, lease_id, what=f"revoke a lease of {path}")
         except BootsecretsError as err:
             failed.append(LeaseRevokeFailed(name, path, f"not revoked ({err})"))
             continue
@@ -381,7 +459,8 @@ def revoke_kept(paths: Paths, vault: Vault) -> tuple[int, list[LeaseRevokeFailed
         kept = Kept(
             current={n: h for n, h in kept.current.items() if not gone(h)},
             older={n: tuple(h for h in hs if not gone(h)) for n, hs in kept.older.items()},
-            revoke=tuple(r for r in kept.revoke if r.lease_id != lease_id))
+            revoke=tuple(r for r in kept.revoke if r.lease_id != lease_id),
+        )
         leasestore.save(paths, kept)
         revoked += 1
     return revoked, failed

@@ -39,8 +39,9 @@ def authenticate(
         # The address that answered is kept, not the one asked for: after a VAULT_ADDR
         # override (or a failover), the next runs go where Vault was found.
         run.address = vault.answering_address
-        identity.save_token(run.config.reboot_policy, run.paths, token.token, token.accessor,
-                            run.address)
+        identity.save_token(
+            run.config.reboot_policy, run.paths, token.token, token.accessor, run.address
+        )
         identity.save_identity(run.paths, identity.Identity(boot.role_id, run.address))
         run.token = token
         return vault, token
@@ -80,11 +81,19 @@ def _with_wrapped_secret_id(
             f"the wrapped secret-id was created at {info.creation_path or '(none)'}, "
             f"not at {expected}"
         )
-        logs.alert(mismatch, ROLE=config.role, CREATION_PATH=info.creation_path,
-                   EXPECTED_CREATION_PATH=expected)
+        logs.alert(
+            mismatch,
+            ROLE=config.role,
+            CREATION_PATH=info.creation_path,
+            EXPECTED_CREATION_PATH=expected,
+        )
         raise mismatch
-    log.info("wrapped secret-id checked: created at %s with a TTL of %ss", info.creation_path,
-             info.creation_ttl, extra={"CREATION_PATH": info.creation_path})
+    log.info(
+        "wrapped secret-id checked: created at %s with a TTL of %ss",
+        info.creation_path,
+        info.creation_ttl,
+        extra={"CREATION_PATH": info.creation_path},
+    )
     # Only TCP (and TLS) handshakes, nothing sent: they overlap the unwrap and login.
     vault.prepare_reads(config.requests_at_once())
     if run.ctx.after_lookup is not None:
@@ -103,8 +112,13 @@ def _with_wrapped_secret_id(
         raise
     finally:
         del secret_id
-    log.info("logged in with AppRole %s (token accessor %s, ttl %ss)", config.role,
-             token.accessor, token.ttl, extra={"TOKEN_ACCESSOR": token.accessor})
+    log.info(
+        "logged in with AppRole %s (token accessor %s, ttl %ss)",
+        config.role,
+        token.accessor,
+        token.ttl,
+        extra={"TOKEN_ACCESSOR": token.accessor},
+    )
     return token
 
 
@@ -112,5 +126,8 @@ def renew_if_due(run: Run, vault: Vault, token: TokenInfo) -> None:
     """renew-self once the token is past half its TTL."""
     if token.renewable and token.creation_ttl and token.ttl < token.creation_ttl / 2:
         run.token = vault.renew_self()
-        log.info("renewed the Vault token (ttl %ss)", run.token.ttl,
-                 extra={"TOKEN_ACCESSOR": run.token.accessor})
+        log.info(
+            "renewed the Vault token (ttl %ss)",
+            run.token.ttl,
+            extra={"TOKEN_ACCESSOR": run.token.accessor},
+        )

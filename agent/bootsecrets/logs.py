@@ -18,7 +18,10 @@ from bootsecrets.errors import BootsecretsError, printable
 
 LOGGER = "bootsecrets"
 _PRIORITY = {
-    logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
 
@@ -34,8 +37,7 @@ class JournalHandler(logging.Handler):
         try:
             fields = {k: printable(str(v)) for k, v in record.__dict__.items() if k.isupper()}
             fields.setdefault("PRIORITY", str(_PRIORITY.get(record.levelno, 6)))
-            self._send(printable(self.format(record)), SYSLOG_IDENTIFIER="bootsecrets",
-                       **fields)
+            self._send(printable(self.format(record)), SYSLOG_IDENTIFIER="bootsecrets", **fields)
         except Exception:
             self.handleError(record)
 
@@ -75,6 +77,9 @@ def _journal_send() -> Any:
 
 def alert(err: BootsecretsError, **fields: str) -> None:
     """One journal entry at priority alert with the error's stable MESSAGE_ID."""
-    extra = {"MESSAGE_ID": err.message_id or "", "PRIORITY": "1",
-             **{k.upper(): v for k, v in fields.items()}}
+    extra = {
+        "MESSAGE_ID": err.message_id or "",
+        "PRIORITY": "1",
+        **{k.upper(): v for k, v in fields.items()},
+    }
     logging.getLogger(LOGGER).critical("%s", err, extra=extra)

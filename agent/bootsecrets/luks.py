@@ -134,8 +134,9 @@ class Completed:
 
 
 class Runner(Protocol):
-    def __call__(self, argv: Sequence[str], *, stdin: Stdin | None = None,
-                 check: bool = True) -> Completed: ...
+    def __call__(
+        self, argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True
+    ) -> Completed: ...
 
 
 def run(argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True) -> Completed:
@@ -145,8 +146,11 @@ def run(argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True) 
     With stdout and stderr both piped, `communicate` writes the input from a memoryview of
     the caller's buffer straight into the pipe, so no copy of a key is made here."""
     command = tuple(argv)
-    log.debug("running %s%s", shlex.join(command),
-              "" if stdin is None else f" ({memoryview(stdin).nbytes} bytes on stdin)")
+    log.debug(
+        "running %s%s",
+        shlex.join(command),
+        "" if stdin is None else f" ({memoryview(stdin).nbytes} bytes on stdin)",
+    )
     with subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
@@ -155,8 +159,9 @@ def run(argv: Sequence[str], *, stdin: Stdin | None = None, check: bool = True) 
     ) as proc:
         # typeshed says bytes; any buffer works, and bytes() here would copy the key.
         out, err = proc.communicate(cast(bytes | None, stdin))
-    result = Completed(command, proc.returncode, out.decode("utf-8", "replace"),
-                       err.decode("utf-8", "replace"))
+    result = Completed(
+        command, proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    )
     if check and result.returncode != 0:
         raise CryptsetupFailed(command[-1], command, result.returncode, result.stderr)
     return result
@@ -182,8 +187,9 @@ def probe(device: Path, runner: Runner = run) -> Blankness:
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise DeviceMissing(device, "does not exist (volume not attached yet, or a wrong "
-                            "device path)") from None
+        raise DeviceMissing(
+            device, "does not exist (volume not attached yet, or a wrong device path)"
+        ) from None
     except OSError as err:
         raise DeviceMissing(device, f"cannot be opened: {os.strerror(err.errno or 0)}") from None
     try:
@@ -224,8 +230,14 @@ def require_blank(device: Path, runner: Runner = run) -> Blankness:
 # --- volume operations -----------------------------------------------------------------------
 
 
-def format_volume(device: Path, key: bytearray | memoryview, token: TransitToken,
-                  runner: Runner = run, *, uuid: str | None = None) -> LuksHeader:
+def format_volume(
+    device: Path,
+    key: bytearray | memoryview,
+    token: TransitToken,
+    runner: Runner = run,
+    *,
+    uuid: str | None = None,
+) -> LuksHeader:
     """First use: refuse unless the device is provably blank, then luksFormat (LUKS2,
     keyslot 0 with `key` as its passphrase, PBKDF2 at the minimum), import the token and
     read the header back to check both are there. The caller runs mkfs on the opened
@@ -250,8 +262,9 @@ def format_volume(device: Path, key: bytearray | memoryview, token: TransitToken
 
 def read_header(device: Path, runner: Runner = run) -> LuksHeader:
     if not Path(device).exists():
-        raise DeviceMissing(device, "does not exist (volume not attached yet, or a wrong "
-                            "device path)")
+        raise DeviceMissing(
+            device, "does not exist (volume not attached yet, or a wrong device path)"
+        )
     result = runner(dump_argv(device), check=False)
     if result.returncode != 0:
         if runner(is_luks_argv(device), check=False).returncode != 0:
@@ -271,8 +284,12 @@ def update_token(device: Path, token: TransitToken, runner: Runner = run) -> Non
     """Replace the bootsecrets token (after `transit/rewrap`, the key version moved)."""
     header = read_header(device, runner)
     token_id = TOKEN_ID if header.token_id is None else header.token_id
-    _cryptsetup(runner, token_import_argv(device, token_id, replace=header.token_id is not None),
-                device, stdin=token.to_json().encode())
+    _cryptsetup(
+        runner,
+        token_import_argv(device, token_id, replace=header.token_id is not None),
+        device,
+        stdin=token.to_json().encode(),
+    )
     if read_header(device, runner).token != token:
         raise TokenInvalid(device, "(header)", "the new token did not read back")
 
@@ -295,8 +312,14 @@ def check_key(device: Path, key: bytearray | memoryview, runner: Runner = run) -
     raise CryptsetupFailed(device, result.argv, result.returncode, result.stderr)
 
 
-def open_volume(device: Path, name: str, key: bytearray | memoryview, *,
-                discard: bool = False, runner: Runner = run) -> Path:
+def open_volume(
+    device: Path,
+    name: str,
+    key: bytearray | memoryview,
+    *,
+    discard: bool = False,
+    runner: Runner = run,
+) -> Path:
     """Open the volume as /dev/mapper/<name>; return that path."""
     view = key_view(key)
     try:
@@ -356,8 +379,9 @@ def erase(device: Path, runner: Runner = run) -> Erasure:
     return Erasure(True, tuple(sorted(header.tokens)), header.keyslots)
 
 
-def _cryptsetup(runner: Runner, argv: tuple[str, ...], device: Path | str, *,
-                stdin: Stdin | None = None) -> Completed:
+def _cryptsetup(
+    runner: Runner, argv: tuple[str, ...], device: Path | str, *, stdin: Stdin | None = None
+) -> Completed:
     result = runner(argv, stdin=stdin, check=False)
     if result.returncode != 0:
         raise CryptsetupFailed(device, argv, result.returncode, result.stderr)

@@ -96,8 +96,9 @@ class CryptsetupFailed(LuksError):
     """A command failed otherwise. Its argv never holds a key, so it is shown, with the last
     line of its stderr."""
 
-    def __init__(self, device: Path | str, argv: Sequence[str], returncode: int,
-                 stderr: str) -> None:
+    def __init__(
+        self, device: Path | str, argv: Sequence[str], returncode: int, stderr: str
+    ) -> None:
         self.argv = tuple(argv)
         self.returncode = returncode
         last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -113,26 +114,60 @@ def format_argv(device: Path, uuid: str | None = None) -> tuple[str, ...]:
     volume before its header exists)."""
     if uuid is not None and not _UUID.fullmatch(uuid):
         raise ValueError("a LUKS UUID is 36 lower-case hex digits and dashes")
-    return (CRYPTSETUP, "luksFormat", "--batch-mode", "--type", "luks2",
-            "--cipher", CIPHER, "--key-size", str(VOLUME_KEY_BITS),
-            "--pbkdf", "pbkdf2", "--hash", "sha256",
-            "--pbkdf-force-iterations", str(PBKDF2_MIN_ITERATIONS),
-            *(("--uuid", uuid) if uuid is not None else ()),
-            "--key-slot", str(KEYSLOT), "--key-file=-", str(device))
+    return (
+        CRYPTSETUP,
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--cipher",
+        CIPHER,
+        "--key-size",
+        str(VOLUME_KEY_BITS),
+        "--pbkdf",
+        "pbkdf2",
+        "--hash",
+        "sha256",
+        "--pbkdf-force-iterations",
+        str(PBKDF2_MIN_ITERATIONS),
+        *(("--uuid", uuid) if uuid is not None else ()),
+        "--key-slot",
+        str(KEYSLOT),
+        "--key-file=-",
+        str(device),
+    )
 
 
-def open_argv(device: Path, name: str, *, discard: bool = False,
-              readonly: bool = False) -> tuple[str, ...]:
-    return (CRYPTSETUP, "open", "--type", "luks2", "--key-file=-",
-            "--key-slot", str(KEYSLOT),
-            *(("--allow-discards",) if discard else ()),
-            *(("--readonly",) if readonly else ()),
-            str(device), _mapper_name(name))
+def open_argv(
+    device: Path, name: str, *, discard: bool = False, readonly: bool = False
+) -> tuple[str, ...]:
+    return (
+        CRYPTSETUP,
+        "open",
+        "--type",
+        "luks2",
+        "--key-file=-",
+        "--key-slot",
+        str(KEYSLOT),
+        *(("--allow-discards",) if discard else ()),
+        *(("--readonly",) if readonly else ()),
+        str(device),
+        _mapper_name(name),
+    )
 
 
 def check_key_argv(device: Path) -> tuple[str, ...]:
-    return (CRYPTSETUP, "open", "--type", "luks2", "--test-passphrase", "--key-file=-",
-            "--key-slot", str(KEYSLOT), str(device))
+    return (
+        CRYPTSETUP,
+        "open",
+        "--type",
+        "luks2",
+        "--test-passphrase",
+        "--key-file=-",
+        "--key-slot",
+        str(KEYSLOT),
+        str(device),
+    )
 
 
 def close_argv(name: str) -> tuple[str, ...]:
@@ -155,11 +190,21 @@ def dump_argv(device: Path) -> tuple[str, ...]:
     return (CRYPTSETUP, "luksDump", "--dump-json-metadata", str(device))
 
 
-def token_import_argv(device: Path, token_id: int = TOKEN_ID, *,
-                      replace: bool = False) -> tuple[str, ...]:
-    return (CRYPTSETUP, "token", "import", "--json-file=-", "--token-id", str(token_id),
-            *(("--token-replace",) if replace else ()),
-            "--key-slot", str(KEYSLOT), str(device))
+def token_import_argv(
+    device: Path, token_id: int = TOKEN_ID, *, replace: bool = False
+) -> tuple[str, ...]:
+    return (
+        CRYPTSETUP,
+        "token",
+        "import",
+        "--json-file=-",
+        "--token-id",
+        str(token_id),
+        *(("--token-replace",) if replace else ()),
+        "--key-slot",
+        str(KEYSLOT),
+        str(device),
+    )
 
 
 def token_export_argv(device: Path, token_id: int = TOKEN_ID) -> tuple[str, ...]:
@@ -205,21 +250,31 @@ class TransitToken:
         _validate_token_fields(self, "(new token)")
 
     def to_json(self) -> str:
-        return json.dumps({
-            "type": TOKEN_TYPE,
-            "keyslots": [str(slot) for slot in self.keyslots],
-            "schema": TOKEN_SCHEMA,
-            "transit_mount": self.mount,
-            "key_name": self.key_name,
-            "key_version": self.key_version,
-            "ciphertext": self.ciphertext,
-        }, separators=(",", ":"))
+        return json.dumps(
+            {
+                "type": TOKEN_TYPE,
+                "keyslots": [str(slot) for slot in self.keyslots],
+                "schema": TOKEN_SCHEMA,
+                "transit_mount": self.mount,
+                "key_name": self.key_name,
+                "key_version": self.key_version,
+                "ciphertext": self.ciphertext,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], device: Path | str) -> TransitToken:
         """Parse and validate a token as found in the header (TokenInvalid on any doubt)."""
-        expected = {"type", "keyslots", "schema", "transit_mount", "key_name",
-                    "key_version", "ciphertext"}
+        expected = {
+            "type",
+            "keyslots",
+            "schema",
+            "transit_mount",
+            "key_name",
+            "key_version",
+            "ciphertext",
+        }
         unknown = sorted(set(data) - expected)
         if unknown:
             raise TokenInvalid(device, unknown[0], "unknown field")
@@ -231,8 +286,11 @@ class TransitToken:
         if data["schema"] != TOKEN_SCHEMA or isinstance(data["schema"], bool):
             raise TokenInvalid(device, "schema", f"must be {TOKEN_SCHEMA}")
         slots = data["keyslots"]
-        if not isinstance(slots, list) or not slots or not all(
-                isinstance(s, str) and s.isdigit() for s in slots):
+        if (
+            not isinstance(slots, list)
+            or not slots
+            or not all(isinstance(s, str) and s.isdigit() for s in slots)
+        ):
             raise TokenInvalid(device, "keyslots", "must be a non-empty list of keyslot numbers")
         for field in ("transit_mount", "key_name", "ciphertext"):
             if not isinstance(data[field], str):
@@ -241,8 +299,13 @@ class TransitToken:
         if not isinstance(version, int) or isinstance(version, bool):
             raise TokenInvalid(device, "key_version", "must be an integer")
         try:
-            return cls(data["transit_mount"], data["key_name"], version, data["ciphertext"],
-                       tuple(int(s) for s in slots))
+            return cls(
+                data["transit_mount"],
+                data["key_name"],
+                version,
+                data["ciphertext"],
+                tuple(int(s) for s in slots),
+            )
         except TokenInvalid as err:
             raise TokenInvalid(device, err.field, err.reason) from None
 
@@ -291,8 +354,10 @@ def parse_dump(text: str, device: Path | str) -> LuksHeader:
         raise TokenInvalid(device, "(header)", "no keyslots/tokens objects")
     try:
         keyslots = tuple(sorted(int(slot) for slot in keyslots_raw))
-        tokens = {int(tid): str(t.get("type")) if isinstance(t, dict) else ""
-                  for tid, t in tokens_raw.items()}
+        tokens = {
+            int(tid): str(t.get("type")) if isinstance(t, dict) else ""
+            for tid, t in tokens_raw.items()
+        }
     except ValueError:
         raise TokenInvalid(device, "(header)", "non-numeric keyslot or token id") from None
     ours = sorted(tid for tid, kind in tokens.items() if kind == TOKEN_TYPE)

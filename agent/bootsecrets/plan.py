@@ -77,5 +77,6 @@ def plan_refresh(
                 reload.append(unit)
             else:
                 switch_only.append(unit)
-    return RefreshPlan(tuple(write), tuple(keep), tuple(start), tuple(restart), tuple(reload),
-                       tuple(switch_only))
+    return RefreshPlan(
+        tuple(write), tuple(keep), tuple(start), tuple(restart), tuple(reload), tuple(switch_only)
+    )

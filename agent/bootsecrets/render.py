@@ -34,12 +34,14 @@ def _from_secret(unit: str, spec: EnvFrom, secret: SecretData) -> list[tuple[str
         name = spec.prefix + (key.upper() if spec.uppercase else key)
         if not ENV_NAME.match(name):
             raise EncodeError(
-                unit, name,
+                unit,
+                name,
                 f"key of {secret.path} does not make a valid variable name; rename the key",
             )
         if is_protected(name):
             raise EncodeError(
-                unit, name,
+                unit,
+                name,
                 f"key of {secret.path} would set a variable that changes how programs are "
                 "loaded or found; environment_from may not (set it under `environment`)",
             )

@@ -22,7 +22,8 @@ _VAULT_TOKEN = re.compile(rb"hv[sbr]\.[A-Za-z0-9_-]{24,}")
 _VAULT_LEGACY = re.compile(rb"s\.[A-Za-z0-9]{24}(?![A-Za-z0-9_.-])")
 _UPPER, _LOWER, _DIGIT = re.compile(rb"[A-Z]"), re.compile(rb"[a-z]"), re.compile(rb"[0-9]")
 _TOKEN_ASSIGNMENT = re.compile(
-    rb"(?:VAULT|BAO)_TOKEN[ \t]*[=:][ \t]*[\"']?[A-Za-z0-9][^\s\"'$`]{7,}")
+    rb"(?:VAULT|BAO)_TOKEN[ \t]*[=:][ \t]*[\"']?[A-Za-z0-9][^\s\"'$`]{7,}"
+)
 _PEM_BEGIN = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 _PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 _PEM_LINES = re.compile(rb"\r?\n|(?:\\r)?\\n")  # real line breaks, or JSON's escaped ones
@@ -30,14 +31,18 @@ _PEM_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]{40,}={0,2}")
 _PEM_SEARCH = 64 * 1024
 _DO_TOKEN = re.compile(rb"do[opr]_v1_[a-f0-9]{64}(?![A-Za-z0-9_])")
 _AWS_KEY = re.compile(rb"A(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9_])")
-_AWS_SECRET = re.compile(rb"(?:aws_secret_access_key|AWS_SECRET_ACCESS_KEY)"
-                         rb"[ \t]*[=:][ \t]*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])")
+_AWS_SECRET = re.compile(
+    rb"(?:aws_secret_access_key|AWS_SECRET_ACCESS_KEY)"
+    rb"[ \t]*[=:][ \t]*[\"']?[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])"
+)
 _GCP_TYPE = re.compile(rb"\"type\"\s*:\s*\"service_account\"")
 _GCP_PRIVATE_KEY = re.compile(rb'"private_key"\s*:\s*"-----BEGIN')
 _DOTENV_LINE = re.compile(
-    rb"^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.]*)[ \t]*=[ \t]*(.*?)[ \t]*$", re.M)
+    rb"^[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_.]*)[ \t]*=[ \t]*(.*?)[ \t]*$", re.M
+)
 _DOTENV_SECRET_NAME = re.compile(
-    rb"PASS(?:WORD|WD|PHRASE)?|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE|AUTH|DSN", re.I)
+    rb"PASS(?:WORD|WD|PHRASE)?|SECRET|TOKEN|KEY|CREDENTIAL|PRIVATE|AUTH|DSN", re.I
+)
 
 
 def _standalone(data: bytes, start: int) -> bool:
@@ -76,9 +81,9 @@ def private_keys(data: bytes) -> Iterator[Hit]:
     for match in _PEM_BEGIN.finditer(data):
         end = _PEM_END.search(data, match.end(), match.end() + _PEM_SEARCH)
         stop = end.start() if end else min(len(data), match.end() + 4096)
-        lines = _PEM_LINES.split(data[match.end():stop])
+        lines = _PEM_LINES.split(data[match.end() : stop])
         if any(_PEM_BASE64_LINE.fullmatch(line.strip(b" \t\"',")) for line in lines):
-            yield match.start(), data[match.start():end.end() if end else stop]
+            yield match.start(), data[match.start() : end.end() if end else stop]
 
 
 def do_tokens(data: bytes) -> Iterator[Hit]:

@@ -152,8 +152,12 @@ class State:
                     units[unit] = UnitState(generation=switch.to, values_generation=switch.to)
                 elif old.values_generation != switch.to:
                     units[unit] = dataclasses.replace(
-                        old, generation=switch.to, values_generation=switch.to,
-                        stale_invocation=None, secrets=switch.secrets.get(unit, old.secrets))
+                        old,
+                        generation=switch.to,
+                        values_generation=switch.to,
+                        stale_invocation=None,
+                        secrets=switch.secrets.get(unit, old.secrets),
+                    )
         return dataclasses.replace(self, switching=None, units=units)
 
     def to_json(self) -> dict[str, Any]:
@@ -170,8 +174,11 @@ class State:
             unit = _unit(raw)
             if isinstance(name, str) and unit is not None:
                 units[name] = unit
-        skipped = {k: v for k, v in _mapping(data.get("skipped")).items()
-                   if isinstance(k, str) and isinstance(v, str)}
+        skipped = {
+            k: v
+            for k, v in _mapping(data.get("skipped")).items()
+            if isinstance(k, str) and isinstance(v, str)
+        }
         switching = _mapping(data.get("switching"))
         return cls(
             reboot_policy=_str(data.get("reboot_policy")),
@@ -182,13 +189,22 @@ class State:
             skipped=skipped,
             token=_token(data.get("token")),
             vault_addr=_str(data.get("vault_addr")),
-            switching=Switch(_int(switching.get("to")) or 0,
-                             tuple(u for u in switching.get("units") or () if isinstance(u, str)),
-                             {u: _secrets(v) for u, v in _mapping(switching.get("secrets")).items()
-                              if isinstance(u, str)})
-            if _int(switching.get("to")) else None,
-            leases={n: leased for n, v in _mapping(data.get("leases")).items()
-                    if isinstance(n, str) and (leased := _leased(v)) is not None},
+            switching=Switch(
+                _int(switching.get("to")) or 0,
+                tuple(u for u in switching.get("units") or () if isinstance(u, str)),
+                {
+                    u: _secrets(v)
+                    for u, v in _mapping(switching.get("secrets")).items()
+                    if isinstance(u, str)
+                },
+            )
+            if _int(switching.get("to"))
+            else None,
+            leases={
+                n: leased
+                for n, v in _mapping(data.get("leases")).items()
+                if isinstance(n, str) and (leased := _leased(v)) is not None
+            },
             wakeup_at=_float(data.get("wakeup_at")),
         )
 
@@ -209,18 +225,26 @@ def _run(value: object) -> RunRecord | None:
     raw = _mapping(value)
     if not raw:
         return None
-    return RunRecord(str(raw.get("command", "")), str(raw.get("at", "")),
-                     str(raw.get("outcome", "")), _int(raw.get("exit_code")) or 0,
-                     _str(raw.get("error")))
+    return RunRecord(
+        str(raw.get("command", "")),
+        str(raw.get("at", "")),
+        str(raw.get("outcome", "")),
+        _int(raw.get("exit_code")) or 0,
+        _str(raw.get("error")),
+    )
 
 
 def _token(value: object) -> TokenState | None:
     raw = _mapping(value)
     if not raw:
         return None
-    return TokenState(str(raw.get("accessor", "")), _int(raw.get("ttl")) or 0,
-                      bool(raw.get("renewable")), str(raw.get("checked_at", "")),
-                      _str(raw.get("expires_at")))
+    return TokenState(
+        str(raw.get("accessor", "")),
+        _int(raw.get("ttl")) or 0,
+        bool(raw.get("renewable")),
+        str(raw.get("checked_at", "")),
+        _str(raw.get("expires_at")),
+    )
 
 
 def _unit(value: object) -> UnitState | None:
@@ -245,9 +269,15 @@ def _unit(value: object) -> UnitState | None:
 
 def _secrets(value: object) -> tuple[SecretState, ...]:
     return tuple(
-        SecretState(str(s.get("name", "")), str(s.get("path", "")), _int(s.get("version")),
-                    _int(s.get("lease_duration")), _str(s.get("fetched_at")))
-        for s in (value if isinstance(value, list) else ()) if isinstance(s, dict)
+        SecretState(
+            str(s.get("name", "")),
+            str(s.get("path", "")),
+            _int(s.get("version")),
+            _int(s.get("lease_duration")),
+            _str(s.get("fetched_at")),
+        )
+        for s in (value if isinstance(value, list) else ())
+        if isinstance(s, dict)
     )
 
 
@@ -263,12 +293,19 @@ def _leased(value: object) -> LeasedState | None:
     if issued_at is None or version is None or raw.get("kind") not in ("lease", "certificate"):
         return None
     return LeasedState(
-        kind=str(raw["kind"]), path=str(raw.get("path", "")), version=version,
-        issued_at=issued_at, ttl=_float(raw.get("ttl")) or 0.0,
+        kind=str(raw["kind"]),
+        path=str(raw.get("path", "")),
+        version=version,
+        issued_at=issued_at,
+        ttl=_float(raw.get("ttl")) or 0.0,
         lease_duration=_float(raw.get("lease_duration")) or 0.0,
-        renewable=raw.get("renewable") is True, has_lease_id=raw.get("has_lease_id") is True,
+        renewable=raw.get("renewable") is True,
+        has_lease_id=raw.get("has_lease_id") is True,
         renewed_at=_float(raw.get("renewed_at")),
         max_expires_at=_float(raw.get("max_expires_at")),
-        not_before=_float(raw.get("not_before")), not_after=_float(raw.get("not_after")),
-        serial_number=_str(raw.get("serial_number")), older=_int(raw.get("older")) or 0,
-        revoke_pending=_int(raw.get("revoke_pending")) or 0)
+        not_before=_float(raw.get("not_before")),
+        not_after=_float(raw.get("not_after")),
+        serial_number=_str(raw.get("serial_number")),
+        older=_int(raw.get("older")) or 0,
+        revoke_pending=_int(raw.get("revoke_pending")) or 0,
+    )

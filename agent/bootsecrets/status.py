@@ -37,24 +37,29 @@ def collect(ctx: Context) -> dict[str, Any]:
     units = []
     for service in config.services:
         unit_state = state.units.get(service.unit)
-        units.append({
-            "unit": service.unit,
-            "active": systemctl.is_active(service.unit),
-            "required": service.required,
-            "generation": unit_state.generation if unit_state else None,
-            "values_generation": unit_state.values_generation if unit_state else None,
-            "running_generation": unit_state.running_generation if unit_state else None,
-            "delivery": list(unit_state.delivery) if unit_state else [],
-            "on_change": service.on_change.value,
-            "secrets": [dataclasses.asdict(s) for s in unit_state.secrets] if unit_state
-            else [],
-            "changed_since_restart": bool(unit_state and unit_state.behind),
-            "restart_pending": bool(
-                unit_state and live is not None
-                and unit_state.restart_pending(invocations.get(service.unit))),
-            "rendered": unit_state is not None and live is not None,
-            "left_out": state.skipped.get(service.unit),
-        })
+        units.append(
+            {
+                "unit": service.unit,
+                "active": systemctl.is_active(service.unit),
+                "required": service.required,
+                "generation": unit_state.generation if unit_state else None,
+                "values_generation": unit_state.values_generation if unit_state else None,
+                "running_generation": unit_state.running_generation if unit_state else None,
+                "delivery": list(unit_state.delivery) if unit_state else [],
+                "on_change": service.on_change.value,
+                "secrets": [dataclasses.asdict(s) for s in unit_state.secrets]
+                if unit_state
+                else [],
+                "changed_since_restart": bool(unit_state and unit_state.behind),
+                "restart_pending": bool(
+                    unit_state
+                    and live is not None
+                    and unit_state.restart_pending(invocations.get(service.unit))
+                ),
+                "rendered": unit_state is not None and live is not None,
+                "left_out": state.skipped.get(service.unit),
+            }
+        )
     token: dict[str, Any] | None = dataclasses.asdict(state.token) if state.token else None
     if token and token.get("expires_at"):
         expires = datetime.datetime.fromisoformat(token["expires_at"])
@@ -108,10 +113,17 @@ def _leases(config: Config, state: State, now: float) -> list[dict[str, Any]]:
     for decision in decisions(config.secrets, state.leases, config.leases, now):
         held = state.leases[decision.name]
         entry = status_entry(decision)
-        entry.update(path=held.path, version=held.version, lease=held.has_lease_id,
-                     issued_at=held.issued_at, renewed_at=held.renewed_at,
-                     max_expires_at=held.max_expires_at, serial_number=held.serial_number,
-                     older=held.older, revoke_pending=held.revoke_pending)
+        entry.update(
+            path=held.path,
+            version=held.version,
+            lease=held.has_lease_id,
+            issued_at=held.issued_at,
+            renewed_at=held.renewed_at,
+            max_expires_at=held.max_expires_at,
+            serial_number=held.serial_number,
+            older=held.older,
+            revoke_pending=held.revoke_pending,
+        )
         out.append(entry)
     return out
 
@@ -125,10 +137,15 @@ def _at(epoch: float | None) -> str:
 def _recovery(policy: RebootPolicy, has_token: bool) -> str:
     if has_token:
         return "run `bootsecrets bootstrap` (or `systemctl restart bootsecrets`)"
-    return ("re-provision: pipe a new wrapped secret-id into "
-            "`bootsecrets refresh --wrapped-secret-id -`"
-            + (" (reboot policy reprovision keeps no token across reboots)"
-               if policy is RebootPolicy.REPROVISION else ""))
+    return (
+        "re-provision: pipe a new wrapped secret-id into "
+        "`bootsecrets refresh --wrapped-secret-id -`"
+        + (
+            " (reboot policy reprovision keeps no token across reboots)"
+            if policy is RebootPolicy.REPROVISION
+            else ""
+        )
+    )
 
 
 def format_json(report: dict[str, Any]) -> str:
@@ -151,22 +168,29 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append("token:         none")
     last = report["last_run"]
     if last:
-        lines.append(f"last run:      {last['command']} at {last['at']}: {last['outcome']}"
-                     + (f" ({last['error']})" if last.get("error") else ""))
+        lines.append(
+            f"last run:      {last['command']} at {last['at']}: {last['outcome']}"
+            + (f" ({last['error']})" if last.get("error") else "")
+        )
     for unit in report["units"]:
-        secrets = ", ".join(
-            f"{s['path']}" + (f"@v{s['version']}" if s.get("version") else "")
-            for s in unit["secrets"]
-        ) or "-"
+        secrets = (
+            ", ".join(
+                f"{s['path']}" + (f"@v{s['version']}" if s.get("version") else "")
+                for s in unit["secrets"]
+            )
+            or "-"
+        )
         flag = ""
         if unit["restart_pending"]:
             flag = " (restart pending: runs with older values)"
         elif unit["changed_since_restart"]:
             flag = " (values changed since last restart)"
         fetched = unit["secrets"][0]["fetched_at"] if unit["secrets"] else "-"
-        lines.append(f"{unit['unit']}: {unit['active']}, generation "
-                     f"{unit['generation'] if unit['generation'] is not None else '-'}, "
-                     f"secrets {secrets}, fetched {fetched}{flag}")
+        lines.append(
+            f"{unit['unit']}: {unit['active']}, generation "
+            f"{unit['generation'] if unit['generation'] is not None else '-'}, "
+            f"secrets {secrets}, fetched {fetched}{flag}"
+        )
         if unit["left_out"]:
             lines.append(f"  left out: {unit['left_out']}")
     if report["directories"]:
@@ -180,9 +204,11 @@ def format_text(report: dict[str, Any]) -> str:
     for lease in report["leases"]:
         now = "" if lease["action"] == "none" else f"{lease['action']} now ({lease['reason']}); "
         notes = f" [{', '.join(lease['notes'])}]" if lease["notes"] else ""
-        lines.append(f"{lease['kind']} {lease['name']} ({lease['path']}) v{lease['version']}: "
-                     f"expires {_at(lease['expires_at'])}; {now}next {lease['next_action']} "
-                     f"at {_at(lease['next_action_at'])}{notes}")
+        lines.append(
+            f"{lease['kind']} {lease['name']} ({lease['path']}) v{lease['version']}: "
+            f"expires {_at(lease['expires_at'])}; {now}next {lease['next_action']} "
+            f"at {_at(lease['next_action_at'])}{notes}"
+        )
     if report["leases"]:
         lines.append(f"wake-up:       {_at(report['wakeup_at'])}")
     if report["action"]:

@@ -55,8 +55,11 @@ def check_memory_backed(directory: Dir) -> None:
     """Refuse a store that is not tmpfs or ramfs (fstatfs of the open directory, so what is
     checked is where the bytes go); warn when tmpfs could be swapped out."""
     directory.require_memory_backed()
-    if (fsio.fstatfs_type(directory.fd, directory.path) == TMPFS_MAGIC and _swap_active()
-            and not _mounted_noswap(directory.fd)):
+    if (
+        fsio.fstatfs_type(directory.fd, directory.path) == TMPFS_MAGIC
+        and _swap_active()
+        and not _mounted_noswap(directory.fd)
+    ):
         log.warning(
             "store %s is tmpfs without noswap and swap is active: secrets may be paged to "
             "disk; mount it with noswap (Linux >= 6.4) or as ramfs, or disable swap",
@@ -95,8 +98,9 @@ def _own(directory: Dir, mode: int) -> None:
         os.fchown(directory.fd, os.geteuid(), os.getegid())
         os.fchmod(directory.fd, mode)
     except OSError as err:
-        raise StoreError(f"cannot set owner and mode of {shown(directory.path)}: "
-                         f"{err.strerror}") from None
+        raise StoreError(
+            f"cannot set owner and mode of {shown(directory.path)}: {err.strerror}"
+        ) from None
 
 
 def resolve_owner(user: str, group: str) -> tuple[int, int]:
@@ -149,8 +153,7 @@ class Store:
             with store.child("generations", create=mode) as generations:
                 generations.require_memory_backed()
                 _own(generations, mode)
-        fsio.check_tree(self.paths.root, self.paths.under_root(STATE_DIR),
-                        files=self.STATE_FILES)
+        fsio.check_tree(self.paths.root, self.paths.under_root(STATE_DIR), files=self.STATE_FILES)
 
     @contextlib.contextmanager
     def lock(self, wait: float = 60.0) -> Iterator[None]:
@@ -183,8 +186,10 @@ class Store:
         match = CURRENT_TARGET.match(target)
         if match is None:
             raise fsio.refused(
-                self.paths.current, f"points at {shown(target)}, not at one of the store's "
-                "own generations (generations/<n>); refusing to follow it")
+                self.paths.current,
+                f"points at {shown(target)}, not at one of the store's "
+                "own generations (generations/<n>); refusing to follow it",
+            )
         return int(match.group(1))
 
     def current_generation(self) -> int | None:
@@ -209,8 +214,10 @@ class Store:
                     with base.child("credentials") as cred_root:
                         if cred_root.lstat(unit) is not None:
                             with cred_root.child(unit) as cred_dir:
-                                creds = {name: cred_dir.read_optional(name, MAX_UNIT_FILE)
-                                         or b"" for name in cred_dir.names()}
+                                creds = {
+                                    name: cred_dir.read_optional(name, MAX_UNIT_FILE) or b""
+                                    for name in cred_dir.names()
+                                }
         return env, creds
 
     def write_generation(
@@ -235,22 +242,29 @@ class Store:
             try:
                 with generations.child(tmp_name, create=dir_mode, exclusive=True) as tmp:
                     tmp.require_memory_backed()  # where these bytes really go
-                    with tmp.child("env", create=dir_mode, exclusive=True) as env, \
-                            tmp.child("credentials", create=dir_mode, exclusive=True) as creds:
+                    with (
+                        tmp.child("env", create=dir_mode, exclusive=True) as env,
+                        tmp.child("credentials", create=dir_mode, exclusive=True) as creds,
+                    ):
                         for unit, source in (linked or {}).items():
                             with generations.child(str(source)) as previous:
                                 self._link_unit(previous, env, creds, unit, dir_mode)
                         for unit, out in rendered.items():
                             spec = specs[unit]
                             if out.env_file is not None:
-                                env.create_file(f"{unit}.env", out.env_file, mode=spec.mode,
-                                                uid=spec.uid, gid=spec.gid)
+                                env.create_file(
+                                    f"{unit}.env",
+                                    out.env_file,
+                                    mode=spec.mode,
+                                    uid=spec.uid,
+                                    gid=spec.gid,
+                                )
                             if out.credentials:
-                                with creds.child(unit, create=dir_mode,
-                                                 exclusive=True) as cred_dir:
+                                with creds.child(unit, create=dir_mode, exclusive=True) as cred_dir:
                                     for name, data in out.credentials.items():
-                                        cred_dir.create_file(name, data, mode=spec.mode,
-                                                             uid=spec.uid, gid=spec.gid)
+                                        cred_dir.create_file(
+                                            name, data, mode=spec.mode, uid=spec.uid, gid=spec.gid
+                                        )
                                     cred_dir.fsync()
                         env.fsync()
                         creds.fsync()
@@ -274,8 +288,10 @@ class Store:
         with previous.child("credentials") as source_creds:
             if source_creds.lstat(unit) is None:
                 return
-            with source_creds.child(unit) as source, \
-                    creds.child(unit, create=dir_mode, exclusive=True) as target:
+            with (
+                source_creds.child(unit) as source,
+                creds.child(unit, create=dir_mode, exclusive=True) as target,
+            ):
                 for name in source.names():
                     target.link_from(source, name)
 
@@ -302,16 +318,21 @@ class Store:
         try:
             data = json.loads(raw)
         except ValueError as err:
-            log.warning("ignoring unreadable state file %s: %s", shown(self.paths.state_file),
-                        type(err).__name__)
+            log.warning(
+                "ignoring unreadable state file %s: %s",
+                shown(self.paths.state_file),
+                type(err).__name__,
+            )
             return {}
         return data if isinstance(data, dict) else {}
 
     def save_state(self, state: Mapping[str, Any]) -> None:
         with self._open() as store:
-            store.replace_file("state.json",
-                               json.dumps(state, indent=2, sort_keys=True).encode() + b"\n",
-                               mode=0o600)
+            store.replace_file(
+                "state.json",
+                json.dumps(state, indent=2, sort_keys=True).encode() + b"\n",
+                mode=0o600,
+            )
 
     def remove_bootstrap(self) -> None:
         """Delete the bootstrap file (the entry itself, even a symlink) once it is spent."""

@@ -65,7 +65,11 @@ def run(argv: Sequence[str], *, check: bool = True) -> Completed:
     command = tuple(argv)
     log.debug("running %s", shlex.join(command))
     proc = subprocess.run(
-        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+        command,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     result = Completed(command, proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
@@ -92,7 +96,7 @@ class RecordingRunner:
         command = tuple(argv)
         self.calls.append(command)
         log.debug("running %s (recorded)", shlex.join(command))
-        units = command[command.index("--") + 1:] if "--" in command else ()
+        units = command[command.index("--") + 1 :] if "--" in command else ()
         if len(command) > 1 and command[1] in _STARTING_VERBS:
             for unit in units:
                 self.invocations[unit] = f"{len(self.calls):032x}"
@@ -103,8 +107,7 @@ class RecordingRunner:
             state = self.unit_states.get(command[-1], "active")
             code, out = (0 if state == "active" else 3), state + "\n"
         if len(command) >= 2 and command[1] == "show" and command not in self.answers:
-            out = "\n".join(f"Id={u}\nInvocationID={self.invocations.get(u, '')}\n"
-                            for u in units)
+            out = "\n".join(f"Id={u}\nInvocationID={self.invocations.get(u, '')}\n" for u in units)
         if check and code != 0:
             raise CommandFailed(command, code, "")
         return Completed(command, code, out, "")
@@ -126,8 +129,12 @@ class _NotInUnitFile(StoreError):
 
 def _unichar_is_valid(code: int) -> bool:
     """systemd's unichar_is_valid (src/basic/utf8.c): what utf8_is_valid accepts."""
-    return not (code >= 0x110000 or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
-                or code & 0xFFFE == 0xFFFE)
+    return not (
+        code >= 0x110000
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or code & 0xFFFE == 0xFFFE
+    )
 
 
 def _unrepresentable(text: str) -> str | None:
@@ -157,8 +164,9 @@ def unit_file_path(path: PurePosixPath | os.PathLike[str]) -> str:
     text = os.fspath(path)
     problem = _unrepresentable(text)
     if problem is not None:
-        raise _NotInUnitFile(f"the path {shown(text)} cannot be written into a systemd unit "
-                             f"file: it {problem}")
+        raise _NotInUnitFile(
+            f"the path {shown(text)} cannot be written into a systemd unit file: it {problem}"
+        )
     return text.replace("%", "%%")
 
 
@@ -191,8 +199,9 @@ def dropin_text(
         lines.append(f"EnvironmentFile={unit_file_path(base / 'env' / f'{unit}.env')}")
     for name in credentials:
         if not CREDENTIAL_ID.match(name):
-            raise _NotInUnitFile(f"credential name {shown(name)} cannot be written into a "
-                                 "systemd unit file")
+            raise _NotInUnitFile(
+                f"credential name {shown(name)} cannot be written into a systemd unit file"
+            )
         source = unit_file_path(base / "credentials" / unit / name)
         lines.append(f"LoadCredential={name}:{source}")
     return "\n".join(lines) + "\n"
@@ -207,9 +216,7 @@ def check_dropins(paths: Paths, units: Iterable[str]) -> None:
         fsio.check_tree(paths.root, paths.dropin_root / f"{name}.d", files=[DROPIN_NAME])
 
 
-def write_dropins(
-    paths: Paths, texts: Mapping[str, str], *, name: str = DROPIN_NAME
-) -> list[str]:
+def write_dropins(paths: Paths, texts: Mapping[str, str], *, name: str = DROPIN_NAME) -> list[str]:
     """Write each unit's runtime drop-in `name` (atomically); return the units whose text
     changed.
 
@@ -269,7 +276,11 @@ class Systemctl:
         return self("is-active", "--", unit, check=False).stdout.strip() or "unknown"
 
     def wait_active(
-        self, unit: str, timeout: float, *, sleep: Callable[[float], None] = time.sleep,
+        self,
+        unit: str,
+        timeout: float,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> str:
         """Poll until `unit` is active (returns "active") or failed/timeout (returns state)."""

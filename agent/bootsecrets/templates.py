@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 #: `{{ secrets.<name>.<key> }}` and nothing else: the same result Jinja2 would give.
 _PLAIN_LOOKUP = re.compile(
-    r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\Z")
+    r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\Z"
+)
 
 
 def analyze(source: str) -> frozenset[str]:

@@ -99,8 +99,14 @@ def _call(
     data the key is for) and the Transit key."""
     path = key.path(operation)
     try:
-        return vault.write(path, body, what=f"{path} for {what}", idempotent=True,
-                           refused=_refused(key, what), with_reads=True)
+        return vault.write(
+            path,
+            body,
+            what=f"{path} for {what}",
+            idempotent=True,
+            refused=_refused(key, what),
+            with_reads=True,
+        )
     except PermissionDenied:
         raise DataLocked(f"{what}: permission denied on {path}") from None
 
@@ -110,13 +116,17 @@ def _refused(key: TransitKey, what: str) -> Callable[[int, str], BootsecretsErro
         if status == 404 or "encryption key not found" in errors:
             return TransitKeyMissing(
                 f"{what}: Transit key {key} does not exist (deleted: the data it protected "
-                "is crypto-shredded), or the mount is wrong")
+                "is crypto-shredded), or the mount is wrong"
+            )
         if "disallowed by policy" in errors:
             return DataLocked(
                 f"{what}: Transit key {key} no longer decrypts this key version "
-                "(min_decryption_version was raised before this host rewrapped it)")
-        return DataKeyRejected(f"{what}: Transit key {key} rejected the stored ciphertext "
-                               f"({errors})")
+                "(min_decryption_version was raised before this host rewrapped it)"
+            )
+        return DataKeyRejected(
+            f"{what}: Transit key {key} rejected the stored ciphertext ({errors})"
+        )
+
     return refused
 
 

@@ -100,9 +100,12 @@ def scrub_and_log(token: str, root: Path, *, unwrapped: bool) -> Scrubbed | None
     failed before the unwrap: the token is still live, the copy in the memory-only store is
     kept for a retry, and only the disk copies go.
     """
-    why = ("the wrapped secret-id was sent for unwrapping" if unwrapped else
-           "the bootstrap failed before the unwrap; the wrapped secret-id stays in the "
-           "memory-only store for a retry, its copies on disk are removed")
+    why = (
+        "the wrapped secret-id was sent for unwrapping"
+        if unwrapped
+        else "the bootstrap failed before the unwrap; the wrapped secret-id stays in the "
+        "memory-only store for a retry, its copies on disk are removed"
+    )
     try:
         done = scrub(token, root)
     except ValueError as err:
@@ -112,11 +115,20 @@ def scrub_and_log(token: str, root: Path, *, unwrapped: bool) -> Scrubbed | None
         log.warning("cloud-init's copies of the user-data not scrubbed: %s", err.strerror)
         return None
     if done.failed:
-        log.warning("%s; could not scrub %s", why, ", ".join(done.failed),
-                    extra={"SCRUB_FAILED": ",".join(done.failed)})
+        log.warning(
+            "%s; could not scrub %s",
+            why,
+            ", ".join(done.failed),
+            extra={"SCRUB_FAILED": ",".join(done.failed)},
+        )
     if done.copies:
-        log.info("%s: replaced it in cloud-init's files (%s copies: %s)", why, done.copies,
-                 ", ".join(done.files), extra={"SCRUBBED_FILES": ",".join(done.files)})
+        log.info(
+            "%s: replaced it in cloud-init's files (%s copies: %s)",
+            why,
+            done.copies,
+            ", ".join(done.files),
+            extra={"SCRUBBED_FILES": ",".join(done.files)},
+        )
     elif not done.failed:
         log.info("%s: no copy in cloud-init's files", why)
     return done

@@ -27,21 +27,19 @@ from bootsecrets.connect.failover import CALLER_MAPS, Failover, vault_errors
 from bootsecrets.connect.transport import Adapter, session_for
 from bootsecrets.errors import (
     BootsecretsError,
-    CertificateRefused,
     ConfigError,
     LoginDenied,
     PermissionDenied,
     SecretMissing,
     TokenInvalid,
     VaultError,
-    VaultUnreachable,
     WrappingPathMismatch,
     WrappingTokenAlreadyUsed,
     WrappingTokenInvalid,
 )
 from bootsecrets.fsio import read_regular_file
 from bootsecrets.fsread import FileRefused
-from bootsecrets.model import LeaseGrant, SecretData
+from bootsecrets.model import SecretData
 from bootsecrets.vaultconfig import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +47,7 @@ _T = TypeVar("_T")
 
 #: Reads in flight at once, and keep-alive connections kept for them.
 MAX_CONCURRENT_READS = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class WrapInfo:
@@ -88,11 +87,19 @@ class Vault:
         loaded (bootsecrets.connect); the first request to that address goes out on it."""
         self.addresses = tuple(addresses or settings.addresses)
         if not self.addresses:
-            raise ConfigError("config", None, "vault.address",
-                              "no Vault address: set it in the image config or user-data")
+            raise ConfigError(
+                "config",
+                None,
+                "vault.address",
+                "no Vault address: set it in the image config or user-data",
+            )
         self._failover = Failover(
-            self.addresses, request_timeout=settings.request_timeout, clock=clock, sleep=sleep,
-            deadline=settings.boot_deadline if deadline is None else deadline)
+            self.addresses,
+            request_timeout=settings.request_timeout,
+            clock=clock,
+            sleep=sleep,
+            deadline=settings.boot_deadline if deadline is None else deadline,
+        )
         verify: bool | str = True
         if settings.ca_cert is not None:
             verify = str(_check_ca_bundle(settings.ca_cert, config_root))
@@ -114,8 +121,15 @@ class Vault:
     ) -> tuple[requests.Session, list[hvac.Client]]:
         session = session_for(self.addresses, verify, MAX_CONCURRENT_READS)
         clients = [
-            hvac.Client(url=address, token="", verify=verify, timeout=settings.request_timeout,  # type: ignore[arg-type]
-                        namespace=settings.namespace, session=session, allow_redirects=False)
+            hvac.Client(
+                url=address,
+                token="",
+                verify=verify,
+                timeout=settings.request_timeout,  # type: ignore[arg-type]
+                namespace=settings.namespace,
+                session=session,
+                allow_redirects=False,
+            )
             for address in self.addresses
         ]
         return session, clients
@@ -134,8 +148,9 @@ class Vault:
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._workers is None:
-            self._workers = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_READS,
-                                               thread_name_prefix="vault")
+            self._workers = ThreadPoolExecutor(
+                max_workers=MAX_CONCURRENT_READS, thread_name_prefix="vault"
+            )
         return self._workers
 
     def __enter__(self) -> Vault:
@@ -147,14 +162,19 @@ class Vault:
     # --- transport ------------------------------------------------------------------------
 
     def _call(
-        self, what: str, request: Callable[[hvac.Client], _T], *, idempotent: bool = True,
+        self,
+        what: str,
+        request: Callable[[hvac.Client], _T],
+        *,
+        idempotent: bool = True,
         clients: Sequence[hvac.Client] | None = None,
     ) -> _T:
         """`request` on one of `clients` (by default the login session's), through the
         failover (connect/failover.py)."""
         chosen = self._clients if clients is None else clients
-        return self._failover.call(what, lambda index: request(chosen[index]),
-                                   idempotent=idempotent)
+        return self._failover.call(
+            what, lambda index: request(chosen[index]), idempotent=idempotent
+        )
 
     def _headers(self, token: str) -> dict[str, str]:
         return {"X-Vault-Token": token}
@@ -163,14 +183,16 @@ class Vault:
 
     def lookup_wrapping(self, wrapping_token: str) -> WrapInfo:
         try:
-            response = self._call("sys/wrapping/lookup", lambda c: c.adapter.post(
-                "/v1/sys/wrapping/lookup", json={"token": wrapping_token}))
+            response = self._call(
+                "sys/wrapping/lookup",
+                lambda c: c.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
+            )
         except CALLER_MAPS:
             raise WrappingTokenInvalid(
                 "the wrapped secret-id is unknown to Vault: expired, already unwrapped, "
                 "or never issued"
             ) from None
-        data = _data(response, "sys/wrapping/lookup")
+        data = data_of(response, "sys/wrapping/lookup")
         return WrapInfo(
             creation_path=str(data.get("creation_path", "")),
             creation_ttl=int(data.get("creation_ttl") or 0),
@@ -182,8 +204,9 @@ class Vault:
         try:
             response = self._call(
                 "sys/wrapping/unwrap",
-                lambda c: c.adapter.post("/v1/sys/wrapping/unwrap",
-                                         headers=self._headers(wrapping_token)),
+                lambda c: c.adapter.post(
+                    "/v1/sys/wrapping/unwrap", headers=self._headers(wrapping_token)
+                ),
                 idempotent=False,
             )
         except CALLER_MAPS:
@@ -191,7 +214,7 @@ class Vault:
                 "Vault refused to unwrap a wrapped secret-id it had just looked up: "
                 "it was unwrapped by someone else in between"
             ) from None
-        data = _data(response, "sys/wrapping/unwrap")
+        data = data_of(response, "sys/wrapping/unwrap")
         secret_id = data.get("secret_id")
         if not isinstance(secret_id, str) or not secret_id:
             raise WrappingPathMismatch("the unwrapped response holds no AppRole secret_id")
@@ -201,8 +224,9 @@ class Vault:
         try:
             response = self._call(
                 f"auth/{mount}/login",
-                lambda c: c.auth.approle.login(role_id=role_id, secret_id=secret_id,
-                                               mount_point=mount, use_token=False),
+                lambda c: c.auth.approle.login(
+                    role_id=role_id, secret_id=secret_id, mount_point=mount, use_token=False
+                ),
                 idempotent=False,
             )
         except CALLER_MAPS as err:
@@ -217,11 +241,13 @@ class Vault:
     def use_token(self, token: str) -> TokenInfo:
         """Adopt a stored token after checking it is still valid (lookup-self)."""
         try:
-            response = self._call("auth/token/lookup-self", lambda c: c.adapter.get(
-                "/v1/auth/token/lookup-self", headers=self._headers(token)))
+            response = self._call(
+                "auth/token/lookup-self",
+                lambda c: c.adapter.get("/v1/auth/token/lookup-self", headers=self._headers(token)),
+            )
         except CALLER_MAPS:
             raise TokenInvalid("the stored Vault token was revoked or has expired") from None
-        data = _data(response, "auth/token/lookup-self")
+        data = data_of(response, "auth/token/lookup-self")
         self.token = TokenInfo(
             token=token,
             accessor=str(data.get("accessor", "")),
@@ -235,8 +261,12 @@ class Vault:
     def renew_self(self) -> TokenInfo:
         token = self._require_token()
         try:
-            response = self._call("auth/token/renew-self", lambda c: c.adapter.post(
-                "/v1/auth/token/renew-self", headers=self._headers(token.token)))
+            response = self._call(
+                "auth/token/renew-self",
+                lambda c: c.adapter.post(
+                    "/v1/auth/token/renew-self", headers=self._headers(token.token)
+                ),
+            )
         except CALLER_MAPS:
             raise TokenInvalid("the Vault token can no longer be renewed") from None
         self.token = _token_info(response.get("auth") if isinstance(response, dict) else None)
@@ -267,8 +297,9 @@ class Vault:
         def open_connections() -> list[Future[None]]:
             try:
                 seconds = self._failover.seconds_left()
-                return adapter.preconnect(address, self._verify, seconds,
-                                          min(count, MAX_CONCURRENT_READS), pool.submit)
+                return adapter.preconnect(
+                    address, self._verify, seconds, min(count, MAX_CONCURRENT_READS), pool.submit
+                )
             except Exception as err:  # only an optimisation: the reads connect and report
                 log.debug("opening connections ahead of the reads failed: %s", type(err).__name__)
                 return []
@@ -278,9 +309,11 @@ class Vault:
     def read(self, ref: SecretRef) -> SecretData:
         token = self._require_token().token
         try:
-            response = self._call(f"read {ref.full_path}", lambda c: c.adapter.get(
-                f"/v1/{ref.api_path}", headers=self._headers(token)),
-                clients=self._read_clients)
+            response = self._call(
+                f"read {ref.full_path}",
+                lambda c: c.adapter.get(f"/v1/{ref.api_path}", headers=self._headers(token)),
+                clients=self._read_clients,
+            )
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
             raise PermissionDenied(ref.full_path) from None
         except hvac.exceptions.InvalidPath:
@@ -288,7 +321,7 @@ class Vault:
         except hvac.exceptions.InvalidRequest as err:
             raise VaultError(f"reading {ref.full_path}: {vault_errors(err)}") from None
         payload = response if isinstance(response, dict) else {}
-        data = _data(response, ref.full_path)
+        data = data_of(response, ref.full_path)
         version = None
         if ref.engine is Engine.KV2:
             metadata = data.get("metadata") or {}
@@ -308,9 +341,7 @@ class Vault:
             lease_duration=int(payload.get("lease_duration") or 0) or None,
         )
 
-    def read_all(
-        self, refs: Sequence[SecretRef]
-    ) -> dict[str, SecretData | BootsecretsError]:
+    def read_all(self, refs: Sequence[SecretRef]) -> dict[str, SecretData | BootsecretsError]:
         """Read each distinct path once, concurrently over the pooled connections.
 
         Per secret name: its data, or the error reading it (callers decide whether the units
@@ -339,10 +370,44 @@ class Vault:
             wait_for_futures(preconnects.result())
             self._preconnects = None
 
-    # --- writes (Transit, token revocation) -----------------------------------------------
+    # --- other requests (Transit, leases, token revocation) ------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        idempotent: bool = True,
+        body: Mapping[str, Any] | None = None,
+        with_reads: bool = False,
+    ) -> object:
+        """`method` on `/v1/<path>` with the run's token, through the failover; Vault's
+        answer as hvac gives it (its 400/401/403/404 exceptions are the caller's to map).
+        `with_reads`: one of the requests sent at once with the reads, on their connections
+        (opened during the login by prepare_reads)."""
+        token = self._require_token().token
+        if with_reads:
+            self._connections_ready()
+        return self._call(
+            what,
+            lambda c: c.adapter.request(
+                method,
+                f"/v1/{path}",
+                headers=self._headers(token),
+                json=None if body is None else dict(body),
+            ),
+            idempotent=idempotent,
+            clients=self._read_clients if with_reads else None,
+        )
 
     def write(
-        self, path: str, body: Mapping[str, Any], *, what: str, idempotent: bool,
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        what: str,
+        idempotent: bool,
         refused: Callable[[int, str], BootsecretsError] | None = None,
         with_reads: bool = False,
     ) -> dict[str, Any]:
@@ -351,13 +416,15 @@ class Vault:
         a VaultError by default. The body and the answer are never part of an error.
         `with_reads`: one of the requests sent at once with the reads (a Transit request of
         the unlock), on their connections, opened during the login (prepare_reads)."""
-        token = self._require_token().token
-        if with_reads:
-            self._connections_ready()
         try:
-            response = self._call(what, lambda c: c.adapter.post(
-                f"/v1/{path}", json=dict(body), headers=self._headers(token)),
-                idempotent=idempotent, clients=self._read_clients if with_reads else None)
+            response = self.request(
+                "POST",
+                path,
+                what=what,
+                idempotent=idempotent,
+                body=body,
+                with_reads=with_reads,
+            )
         except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
             raise PermissionDenied(path) from None
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:
@@ -368,81 +435,8 @@ class Vault:
         data = response.get("data") if isinstance(response, dict) else None
         return data if isinstance(data, dict) else {}
 
-    # --- leased secrets (docs/leases.md, leasing.py) ---------------------------------------
 
-    def issue(self, ref: SecretRef, body: Mapping[str, Any] | None, *,
-              idempotent: bool) -> LeaseGrant:
-        """New credentials (`GET <mount>/creds/<role>`, body None) or a certificate (`POST
-        <mount>/issue/<role>` with body). 401/403: PermissionDenied; a pki 400:
-        CertificateRefused; other 400/404: VaultError. No value or lease ID in an error."""
-        token, what = self._require_token().token, f"issue {ref.full_path}"
-        try:
-            response = self._call(what, lambda c: c.adapter.request(
-                "GET" if body is None else "POST", f"/v1/{ref.full_path}",
-                headers=self._headers(token), json=None if body is None else dict(body)),
-                idempotent=idempotent)
-        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
-            raise PermissionDenied(ref.full_path) from None
-        except (hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath) as err:
-            if body is not None and isinstance(err, hvac.exceptions.InvalidRequest):
-                raise CertificateRefused(ref.name, ref.full_path,
-                                         f"refused by the role: {vault_errors(err)}") from None
-            raise VaultError(f"{what}: {self._status(err)}: {vault_errors(err)}") from None
-        payload = response if isinstance(response, dict) else {}
-        lease_id = str(payload.get("lease_id") or "")
-        if lease_id and not self._lease_id_ok(lease_id):
-            raise VaultError(f"{what}: Vault answered a lease ID of an unexpected shape")
-        return LeaseGrant(_data(response, what), lease_id,
-                          int(payload.get("lease_duration") or 0), bool(payload.get("renewable")))
-
-    def renew_lease(self, lease_id: str, increment: int, *, what: str) -> tuple[int, bool]:
-        """`PUT sys/leases/renew/<lease_id>`: (lease_duration, renewable) as answered."""
-        response = self._lease_call("renew", lease_id, {"increment": increment}, what)
-        payload = response if isinstance(response, dict) else {}
-        return int(payload.get("lease_duration") or 0), bool(payload.get("renewable"))
-
-    def revoke_lease(self, lease_id: str, *, what: str) -> None:
-        """`PUT sys/leases/revoke/<lease_id>`: synchronous; an unknown lease is no error."""
-        self._lease_call("revoke", lease_id, {}, what)
-
-    def _lease_call(self, verb: str, lease_id: str, body: Mapping[str, Any],
-                    what: str) -> object:
-        """The URL form, which a policy can scope to one role's leases. Every error is a
-        VaultError without the lease ID (Vault's text is scrubbed of it too)."""
-        token = self._require_token().token
-        if not self._lease_id_ok(lease_id):
-            raise VaultError(f"{what}: the kept lease ID has an unexpected shape")
-        try:
-            return self._call(what, lambda c: c.adapter.put(
-                f"/v1/sys/leases/{verb}/{lease_id}", json=dict(body),
-                headers=self._headers(token)))
-        except (hvac.exceptions.VaultError, VaultError) as err:
-            if isinstance(err, hvac.exceptions.VaultError):
-                text = f"{what}: {self._status(err)}: {vault_errors(err)}"
-            else:
-                text = str(err)
-            for part in (lease_id, lease_id.rsplit("/", 1)[-1]):
-                text = text.replace(part, "<lease>")
-            raise (VaultUnreachable if isinstance(err, VaultUnreachable) else VaultError)(
-                text) from None
-
-    @staticmethod
-    def _status(err: hvac.exceptions.VaultError) -> str:
-        """The HTTP status of the answers a caller maps (hvac's exceptions may not say)."""
-        codes = {hvac.exceptions.InvalidRequest: 400, hvac.exceptions.Unauthorized: 401,
-                 hvac.exceptions.Forbidden: 403, hvac.exceptions.InvalidPath: 404}
-        code = getattr(err, "status_code", None) or codes.get(type(err))
-        return f"HTTP {code}" if code else type(err).__name__
-
-    @staticmethod
-    def _lease_id_ok(lease_id: str) -> bool:
-        """`database/creds/app/AbC123`: it goes into a URL path, so nothing else."""
-        return all(part not in ("", ".", "..") and all(
-            ch.isascii() and (ch.isalnum() or ch in "_.-") for ch in part)
-            for part in lease_id.split("/"))
-
-
-def _data(response: object, what: str) -> dict[str, Any]:
+def data_of(response: object, what: str) -> dict[str, Any]:
     data = response.get("data") if isinstance(response, dict) else None
     if not isinstance(data, dict):
         raise VaultError(f"{what}: Vault's answer has no data")
@@ -470,8 +464,9 @@ def _check_ca_bundle(ca_cert: Path, root: Path) -> Path:
     try:  # a regular file only: a FIFO or a device there must not block or fill memory
         head = read_regular_file(path, MAX_CA_BUNDLE_BYTES)
     except FileRefused as err:
-        raise ConfigError(str(path), None, "vault.ca_cert",
-                          f"cannot read the CA bundle: {err.reason}") from None
+        raise ConfigError(
+            str(path), None, "vault.ca_cert", f"cannot read the CA bundle: {err.reason}"
+        ) from None
     if b"-----BEGIN CERTIFICATE-----" not in head:
         raise ConfigError(str(path), None, "vault.ca_cert", "is not a PEM certificate bundle")
     return path

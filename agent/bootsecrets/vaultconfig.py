@@ -62,8 +62,9 @@ def absolute_path(at: Node) -> Path:
 def parse_vault_settings(at: Node, env: Mapping[str, str]) -> VaultSettings:
     fields = at.mapping(
         frozenset(),
-        frozenset({"address", "addresses", "ca_cert", "namespace", "request_timeout",
-                   "boot_deadline"}),
+        frozenset(
+            {"address", "addresses", "ca_cert", "namespace", "request_timeout", "boot_deadline"}
+        ),
     )
     addresses: tuple[str, ...]
     if "address" in fields and "addresses" in fields:
@@ -90,12 +91,12 @@ def parse_vault_settings(at: Node, env: Mapping[str, str]) -> VaultSettings:
         ca_cert=ca_cert,
         namespace=namespace,
         request_timeout=(
-            fields["request_timeout"].seconds(positive=True) if "request_timeout" in fields
+            fields["request_timeout"].seconds(positive=True)
+            if "request_timeout" in fields
             else 10.0
         ),
         boot_deadline=(
-            fields["boot_deadline"].seconds(positive=True) if "boot_deadline" in fields
-            else 300.0
+            fields["boot_deadline"].seconds(positive=True) if "boot_deadline" in fields else 300.0
         ),
         address_from_env=override is not None,
     )

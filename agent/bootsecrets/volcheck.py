@@ -36,9 +36,18 @@ from bootsecrets.errors import (
 from bootsecrets.volconfig import EncryptedVolume, Format
 
 #: Failures of one volume: the others, and the units not needing it, go on.
-VOLUME_FAILURES = (DataLocked, TransitKeyMissing, DataKeyRejected, VolumeMissing,
-                   VolumeNotBlank, VolumeBlank, VolumeTokenInvalid, VolumeMismatch,
-                   VolumeFailed)
+VOLUME_FAILURES = (
+    DataLocked,
+    TransitKeyMissing,
+    DataKeyRejected,
+    VolumeMissing,
+    VolumeNotBlank,
+    VolumeBlank,
+    VolumeTokenInvalid,
+    VolumeMismatch,
+    VolumeFailed,
+)
+
 
 class VolState(enum.Enum):
     ABSENT = "absent"  # no device (yet): waited for in the unlock
@@ -92,14 +101,22 @@ def check(run: Run) -> tuple[Prepared, ...]:
 
 def _check(run: Run, volume: EncryptedVolume) -> Prepared:
     owner = _owner(run.config, volume)
-    base = Prepared(volume, run.paths.under_root(volume.device),
-                    run.paths.under_root(volume.mapper_path),
-                    run.paths.under_root(volume.mount), owner, None, VolState.ABSENT)
+    base = Prepared(
+        volume,
+        run.paths.under_root(volume.device),
+        run.paths.under_root(volume.mapper_path),
+        run.paths.under_root(volume.mount),
+        owner,
+        None,
+        VolState.ABSENT,
+    )
     try:
         record = volrecord.load(run.paths, volume.name)
     except volrecord.RecordInvalid as err:
-        return _refused(base, VolumeMismatch(
-            f"{base.what}: its record {err}; delete it to adopt the volume again"))
+        return _refused(
+            base,
+            VolumeMismatch(f"{base.what}: its record {err}; delete it to adopt the volume again"),
+        )
     return classify(run, dataclasses.replace(base, record=record))
 
 
@@ -112,23 +129,34 @@ def classify(run: Run, item: Prepared) -> Prepared:
     try:
         backing = blockdev.mapped_device(volume.mapper, runner)
         if backing is not None and not blockdev.same_device(backing, item.device):
-            return _refused(item, VolumeMismatch(
-                f"{item.what}: /dev/mapper/{volume.mapper} is open on another device "
-                f"({backing})"))
+            return _refused(
+                item,
+                VolumeMismatch(
+                    f"{item.what}: /dev/mapper/{volume.mapper} is open on another device "
+                    f"({backing})"
+                ),
+            )
         found = luks.probe(item.device, runner)
         if "crypto_LUKS" not in found.signatures:
             if backing is not None:
-                return _refused(item, VolumeMismatch(
-                    f"{item.what}: open as /dev/mapper/{volume.mapper}, but its header is "
-                    "gone"))
+                return _refused(
+                    item,
+                    VolumeMismatch(
+                        f"{item.what}: open as /dev/mapper/{volume.mapper}, but its header is gone"
+                    ),
+                )
             return _blank(item, found)
         token = luks.read_token(item.device, runner)
         uuid = blockdev.luks_uuid(item.device, runner)
     except luks.TokenMissing:
-        return _refused(item, VolumeTokenInvalid(
-            f"{item.what}: its LUKS2 header has no {luks.TOKEN_TYPE} token (not a "
-            "bootsecrets volume, a first use cut short, or the token was removed); nothing "
-            "can open it, and it is not formatted over"))
+        return _refused(
+            item,
+            VolumeTokenInvalid(
+                f"{item.what}: its LUKS2 header has no {luks.TOKEN_TYPE} token (not a "
+                "bootsecrets volume, a first use cut short, or the token was removed); nothing "
+                "can open it, and it is not formatted over"
+            ),
+        )
     except luks.TokenInvalid as err:
         return _refused(item, VolumeTokenInvalid(f"{item.what}: {err.problem}"))
     except luks.DeviceMissing as err:
@@ -138,13 +166,21 @@ def classify(run: Run, item: Prepared) -> Prepared:
     except luks.LuksError as err:
         return _refused(item, VolumeFailed(f"{item.what}: {err.problem}"))
     if record is not None and record.luks_uuid != uuid:
-        return _refused(item, VolumeMismatch(
-            f"{item.what}: holds LUKS volume {uuid}, but this host's volume there is "
-            f"{record.luks_uuid} ({volrecord.record_path(run.paths, volume.name)})"))
+        return _refused(
+            item,
+            VolumeMismatch(
+                f"{item.what}: holds LUKS volume {uuid}, but this host's volume there is "
+                f"{record.luks_uuid} ({volrecord.record_path(run.paths, volume.name)})"
+            ),
+        )
     if (token.mount, token.key_name) != (volume.transit_mount, volume.transit_key):
-        return _refused(item, VolumeMismatch(
-            f"{item.what}: its token names Transit key {token.mount}/keys/{token.key_name}, "
-            f"the config {volume.transit_mount}/keys/{volume.transit_key}"))
+        return _refused(
+            item,
+            VolumeMismatch(
+                f"{item.what}: its token names Transit key {token.mount}/keys/{token.key_name}, "
+                f"the config {volume.transit_mount}/keys/{volume.transit_key}"
+            ),
+        )
     state = VolState.LOCKED
     if backing is not None:
         mounted = blockdev.mounted_from(item.mount, item.mapper)
@@ -158,12 +194,18 @@ def _blank(item: Prepared, found: luks.Blankness) -> Prepared:
         refusal = luks.NotBlank(volume.device, found.signatures, found.first_mib_zero)
         return _refused(item, VolumeNotBlank(f"{item.what}: {refusal.problem}"))
     if record is not None and record.ready:
-        return _refused(item, VolumeMismatch(
-            f"{item.what}: is blank, but this host formatted LUKS volume {record.luks_uuid} "
-            "there: another volume is attached; refusing to format it"))
+        return _refused(
+            item,
+            VolumeMismatch(
+                f"{item.what}: is blank, but this host formatted LUKS volume {record.luks_uuid} "
+                "there: another volume is attached; refusing to format it"
+            ),
+        )
     if volume.format is Format.NEVER:
-        return _refused(item, VolumeBlank(f"{item.what}: is blank and `format: never`; "
-                                          "nothing was written to it"))
+        return _refused(
+            item,
+            VolumeBlank(f"{item.what}: is blank and `format: never`; nothing was written to it"),
+        )
     return dataclasses.replace(item, state=VolState.BLANK)
 
 
@@ -176,12 +218,13 @@ def _owner(config: Config, volume: EncryptedVolume) -> tuple[int, int]:
     try:
         uid = int(volume.user) if volume.user.isdigit() else pwd.getpwnam(volume.user).pw_uid
     except KeyError:
-        raise ConfigError(config.source, None, f"{field}.user", "no such user on this host"
-                          ) from None
+        raise ConfigError(
+            config.source, None, f"{field}.user", "no such user on this host"
+        ) from None
     try:
-        gid = (int(volume.group) if volume.group.isdigit()
-               else grp.getgrnam(volume.group).gr_gid)
+        gid = int(volume.group) if volume.group.isdigit() else grp.getgrnam(volume.group).gr_gid
     except KeyError:
-        raise ConfigError(config.source, None, f"{field}.group", "no such group on this host"
-                          ) from None
+        raise ConfigError(
+            config.source, None, f"{field}.group", "no such group on this host"
+        ) from None
     return uid, gid

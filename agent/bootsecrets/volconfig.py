@@ -52,8 +52,19 @@ DEVICE_COMPONENT = re.compile(r"[A-Za-z0-9_.:@=+-]+\Z")
 MOUNT_OPTION = re.compile(r"[a-z][a-z0-9_.-]*(=[A-Za-z0-9_.:/+-]+)?\Z")
 #: Options that would hand the mount's lifetime to systemd's fstab logic or change what is
 #: mounted: not ours to set.
-FORBIDDEN_OPTIONS = ("x-", "comment=", "bind", "rbind", "move", "remount", "loop", "offset=",
-                     "sizelimit=", "encryption=", "defaults")
+FORBIDDEN_OPTIONS = (
+    "x-",
+    "comment=",
+    "bind",
+    "rbind",
+    "move",
+    "remount",
+    "loop",
+    "offset=",
+    "sizelimit=",
+    "encryption=",
+    "defaults",
+)
 DEFAULT_OPTIONS = ("nodev", "nosuid")
 MAX_ATTACH_TIMEOUT = 3600.0
 
@@ -95,12 +106,26 @@ class EncryptedVolume:
 
 
 FIELDS = frozenset({"device", "mount", "units"})
-OPTIONAL = frozenset({"format", "filesystem", "mount_options", "mapper", "transit_mount",
-                      "transit_key", "user", "group", "mode", "attach_timeout"})
+OPTIONAL = frozenset(
+    {
+        "format",
+        "filesystem",
+        "mount_options",
+        "mapper",
+        "transit_mount",
+        "transit_key",
+        "user",
+        "group",
+        "mode",
+        "attach_timeout",
+    }
+)
 
 
 def parse_encrypted_volumes(
-    at: Node, services: Collection[str], role: str,
+    at: Node,
+    services: Collection[str],
+    role: str,
     directories: tuple[EncryptedDirectory, ...] = (),
 ) -> tuple[EncryptedVolume, ...]:
     """The section, validated: names, devices, mappers and mount points distinct; a mount
@@ -109,8 +134,9 @@ def parse_encrypted_volumes(
     nodes = at.mapping()
     for name, child in nodes.items():
         if not NAME.match(name):
-            raise child.error("names are letters, digits, `-` and `_` (the record's file "
-                              "name), at most 64")
+            raise child.error(
+                "names are letters, digits, `-` and `_` (the record's file name), at most 64"
+            )
         volume = _volume(child, name, services, role)
         fields = child.mapping()
         for other in volumes:
@@ -120,13 +146,16 @@ def parse_encrypted_volumes(
                 where = fields.get("mapper", child)
                 raise where.error(f"is encrypted_volumes.{other.name}'s mapper name too")
             if _overlap(other.mount, volume.mount):
-                raise fields["mount"].error(f"overlaps encrypted_volumes.{other.name}: "
-                                            "volumes cannot be mounted inside each other")
+                raise fields["mount"].error(
+                    f"overlaps encrypted_volumes.{other.name}: "
+                    "volumes cannot be mounted inside each other"
+                )
         for directory in directories:
             if _overlap(directory.path, volume.mount):
                 raise fields["mount"].error(
                     f"overlaps encrypted_directories.{directory.name}: a volume and an "
-                    "encrypted directory cannot be inside each other")
+                    "encrypted directory cannot be inside each other"
+                )
         volumes.append(volume)
     return tuple(volumes)
 
@@ -146,34 +175,44 @@ def _volume(at: Node, name: str, services: Collection[str], role: str) -> Encryp
         name=name,
         device=_device(fields["device"]),
         mount=_path(fields["mount"]),
-        transit_mount=_mount(fields["transit_mount"]) if "transit_mount" in fields
-        else "transit",
+        transit_mount=_mount(fields["transit_mount"]) if "transit_mount" in fields else "transit",
         transit_key=fields["transit_key"].matching(VAULT_COMPONENT, "a Transit key name")
-        if "transit_key" in fields else role,
+        if "transit_key" in fields
+        else role,
         units=units,
         format=fields["format"].choice(Format) if "format" in fields else Format.NEVER,
-        filesystem=fields["filesystem"].choice(Filesystem) if "filesystem" in fields
+        filesystem=fields["filesystem"].choice(Filesystem)
+        if "filesystem" in fields
         else Filesystem.EXT4,
-        mount_options=_options(fields["mount_options"]) if "mount_options" in fields
+        mount_options=_options(fields["mount_options"])
+        if "mount_options" in fields
         else DEFAULT_OPTIONS,
-        mapper=fields["mapper"].matching(MAPPER, "a device-mapper name ([A-Za-z0-9_.-], at "
-                                         "most 127, not starting with `.`, `_` or `-`)")
-        if "mapper" in fields else name,
-        user=fields["user"].matching(USER_NAME, "a user name or uid") if "user" in fields
+        mapper=fields["mapper"].matching(
+            MAPPER,
+            "a device-mapper name ([A-Za-z0-9_.-], at most 127, not starting with `.`, `_` or `-`)",
+        )
+        if "mapper" in fields
+        else name,
+        user=fields["user"].matching(USER_NAME, "a user name or uid")
+        if "user" in fields
         else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid") if "group" in fields
+        group=fields["group"].matching(USER_NAME, "a group name or gid")
+        if "group" in fields
         else "root",
         mode=_mode(fields["mode"]) if "mode" in fields else 0o755,
         attach_timeout=fields["attach_timeout"].seconds(MAX_ATTACH_TIMEOUT)
-        if "attach_timeout" in fields else 60.0,
+        if "attach_timeout" in fields
+        else 60.0,
     )
 
 
 def _unit(at: Node, services: Collection[str]) -> str:
     unit = at.string()
     if unit not in services:
-        raise at.error("must be a unit declared under `services` (the agent starts it once "
-                       "the volume is mounted)")
+        raise at.error(
+            "must be a unit declared under `services` (the agent starts it once "
+            "the volume is mounted)"
+        )
     return unit
 
 
@@ -181,11 +220,13 @@ def _device(at: Node) -> Path:
     value = at.string()
     path = PurePosixPath(value)
     if not path.is_absolute() or value != str(path) or ".." in path.parts:
-        raise at.error("must be an absolute, normalised path such as "
-                       "/dev/disk/by-id/scsi-0DO_Volume_<name>")
+        raise at.error(
+            "must be an absolute, normalised path such as /dev/disk/by-id/scsi-0DO_Volume_<name>"
+        )
     if not path.is_relative_to("/dev") or len(path.parts) < 3:
-        raise at.error("must be a block device under /dev, such as "
-                       "/dev/disk/by-id/scsi-0DO_Volume_<name>")
+        raise at.error(
+            "must be a block device under /dev, such as /dev/disk/by-id/scsi-0DO_Volume_<name>"
+        )
     if path.is_relative_to("/dev/mapper") or path.name.startswith("dm-"):
         raise at.error("must be the volume itself, not a device-mapper device")
     if not all(DEVICE_COMPONENT.match(p) for p in path.parts[1:]):
@@ -198,11 +239,15 @@ def _options(at: Node) -> tuple[str, ...]:
     for item in at.sequence():
         option = item.string()
         if not MOUNT_OPTION.match(option):
-            raise item.error("must be one mount option such as `noatime` or `commit=30` "
-                             "(no commas or spaces: one option per list item)")
+            raise item.error(
+                "must be one mount option such as `noatime` or `commit=30` "
+                "(no commas or spaces: one option per list item)"
+            )
         if option.startswith(FORBIDDEN_OPTIONS):
-            raise item.error("is not an option bootsecrets passes on (x-*, bind, loop, "
-                             "remount and the like change what is mounted or who mounts it)")
+            raise item.error(
+                "is not an option bootsecrets passes on (x-*, bind, loop, "
+                "remount and the like change what is mounted or who mounts it)"
+            )
         options.append(option)
     if len(set(options)) != len(options):
         raise at.error("lists an option twice")

@@ -47,21 +47,22 @@ def targets(config: Config | None, paths: Paths) -> tuple[Target, ...]:
     found: dict[str, Target] = {}
     recorded = set(volrecord.names(paths))
     for volume in config.volumes if config else ():
-        found[volume.name] = Target(volume.name, volume.device, volume.mapper, volume.mount,
-                                    volume.name in recorded)
+        found[volume.name] = Target(
+            volume.name, volume.device, volume.mapper, volume.mount, volume.name in recorded
+        )
     for name in sorted(recorded - found.keys()):
         try:
             record = volrecord.load(paths, name)
         except volrecord.RecordInvalid:
             continue
         if record is not None:
-            found[name] = Target(name, Path(record.device), record.mapper, Path(record.mount),
-                                 True)
+            found[name] = Target(name, Path(record.device), record.mapper, Path(record.mount), True)
     return tuple(found[name] for name in sorted(found))
 
 
-def _each(volumes: tuple[Target, ...], none: str,
-          one: Callable[[Target], tuple[str, str]]) -> Result:
+def _each(
+    volumes: tuple[Target, ...], none: str, one: Callable[[Target], tuple[str, str]]
+) -> Result:
     """Run `one` per volume ((outcome, note) each) and sum them up."""
     if not volumes:
         return "nothing-to-do", none
@@ -75,13 +76,13 @@ def _each(volumes: tuple[Target, ...], none: str,
             outcome, note = "failed", f"{err.strerror} ({type(err).__name__})"
         outcomes.append(outcome)
         notes.append(f"{target.name} ({target.device}): {note}")
-    total = ("failed" if "failed" in outcomes else "done" if "done" in outcomes
-             else "nothing-to-do")
+    total = "failed" if "failed" in outcomes else "done" if "done" in outcomes else "nothing-to-do"
     return total, "; ".join(notes)
 
 
-def unmount(volumes: tuple[Target, ...], paths: Paths, systemctl: Systemctl,
-            runner: luks.Runner) -> Result:
+def unmount(
+    volumes: tuple[Target, ...], paths: Paths, systemctl: Systemctl, runner: luks.Runner
+) -> Result:
     def one(target: Target) -> tuple[str, str]:
         where = paths.under_root(target.mount)
         mapper = paths.under_root(Path("/dev/mapper") / target.mapper)
@@ -93,8 +94,10 @@ def unmount(volumes: tuple[Target, ...], paths: Paths, systemctl: Systemctl,
                 runner(("umount", str(where)), check=False)
             if blockdev.mounted_from(where, mapper):
                 users = ", ".join(f"{pid} ({name})" for pid, name in blockdev.users_of(where))
-                return "failed", (f"still mounted at {target.mount}: in use (processes: "
-                                  f"{users or 'unknown'}); stop them and run it again")
+                return "failed", (
+                    f"still mounted at {target.mount}: in use (processes: "
+                    f"{users or 'unknown'}); stop them and run it again"
+                )
             outcome, note = "done", f"unmounted from {target.mount}"
         unit_file = paths.dropin_root / unit
         if os.path.lexists(unit_file):
@@ -120,8 +123,10 @@ def erase(volumes: tuple[Target, ...], paths: Paths, runner: luks.Runner) -> Res
         device = paths.under_root(target.device)
         if not os.path.lexists(device):
             if target.recorded:
-                return "failed", ("not attached: its LUKS2 header still holds the keyslot; "
-                                  "attach it and run again, or delete its Transit key")
+                return "failed", (
+                    "not attached: its LUKS2 header still holds the keyslot; "
+                    "attach it and run again, or delete its Transit key"
+                )
             return "nothing-to-do", "not attached, and this host never used it"
         try:
             header = luks.read_header(device, runner)
@@ -132,23 +137,30 @@ def erase(volumes: tuple[Target, ...], paths: Paths, runner: luks.Runner) -> Res
             _forget(paths, target)
             return "nothing-to-do", "already erased"
         if not _ours(paths, target, device, header, runner):
-            return "failed", ("its LUKS2 header is not a bootsecrets volume's (no token, "
-                              "another UUID than this host's record); left untouched")
+            return "failed", (
+                "its LUKS2 header is not a bootsecrets volume's (no token, "
+                "another UUID than this host's record); left untouched"
+            )
         erasure = luks.erase(device, runner)
         _forget(paths, target)
-        note = (f"erased: keyslot(s) {', '.join(map(str, erasure.keyslots_erased)) or '-'} "
-                f"destroyed, token(s) {', '.join(map(str, erasure.tokens_removed)) or '-'} "
-                "removed")
+        note = (
+            f"erased: keyslot(s) {', '.join(map(str, erasure.keyslots_erased)) or '-'} "
+            f"destroyed, token(s) {', '.join(map(str, erasure.tokens_removed)) or '-'} "
+            "removed"
+        )
         if luks.is_open(target.mapper, runner):
-            note += (f"; /dev/mapper/{target.mapper} is still open, so its data stays "
-                     "readable on this host until it is closed or the host is off")
+            note += (
+                f"; /dev/mapper/{target.mapper} is still open, so its data stays "
+                "readable on this host until it is closed or the host is off"
+            )
         return "done", note
 
     return _each(volumes, "no encrypted volume", one)
 
 
-def _ours(paths: Paths, target: Target, device: Path, header: luks.LuksHeader,
-          runner: luks.Runner) -> bool:
+def _ours(
+    paths: Paths, target: Target, device: Path, header: luks.LuksHeader, runner: luks.Runner
+) -> bool:
     if header.token is not None:
         return True
     try:

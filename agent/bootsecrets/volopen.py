@@ -80,8 +80,9 @@ def open_all(run: Run, vault: Vault, prepared: tuple[Prepared, ...]) -> Outcome:
     return outcome
 
 
-def _wait_and_open(run: Run, vault: Vault, first: Prepared,
-                   started: float) -> tuple[Prepared, luks.TransitToken]:
+def _wait_and_open(
+    run: Run, vault: Vault, first: Prepared, started: float
+) -> tuple[Prepared, luks.TransitToken]:
     item = _wait(run, first, started) if first.state is VolState.ABSENT else first
     if item.failure is not None:
         raise item.failure
@@ -91,11 +92,17 @@ def _wait_and_open(run: Run, vault: Vault, first: Prepared,
 def _wait(run: Run, item: Prepared, started: float) -> Prepared:
     timeout = min(item.volume.attach_timeout, run.config.vault.boot_deadline)
     remaining = started + timeout - time.monotonic()
-    log.info("waiting up to %.0f s for %s to be attached", max(remaining, 0), item.what,
-             extra={"VOLUME": item.volume.name})
+    log.info(
+        "waiting up to %.0f s for %s to be attached",
+        max(remaining, 0),
+        item.what,
+        extra={"VOLUME": item.volume.name},
+    )
     if not blockdev.wait_for(item.device, max(remaining, 0)):
-        raise VolumeMissing(f"{item.what}: not there after {timeout:g} s (the volume is not "
-                            "attached, or the device path is wrong)")
+        raise VolumeMissing(
+            f"{item.what}: not there after {timeout:g} s (the volume is not "
+            "attached, or the device path is wrong)"
+        )
     return classify(run, item)
 
 
@@ -115,13 +122,22 @@ def _provision(run: Run, vault: Vault, item: Prepared) -> luks.TransitToken:
     try:
         uuid = str(uuid_module.uuid4())
         record = volrecord.VolumeRecord(
-            volume.name, str(volume.device), volume.mapper, str(volume.mount), uuid,
-            "formatting", volume.transit_mount, volume.transit_key, now())
+            volume.name,
+            str(volume.device),
+            volume.mapper,
+            str(volume.mount),
+            uuid,
+            "formatting",
+            volume.transit_mount,
+            volume.transit_key,
+            now(),
+        )
         # Before the device is written: a run stopped after this finishes from it.
         volrecord.save(run.paths, record)
         try:
-            token = luks.TransitToken(volume.transit_mount, volume.transit_key,
-                                      wrapped.key_version, wrapped.ciphertext)
+            token = luks.TransitToken(
+                volume.transit_mount, volume.transit_key, wrapped.key_version, wrapped.ciphertext
+            )
             luks.format_volume(item.device, key, token, runner, uuid=uuid)
             luks.open_volume(item.device, volume.mapper, key, runner=runner)
         except luks.NotBlank as err:
@@ -130,9 +146,15 @@ def _provision(run: Run, vault: Vault, item: Prepared) -> luks.TransitToken:
             raise VolumeFailed(f"{item.what}: {err.problem}") from None
     finally:
         transit.zero(key)
-    log.info("%s: LUKS2 header written (UUID %s, Transit key %s v%s) and opened as "
-             "/dev/mapper/%s", item.what, uuid, item.transit_key, token.key_version,
-             volume.mapper, extra={"VOLUME": volume.name, "LUKS_UUID": uuid})
+    log.info(
+        "%s: LUKS2 header written (UUID %s, Transit key %s v%s) and opened as /dev/mapper/%s",
+        item.what,
+        uuid,
+        item.transit_key,
+        token.key_version,
+        volume.mapper,
+        extra={"VOLUME": volume.name, "LUKS_UUID": uuid},
+    )
     _make_filesystem(run, item)
     volrecord.save(run.paths, dataclasses.replace(record, state="ready"))
     return token
@@ -146,26 +168,50 @@ def _unlock(run: Run, vault: Vault, item: Prepared, token: luks.TransitToken) ->
     except luks.KeyRejected:
         raise DataKeyRejected(
             f"{item.what}: the key its LUKS2 token decrypts to opens no keyslot (a token "
-            "taken from another volume)") from None
+            "taken from another volume)"
+        ) from None
     except luks.LuksError as err:
         raise VolumeFailed(f"{item.what}: {err.problem}") from None
     finally:
         transit.zero(key)
-    log.info("%s opened as /dev/mapper/%s (Transit key %s v%s)", item.what, volume.mapper,
-             item.transit_key, token.key_version, extra={"VOLUME": volume.name})
+    log.info(
+        "%s opened as /dev/mapper/%s (Transit key %s v%s)",
+        item.what,
+        volume.mapper,
+        item.transit_key,
+        token.key_version,
+        extra={"VOLUME": volume.name},
+    )
     if record is not None and record.ready:
         return
     if record is not None:  # `formatting`, and the header is the one it names: finish
-        log.info("%s: finishing a first use cut short: making its filesystem", item.what,
-                 extra={"VOLUME": volume.name})
+        log.info(
+            "%s: finishing a first use cut short: making its filesystem",
+            item.what,
+            extra={"VOLUME": volume.name},
+        )
         _make_filesystem(run, item)
     else:
-        log.info("%s: formatted elsewhere; adopted (LUKS UUID %s)", item.what, item.uuid,
-                 extra={"VOLUME": volume.name})
-    volrecord.save(run.paths, volrecord.VolumeRecord(
-        volume.name, str(volume.device), volume.mapper, str(volume.mount),
-        item.uuid or "", "ready", token.mount, token.key_name,
-        record.created_at if record is not None else now()))
+        log.info(
+            "%s: formatted elsewhere; adopted (LUKS UUID %s)",
+            item.what,
+            item.uuid,
+            extra={"VOLUME": volume.name},
+        )
+    volrecord.save(
+        run.paths,
+        volrecord.VolumeRecord(
+            volume.name,
+            str(volume.device),
+            volume.mapper,
+            str(volume.mount),
+            item.uuid or "",
+            "ready",
+            token.mount,
+            token.key_name,
+            record.created_at if record is not None else now(),
+        ),
+    )
 
 
 def _make_filesystem(run: Run, item: Prepared) -> None:
@@ -174,14 +220,22 @@ def _make_filesystem(run: Run, item: Prepared) -> None:
     except luks.LuksError as err:
         raise VolumeFailed(f"{item.what}: {err.problem}") from None
     except OSError as err:
-        raise VolumeFailed(f"{item.what}: its new filesystem's root cannot be given its "
-                           f"owner and mode: {err.strerror}") from None
-    log.info("%s: %s made on /dev/mapper/%s", item.what, item.volume.filesystem.value,
-             item.volume.mapper, extra={"VOLUME": item.volume.name})
+        raise VolumeFailed(
+            f"{item.what}: its new filesystem's root cannot be given its "
+            f"owner and mode: {err.strerror}"
+        ) from None
+    log.info(
+        "%s: %s made on /dev/mapper/%s",
+        item.what,
+        item.volume.filesystem.value,
+        item.volume.mapper,
+        extra={"VOLUME": item.volume.name},
+    )
 
 
-def _mount_all(run: Run, opened: list[tuple[Prepared, luks.TransitToken]],
-               outcome: Outcome) -> None:
+def _mount_all(
+    run: Run, opened: list[tuple[Prepared, luks.TransitToken]], outcome: Outcome
+) -> None:
     waiting = []
     for item, token in opened:
         if blockdev.mounted_from(item.mount, item.mapper):
@@ -204,13 +258,21 @@ def _mount_all(run: Run, opened: list[tuple[Prepared, luks.TransitToken]],
         unit = blockdev.unit_name_for(item.volume.mount)
         result = run.systemctl("start", "--", unit, check=False)
         # The mount table as the agent's namespace sees it, or PID 1's word for it.
-        if result.returncode == 0 and (blockdev.mounted_from(item.mount, item.mapper)
-                                       or run.systemctl.is_active(unit) == "active"):
+        if result.returncode == 0 and (
+            blockdev.mounted_from(item.mount, item.mapper)
+            or run.systemctl.is_active(unit) == "active"
+        ):
             outcome.mounted[item.volume.name] = token
-            log.info("%s mounted at %s (%s)", item.what, item.volume.mount, unit,
-                     extra={"VOLUME": item.volume.name, "UNIT": unit})
+            log.info(
+                "%s mounted at %s (%s)",
+                item.what,
+                item.volume.mount,
+                unit,
+                extra={"VOLUME": item.volume.name, "UNIT": unit},
+            )
             continue
         outcome.failed[item.volume.name] = VolumeFailed(
             f"{item.what}: PID 1 did not mount /dev/mapper/{item.volume.mapper} at "
             f"{item.volume.mount} (`systemctl start {unit}` exited with "
-            f"{result.returncode}); see `systemctl status {unit}`")
+            f"{result.returncode}); see `systemctl status {unit}`"
+        )

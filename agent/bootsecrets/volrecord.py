@@ -80,8 +80,7 @@ def load(paths: Paths, name: str) -> VolumeRecord | None:
     """The record of `name`, None when there is none; RecordInvalid otherwise."""
     path = record_path(paths, name)
     try:
-        data = read_regular_file(path, MAX_RECORD_BYTES, follow_symlinks=False,
-                                 anchor=paths.root)
+        data = read_regular_file(path, MAX_RECORD_BYTES, follow_symlinks=False, anchor=paths.root)
     except FileMissing:
         return None
     except FileRefused as err:
@@ -118,9 +117,13 @@ def _parse(raw: object, path: Path, name: str) -> VolumeRecord:
 
 
 def save(paths: Paths, record: VolumeRecord) -> None:
-    write_private(paths.root, record_path(paths, record.name),
-                  json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n",
-                  0o600, create_dirs=0o700)
+    write_private(
+        paths.root,
+        record_path(paths, record.name),
+        json.dumps(record.to_json(), indent=2, sort_keys=True).encode() + b"\n",
+        0o600,
+        create_dirs=0o700,
+    )
 
 
 def remove(paths: Paths, name: str) -> bool:
@@ -136,5 +139,8 @@ def names(paths: Paths) -> list[str]:
         entries = list(records_dir(paths).iterdir())
     except FileNotFoundError:
         return []
-    return sorted(p.stem for p in entries
-                  if p.suffix == ".json" and NAME.match(p.stem) and not p.name.startswith("."))
+    return sorted(
+        p.stem
+        for p in entries
+        if p.suffix == ".json" and NAME.match(p.stem) and not p.name.startswith(".")
+    )

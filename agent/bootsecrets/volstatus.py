@@ -16,19 +16,26 @@ from bootsecrets.volconfig import EncryptedVolume
 STATES = ("mounted", "open", "closed", "absent", "blank", "not-bootsecrets", "unknown")
 
 
-def collect(config: Config, paths: Paths, runner: luks.Runner = luks.run
-            ) -> list[dict[str, Any]]:
+def collect(config: Config, paths: Paths, runner: luks.Runner = luks.run) -> list[dict[str, Any]]:
     return [_one(volume, paths, runner) for volume in config.volumes]
 
 
 def _one(volume: EncryptedVolume, paths: Paths, runner: luks.Runner) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "name": volume.name, "device": str(volume.device), "mapper": volume.mapper,
-        "mount": str(volume.mount), "mount_unit": blockdev.unit_name_for(volume.mount),
+        "name": volume.name,
+        "device": str(volume.device),
+        "mapper": volume.mapper,
+        "mount": str(volume.mount),
+        "mount_unit": blockdev.unit_name_for(volume.mount),
         "units": list(volume.units),
         "transit_key": f"{volume.transit_mount}/keys/{volume.transit_key}",
-        "state": "unknown", "open": False, "mounted": False, "key_version": None,
-        "luks_uuid": None, "formatted_at": None, "problem": None,
+        "state": "unknown",
+        "open": False,
+        "mounted": False,
+        "key_version": None,
+        "luks_uuid": None,
+        "formatted_at": None,
+        "problem": None,
     }
     try:
         record = volrecord.load(paths, volume.name)
@@ -42,7 +49,8 @@ def _one(volume: EncryptedVolume, paths: Paths, runner: luks.Runner) -> dict[str
     try:
         report["open"] = blockdev.mapped_device(volume.mapper, runner) is not None
         report["mounted"] = report["open"] and blockdev.mounted_from(
-            paths.under_root(volume.mount), mapper)
+            paths.under_root(volume.mount), mapper
+        )
         if not os.path.lexists(device):
             report["state"] = "absent"
             return report
@@ -62,17 +70,18 @@ def _one(volume: EncryptedVolume, paths: Paths, runner: luks.Runner) -> dict[str
     token = header.token
     report["key_version"] = token.key_version
     report["transit_key"] = f"{token.mount}/keys/{token.key_name}"
-    report["state"] = ("mounted" if report["mounted"] else "open" if report["open"]
-                       else "closed")
+    report["state"] = "mounted" if report["mounted"] else "open" if report["open"] else "closed"
     return report
 
 
 def format_line(volume: dict[str, Any]) -> str:
     version = volume["key_version"]
-    text = (f"encrypted volume {volume['name']} ({volume['device']} at {volume['mount']}): "
-            f"{volume['state']}, Transit key {volume['transit_key']}"
-            + (f" v{version}" if version else "")
-            + f", units {', '.join(volume['units'])}")
+    text = (
+        f"encrypted volume {volume['name']} ({volume['device']} at {volume['mount']}): "
+        f"{volume['state']}, Transit key {volume['transit_key']}"
+        + (f" v{version}" if version else "")
+        + f", units {', '.join(volume['units'])}"
+    )
     if volume["problem"]:
         text += f"\n  problem: {volume['problem']}"
     return text

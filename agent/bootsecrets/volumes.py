@@ -50,8 +50,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DROPIN_NAME", "VOLUME_FAILURES", "Outcome", "Prepared", "Volumes", "check",
-           "hold_back", "raise_failures", "rewrap", "settle", "unlocking"]
+__all__ = [
+    "DROPIN_NAME",
+    "VOLUME_FAILURES",
+    "Outcome",
+    "Prepared",
+    "Volumes",
+    "check",
+    "hold_back",
+    "raise_failures",
+    "rewrap",
+    "settle",
+    "unlocking",
+]
 
 DROPIN_NAME = blockdev.VOLUME_DROPIN
 
@@ -83,15 +94,23 @@ def settle(run: Run, prepared: tuple[Prepared, ...], outcome: Outcome) -> bool:
     for item in prepared:
         err = outcome.failed.get(item.volume.name)
         if err is not None:
-            logs.alert(err, VOLUME=item.volume.name, DEVICE=str(item.volume.device),
-                       MOUNT_POINT=str(item.volume.mount), TRANSIT_KEY=str(item.transit_key),
-                       UNIT=",".join(item.volume.units))
+            logs.alert(
+                err,
+                VOLUME=item.volume.name,
+                DEVICE=str(item.volume.device),
+                MOUNT_POINT=str(item.volume.mount),
+                TRANSIT_KEY=str(item.transit_key),
+                UNIT=",".join(item.volume.units),
+            )
     if not run.config.volumes:
         return False
     units = sorted({u for v in run.config.volumes for u in v.units})
-    texts = {unit: blockdev.dependency_dropin([blockdev.unit_name_for(v.mount)
-                                               for v in run.config.volumes if unit in v.units])
-             for unit in units}
+    texts = {
+        unit: blockdev.dependency_dropin(
+            [blockdev.unit_name_for(v.mount) for v in run.config.volumes if unit in v.units]
+        )
+        for unit in units
+    }
     return bool(write_dropins(run.paths, texts, name=DROPIN_NAME))
 
 
@@ -106,12 +125,19 @@ def hold_back(config: Config, rendered: Rendered, outcome: Outcome) -> Rendered:
     if not held:
         return rendered
     for unit, name in sorted(held.items()):
-        log.warning("%s held back: encrypted volume %s is not mounted", unit, name,
-                    extra={"UNIT": unit, "VOLUME": name})
-    skipped = {**rendered.skipped, **{u: f"held back: encrypted volume {n} is not mounted"
-                                      for u, n in held.items()}}
-    return Rendered({u: r for u, r in rendered.units.items() if u not in held},
-                    rendered.secrets, skipped)
+        log.warning(
+            "%s held back: encrypted volume %s is not mounted",
+            unit,
+            name,
+            extra={"UNIT": unit, "VOLUME": name},
+        )
+    skipped = {
+        **rendered.skipped,
+        **{u: f"held back: encrypted volume {n} is not mounted" for u, n in held.items()},
+    }
+    return Rendered(
+        {u: r for u, r in rendered.units.items() if u not in held}, rendered.secrets, skipped
+    )
 
 
 # --- 4. rotation ---------------------------------------------------------------------------
@@ -135,22 +161,33 @@ def rewrap(run: Run, vault: Vault, prepared: tuple[Prepared, ...], outcome: Outc
             outcome.later[name] = err
             continue
         except BootsecretsError as err:
-            log.warning("could not rewrap the key of %s: %s", item.what, err,
-                        extra={"VOLUME": name})
+            log.warning(
+                "could not rewrap the key of %s: %s", item.what, err, extra={"VOLUME": name}
+            )
             continue
         if wrapped.key_version <= token.key_version:
             continue
-        new = dataclasses.replace(token, key_version=wrapped.key_version,
-                                  ciphertext=wrapped.ciphertext)
+        new = dataclasses.replace(
+            token, key_version=wrapped.key_version, ciphertext=wrapped.ciphertext
+        )
         try:
             luks.update_token(item.device, new, runner)
         except luks.LuksError as err:
-            log.warning("could not write the rewrapped token of %s: %s", item.what,
-                        err.problem, extra={"VOLUME": name})
+            log.warning(
+                "could not write the rewrapped token of %s: %s",
+                item.what,
+                err.problem,
+                extra={"VOLUME": name},
+            )
             continue
         outcome.mounted[name] = new
-        log.info("rewrapped the key of %s: Transit key %s v%s", item.what, key,
-                 new.key_version, extra={"VOLUME": name})
+        log.info(
+            "rewrapped the key of %s: Transit key %s v%s",
+            item.what,
+            key,
+            new.key_version,
+            extra={"VOLUME": name},
+        )
 
 
 # --- 5. the run's end ----------------------------------------------------------------------
@@ -177,8 +214,10 @@ class Volumes:
     def unlocking(self, vault: Vault) -> Iterator[Callable[[], None]]:
         """`unlocking`; the callable it gives takes the outcome up (once the block is left)."""
         with unlocking(self.run, vault, self.prepared) as mounted:
+
             def done() -> None:
                 self.outcome = mounted()
+
             yield done
 
     def rewrap(self, vault: Vault) -> None:

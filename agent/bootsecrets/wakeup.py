@@ -55,10 +55,21 @@ SYSTEMCTL = "/usr/bin/systemctl"
 
 def command(systemd_run: str, seconds: int) -> list[str]:
     """The systemd-run argv of a wake-up in `seconds` (names and numbers only)."""
-    return [systemd_run, f"--unit={UNIT}", "--description=bootsecrets: next lease deadline",
-            f"--on-active={seconds}s", "--timer-property=AccuracySec=1s",
-            "--timer-property=RemainAfterElapse=no", "--property=Type=oneshot",
-            "--collect", "--quiet", SYSTEMCTL, "start", "--no-block", REFRESH]
+    return [
+        systemd_run,
+        f"--unit={UNIT}",
+        "--description=bootsecrets: next lease deadline",
+        f"--on-active={seconds}s",
+        "--timer-property=AccuracySec=1s",
+        "--timer-property=RemainAfterElapse=no",
+        "--property=Type=oneshot",
+        "--collect",
+        "--quiet",
+        SYSTEMCTL,
+        "start",
+        "--no-block",
+        REFRESH,
+    ]
 
 
 def arm(runner: Runner, systemd_run: str, systemctl: Systemctl, seconds: int) -> bool:
@@ -68,10 +79,15 @@ def arm(runner: Runner, systemd_run: str, systemctl: Systemctl, seconds: int) ->
     result = runner(command(systemd_run, seconds), check=False)
     if result.returncode != 0:
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        log.warning("could not arm %s (%s exited with %d%s): the next refresh is the regular "
-                    "timer's, which may come after a lease's deadline", TIMER, systemd_run,
-                    result.returncode, f": {detail}" if detail else "",
-                    extra={"UNIT": TIMER})
+        log.warning(
+            "could not arm %s (%s exited with %d%s): the next refresh is the regular "
+            "timer's, which may come after a lease's deadline",
+            TIMER,
+            systemd_run,
+            result.returncode,
+            f": {detail}" if detail else "",
+            extra={"UNIT": TIMER},
+        )
         return False
     log.info("next run in %ss (%s)", seconds, TIMER, extra={"UNIT": TIMER})
     return True
@@ -85,9 +101,19 @@ def disarm(systemctl: Systemctl) -> None:
 #: Outcomes a run on the agent's own schedule may fix: after them the wake-up is armed
 #: again. Others (a tampered or lost token, a bad config) need an operator, and retrying
 #: every `floor` seconds would only repeat their alert.
-_RETRIED = (VaultUnreachable, PermissionDenied, SecretMissing, CommandFailed, Interrupted,
-            UnitFailed, LeaseIssueFailed, CertificateRefused, LeaseRevokeFailed, LeaseExpired,
-            LeaseRenewalRefused)
+_RETRIED = (
+    VaultUnreachable,
+    PermissionDenied,
+    SecretMissing,
+    CommandFailed,
+    Interrupted,
+    UnitFailed,
+    LeaseIssueFailed,
+    CertificateRefused,
+    LeaseRevokeFailed,
+    LeaseExpired,
+    LeaseRenewalRefused,
+)
 
 
 @contextlib.contextmanager
@@ -109,15 +135,22 @@ def scheduled(run: Run) -> Iterator[None]:
             _arm(run, backoff=False)
 
 
-def decisions(config_secrets: Mapping[str, SecretRef], kept_state: Mapping[str, LeasedState],
-              policy: Policy, now: float) -> list[Decision]:
+def decisions(
+    config_secrets: Mapping[str, SecretRef],
+    kept_state: Mapping[str, LeasedState],
+    policy: Policy,
+    now: float,
+) -> list[Decision]:
     """The planner's decisions for `status` and the wake-up: from state.json's copy."""
     out: list[Decision] = []
     for name, leased in kept_state.items():
         ref = config_secrets.get(name)
         record = leasestore.from_state(name, leased)
-        out.extend(plan((record,), now, math.inf,
-                        policy_for(policy, ref.spec if ref is not None else None)))
+        out.extend(
+            plan(
+                (record,), now, math.inf, policy_for(policy, ref.spec if ref is not None else None)
+            )
+        )
     return out
 
 
@@ -126,8 +159,14 @@ def _arm(run: Run, *, backoff: bool) -> None:
     now, policy = run.ctx.clock(), run.config.leases
     found = decisions(run.config.secrets, leasestore.to_state(kept), policy, now)
     if backoff:
-        found = [d if d.action is Action.NONE else dataclasses.replace(
-            d, due_at=now + max(0.0, (d.expires_at - policy.margin - now) / 2)) for d in found]
+        found = [
+            d
+            if d.action is Action.NONE
+            else dataclasses.replace(
+                d, due_at=now + max(0.0, (d.expires_at - policy.margin - now) / 2)
+            )
+            for d in found
+        ]
     wake = next_wakeup(found, now, math.inf, policy)
     at = wake.at
     if kept.revoke:  # retried revocations: at the floor
@@ -141,5 +180,3 @@ def _arm(run: Run, *, backoff: bool) -> None:
         if not arm(run.ctx.runner, run.ctx.systemd_run_program, systemctl, seconds):
             at = None
     run.save(dataclasses.replace(run.load_state(), wakeup_at=at))
-
-

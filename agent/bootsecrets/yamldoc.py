@@ -33,8 +33,13 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _BOOL = "tag:yaml.org,2002:bool"
-_KINDS = {_STR: "a string", _INT: "an integer", _FLOAT: "a number", _BOOL: "a boolean",
-          "tag:yaml.org,2002:null": "nothing (null)"}
+_KINDS = {
+    _STR: "a string",
+    _INT: "an integer",
+    _FLOAT: "a number",
+    _BOOL: "a boolean",
+    "tag:yaml.org,2002:null": "nothing (null)",
+}
 #: YAML 1.1 booleans, as PyYAML's resolver recognises them.
 _TRUE = frozenset({"yes", "true", "on"})
 #: A plain decimal number of seconds (what the schema documents): no YAML 1.1 sexagesimal,
@@ -98,8 +103,10 @@ class Node:
     def sequence(self) -> list[Node]:
         if not isinstance(self.node, yaml.SequenceNode):
             raise self.error(f"expected a list, got {self.kind()}")
-        return [dataclasses.replace(self, node=node, field=f"{self.field}[{i}]")
-                for i, node in enumerate(self.node.value)]
+        return [
+            dataclasses.replace(self, node=node, field=f"{self.field}[{i}]")
+            for i, node in enumerate(self.node.value)
+        ]
 
     def _scalar(self, tags: tuple[str, ...], what: str) -> str:
         if isinstance(self.node, yaml.ScalarNode) and self.node.tag in tags:
@@ -145,9 +152,7 @@ class Node:
         return value
 
 
-def parse_document(
-    data: bytes, source: str, error_type: type[ConfigError] = ConfigError
-) -> Node:
+def parse_document(data: bytes, source: str, error_type: type[ConfigError] = ConfigError) -> Node:
     """Compose one YAML document; refuse what is not plain data."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise error_type(source, None, "", "larger than 1 MiB")
@@ -177,7 +182,10 @@ def parse_document(
 
 
 def read_document(
-    path: Path, error_type: type[ConfigError] = ConfigError, *, follow_symlinks: bool = True,
+    path: Path,
+    error_type: type[ConfigError] = ConfigError,
+    *,
+    follow_symlinks: bool = True,
 ) -> Node:
     """A regular file only (a FIFO or a device is refused without blocking), bounded."""
     source = str(path)
@@ -217,8 +225,10 @@ def _tag_error(document: Node, positions: list[int]) -> ConfigError:
                 todo.append(here.child(value_node, key))
                 todo.append(here.child(key_node, key))
         elif isinstance(here.node, yaml.SequenceNode):
-            todo.extend(dataclasses.replace(here, node=node, field=f"{here.field}[{i}]")
-                        for i, node in enumerate(here.node.value))
+            todo.extend(
+                dataclasses.replace(here, node=node, field=f"{here.field}[{i}]")
+                for i, node in enumerate(here.node.value)
+            )
     else:
         here = document
     return here.error("explicit YAML tags (`!!type`, `!name`) are not allowed: plain values only")

@@ -22,19 +22,23 @@ IMAGE_DIR = Path("/var/tmp")  # noqa: S108 (disk-backed, unlike /tmp on some hos
 
 def sh(argv: Sequence[str]) -> str:
     """Run a set-up command; fail with its stderr (these commands carry no secret)."""
-    proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` exited with {proc.returncode}: "
-                           f"{proc.stderr.strip()}")
+        raise RuntimeError(
+            f"`{' '.join(argv)}` exited with {proc.returncode}: {proc.stderr.strip()}"
+        )
     return proc.stdout
 
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise RuntimeError("a loop-device filesystem needs root (losetup, mount), as CI "
-                           "runs: run the tests or benchmarks/run.py as root "
-                           "(sudo .venv/bin/python ...)")
+        raise RuntimeError(
+            "a loop-device filesystem needs root (losetup, mount), as CI "
+            "runs: run the tests or benchmarks/run.py as root "
+            "(sudo .venv/bin/python ...)"
+        )
     for tool in ("mkfs.ext4", "losetup", "mount", "umount"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is missing: run `bash scripts/install-test-deps`")

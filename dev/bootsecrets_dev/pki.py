@@ -53,27 +53,48 @@ class Issued:
 class PkiEngine:
     """A PKI mount with a fresh root CA (EC P-256: fast to make) and roles on it."""
 
-    def __init__(self, bao: OpenBao, *, mount: str = "pki", ca_name: str = "bootsecrets test CA",
-                 ca_ttl: str = "8760h") -> None:
+    def __init__(
+        self,
+        bao: OpenBao,
+        *,
+        mount: str = "pki",
+        ca_name: str = "bootsecrets test CA",
+        ca_ttl: str = "8760h",
+    ) -> None:
         self.bao = bao
         self.mount = mount
         vaultapi.enable_engine(bao, "pki", mount, max_lease_ttl=ca_ttl)
         root = vaultapi.write(
-            bao, f"{mount}/root/generate/internal",
-            {"common_name": ca_name, "ttl": ca_ttl, "key_type": "ec", "key_bits": 256})
+            bao,
+            f"{mount}/root/generate/internal",
+            {"common_name": ca_name, "ttl": ca_ttl, "key_type": "ec", "key_bits": 256},
+        )
         self.ca_pem = str(root["data"]["certificate"])
 
-    def role(self, name: str, *, allowed_domains: Sequence[str], max_ttl: str = "72h",
-             **options: Any) -> None:
+    def role(
+        self, name: str, *, allowed_domains: Sequence[str], max_ttl: str = "72h", **options: Any
+    ) -> None:
         data: dict[str, Any] = {
-            "allowed_domains": ",".join(allowed_domains), "allow_subdomains": True,
-            "allow_bare_domains": True, "allow_ip_sans": True, "max_ttl": max_ttl,
-            "key_type": "ec", "key_bits": 256, **options,
+            "allowed_domains": ",".join(allowed_domains),
+            "allow_subdomains": True,
+            "allow_bare_domains": True,
+            "allow_ip_sans": True,
+            "max_ttl": max_ttl,
+            "key_type": "ec",
+            "key_bits": 256,
+            **options,
         }
         vaultapi.write(self.bao, f"{self.mount}/roles/{name}", data)
 
-    def issue(self, role: str, common_name: str, *, alt_names: Sequence[str] = (),
-              ip_sans: Sequence[str] = (), ttl: str | None = None) -> Issued:
+    def issue(
+        self,
+        role: str,
+        common_name: str,
+        *,
+        alt_names: Sequence[str] = (),
+        ip_sans: Sequence[str] = (),
+        ttl: str | None = None,
+    ) -> Issued:
         data: dict[str, Any] = {"common_name": common_name}
         if alt_names:
             data["alt_names"] = ",".join(alt_names)
@@ -85,17 +106,23 @@ class PkiEngine:
         d = response["data"]
         CANARIES.add(str(d["private_key"]))
         return Issued(
-            certificate=str(d["certificate"]), private_key=str(d["private_key"]),
-            private_key_type=str(d["private_key_type"]), issuing_ca=str(d["issuing_ca"]),
+            certificate=str(d["certificate"]),
+            private_key=str(d["private_key"]),
+            private_key_type=str(d["private_key_type"]),
+            issuing_ca=str(d["issuing_ca"]),
             ca_chain=tuple(str(c) for c in d.get("ca_chain") or ()),
-            serial_number=str(d["serial_number"]), not_before=int(d["not_before"]),
-            expiration=int(d["expiration"]), lease_id=str(response.get("lease_id") or ""),
-            renewable=bool(response.get("renewable")))
+            serial_number=str(d["serial_number"]),
+            not_before=int(d["not_before"]),
+            expiration=int(d["expiration"]),
+            lease_id=str(response.get("lease_id") or ""),
+            renewable=bool(response.get("renewable")),
+        )
 
     def revoke(self, serial_number: str) -> int:
         """`pki/revoke`; returns the revocation time (Unix seconds)."""
-        response = vaultapi.write(self.bao, f"{self.mount}/revoke",
-                                  {"serial_number": serial_number})
+        response = vaultapi.write(
+            self.bao, f"{self.mount}/revoke", {"serial_number": serial_number}
+        )
         return int(response["data"]["revocation_time"])
 
     def crl(self) -> x509.CertificateRevocationList:
@@ -153,7 +180,8 @@ def names(cert_pem: str) -> Names:
     return Names(
         common_name=str(cn[0].value) if cn else "",
         dns=frozenset(san.get_values_for_type(x509.DNSName)),
-        ips=frozenset(str(ip) for ip in san.get_values_for_type(x509.IPAddress)))
+        ips=frozenset(str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+    )
 
 
 @contextlib.contextmanager
@@ -164,8 +192,10 @@ def _pem_files(issued: Issued) -> Iterator[tuple[Path, Path]]:
     base = shm if shm.is_dir() else None
     with tempfile.TemporaryDirectory(prefix="pki-", dir=base) as tmp:
         chain, key = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
-        for path, text in ((chain, issued.certificate + "\n" + issued.issuing_ca + "\n"),
-                           (key, issued.private_key + "\n")):
+        for path, text in (
+            (chain, issued.certificate + "\n" + issued.issuing_ca + "\n"),
+            (key, issued.private_key + "\n"),
+        ):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as f:
                 f.write(text)

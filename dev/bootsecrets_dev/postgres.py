@@ -31,16 +31,23 @@ from typing import Any
 from bootsecrets_dev import vaultapi
 from bootsecrets_dev.openbao import CANARIES, OpenBao, free_port
 
-INSTALL_HINT = "install Debian's PostgreSQL: `apt-get update && apt-get install -y postgresql` " \
-               "(scripts/install-test-deps does it)"
+INSTALL_HINT = (
+    "install Debian's PostgreSQL: `apt-get update && apt-get install -y postgresql` "
+    "(scripts/install-test-deps does it)"
+)
 
 
 def pg_bindir() -> Path:
     """The newest /usr/lib/postgresql/<major>/bin (Debian keeps initdb/pg_ctl off PATH);
     else the directory of an `initdb` on PATH."""
-    majors = sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin")
-                     if (p / "initdb").is_file() and p.parent.name.isdigit()),
-                    key=lambda p: int(p.parent.name))
+    majors = sorted(
+        (
+            p
+            for p in Path("/usr/lib/postgresql").glob("*/bin")
+            if (p / "initdb").is_file() and p.parent.name.isdigit()
+        ),
+        key=lambda p: int(p.parent.name),
+    )
     if majors:
         return majors[-1]
     found = shutil.which("initdb")
@@ -102,23 +109,59 @@ class Postgres:
 
     def _env(self, password: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(PGPASSWORD=password, PGCONNECT_TIMEOUT="10", HOME=str(self.workdir),
-                   PGSSLMODE="disable", PSQLRC="/dev/null", LC_ALL="C.UTF-8")
+        env.update(
+            PGPASSWORD=password,
+            PGCONNECT_TIMEOUT="10",
+            HOME=str(self.workdir),
+            PGSSLMODE="disable",
+            PSQLRC="/dev/null",
+            LC_ALL="C.UTF-8",
+        )
         return env
 
-    def psql(self, sql: str, *, user: str | None = None, password: str | None = None,
-             database: str = "postgres") -> str:
+    def psql(
+        self,
+        sql: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        database: str = "postgres",
+    ) -> str:
         """Run `sql` with psql over TCP as `user` (default: the superuser); return the
         unaligned, tuples-only output. Raises PostgresError with psql's stderr."""
-        argv = [psql_binary(), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                "-h", self.host, "-p", str(self.port), "-U", user or self.superuser,
-                "-d", database, "-c", sql]
-        result = subprocess.run(argv, env=self._env(password or self.password), text=True,
-                                stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
-                                check=False)
+        argv = [
+            psql_binary(),
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-U",
+            user or self.superuser,
+            "-d",
+            database,
+            "-c",
+            sql,
+        ]
+        result = subprocess.run(
+            argv,
+            env=self._env(password or self.password),
+            text=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         if result.returncode != 0:
-            raise PostgresError(f"psql as {user or self.superuser} failed "
-                                f"({result.returncode}): {result.stderr.strip()}")
+            raise PostgresError(
+                f"psql as {user or self.superuser} failed "
+                f"({result.returncode}): {result.stderr.strip()}"
+            )
         return result.stdout.strip()
 
     def whoami(self, user: str, password: str) -> str:
@@ -132,15 +175,24 @@ class Postgres:
         """pg_roles.rolvaliduntil of `role` as an epoch (text), '' when unset."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", role):
             raise ValueError("unexpected role name")
-        query = ("SELECT coalesce(extract(epoch FROM rolvaliduntil)::bigint::text, '') "  # noqa: S608
-                 f"FROM pg_roles WHERE rolname = '{role}'")  # the name is checked above
+        query = (
+            "SELECT coalesce(extract(epoch FROM rolvaliduntil)::bigint::text, '') "  # noqa: S608
+            f"FROM pg_roles WHERE rolname = '{role}'"
+        )  # the name is checked above
         return self.psql(query)
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(pg_bindir() / "pg_ctl"), "-D", str(self.datadir), *args],
-                              env=self._env(""), text=True, stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=120, check=check,
-                              cwd=self.workdir, **self.run_as.popen_kwargs())
+        return subprocess.run(
+            [str(pg_bindir() / "pg_ctl"), "-D", str(self.datadir), *args],
+            env=self._env(""),
+            text=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+            check=check,
+            cwd=self.workdir,
+            **self.run_as.popen_kwargs(),
+        )
 
     def postmaster_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -185,18 +237,37 @@ def _initdb(pg: Postgres) -> None:
     os.chown(pwfile, pg.run_as.uid, pg.run_as.gid)
     try:
         subprocess.run(
-            [str(pg_bindir() / "initdb"), "-D", str(pg.datadir), "-U", pg.superuser,
-             f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
-             "--no-sync"],
-            env=pg._env(""), text=True, stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=300, check=True, cwd=pg.workdir, **pg.run_as.popen_kwargs())
+            [
+                str(pg_bindir() / "initdb"),
+                "-D",
+                str(pg.datadir),
+                "-U",
+                pg.superuser,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+            env=pg._env(""),
+            text=True,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=300,
+            check=True,
+            cwd=pg.workdir,
+            **pg.run_as.popen_kwargs(),
+        )
     finally:
         pwfile.unlink()
     # Settings in the config file rather than `pg_ctl -o` (which pg_ctl hands to a shell).
     with (pg.datadir / "postgresql.conf").open("a", encoding="utf-8") as conf:
-        conf.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = "
-                   f"'{pg.workdir}'\nfsync = off\n"
-                   "full_page_writes = off\nmax_connections = 50\nshared_buffers = 16MB\n")
+        conf.write(
+            f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = "
+            f"'{pg.workdir}'\nfsync = off\n"
+            "full_page_writes = off\nmax_connections = 50\nshared_buffers = 16MB\n"
+        )
 
 
 def _start(pg: Postgres, attempts: int = 3) -> None:
@@ -212,8 +283,10 @@ def _start(pg: Postgres, attempts: int = 3) -> None:
         if "could not bind" in log and attempt + 1 < attempts:
             pg.port = free_port()
             continue
-        raise RuntimeError(f"pg_ctl start failed ({result.returncode}): "
-                           f"{result.stdout}{result.stderr}\n{log[-3000:]}")
+        raise RuntimeError(
+            f"pg_ctl start failed ({result.returncode}): "
+            f"{result.stdout}{result.stderr}\n{log[-3000:]}"
+        )
 
 
 @contextlib.contextmanager
@@ -241,7 +314,7 @@ def postgres_server() -> Iterator[Postgres]:
 
 CREATION = (
     "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"
-    " GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{{name}}\";"
+    ' GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";'
 )
 
 
@@ -260,19 +333,21 @@ class DatabaseEngine:
     """OpenBao's database engine at `mount`, with one connection (`name`) to `pg` through
     the built-in postgresql plugin, root credentials as the test's superuser."""
 
-    def __init__(self, bao: OpenBao, pg: Postgres, *, mount: str = "database",
-                 name: str = "pg") -> None:
+    def __init__(
+        self, bao: OpenBao, pg: Postgres, *, mount: str = "database", name: str = "pg"
+    ) -> None:
         self.bao = bao
         self.pg = pg
         self.mount = mount
         self.name = name
         vaultapi.enable_engine(bao, "database", mount)
         vaultapi.write(
-            bao, f"{mount}/config/{name}",
+            bao,
+            f"{mount}/config/{name}",
             {
                 "plugin_name": "postgresql-database-plugin",
                 "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg.host}:"
-                                  f"{pg.port}/postgres?sslmode=disable",
+                f"{pg.port}/postgres?sslmode=disable",
                 "username": pg.superuser,
                 "password": pg.password,
                 "allowed_roles": "*",
@@ -280,20 +355,30 @@ class DatabaseEngine:
             },
         )
 
-    def role(self, role: str, *, default_ttl: str = "2m", max_ttl: str = "10m",
-             creation: str = CREATION) -> None:
+    def role(
+        self, role: str, *, default_ttl: str = "2m", max_ttl: str = "10m", creation: str = CREATION
+    ) -> None:
         """A dynamic role; revocation and renewal use the plugin's defaults (drop the role;
         ALTER ROLE ... VALID UNTIL)."""
         vaultapi.write(
-            self.bao, f"{self.mount}/roles/{role}",
-            {"db_name": self.name, "creation_statements": [creation],
-                  "default_ttl": default_ttl, "max_ttl": max_ttl})
+            self.bao,
+            f"{self.mount}/roles/{role}",
+            {
+                "db_name": self.name,
+                "creation_statements": [creation],
+                "default_ttl": default_ttl,
+                "max_ttl": max_ttl,
+            },
+        )
 
     def creds(self, role: str) -> Creds:
         response = vaultapi.read(self.bao, f"{self.mount}/creds/{role}")
         data = response["data"]
         CANARIES.add(str(data["password"]))
-        return Creds(username=str(data["username"]), password=str(data["password"]),
-                     lease_id=str(response["lease_id"]),
-                     lease_duration=int(response["lease_duration"]),
-                     renewable=bool(response["renewable"]))
+        return Creds(
+            username=str(data["username"]),
+            password=str(data["password"]),
+            lease_id=str(response["lease_id"]),
+            lease_duration=int(response["lease_duration"]),
+            renewable=bool(response["renewable"]),
+        )

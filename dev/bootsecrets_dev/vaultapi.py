@@ -18,14 +18,21 @@ import hvac
 from bootsecrets_dev.openbao import OpenBao
 
 
-def call(bao: OpenBao, method: str, path: str, data: dict[str, Any] | None = None, *,
-         token: str | None = None) -> dict[str, Any]:
+def call(
+    bao: OpenBao,
+    method: str,
+    path: str,
+    data: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+) -> dict[str, Any]:
     """`method` on /v1/`path`; the decoded answer, {} for 204 No Content."""
     kwargs: dict[str, Any] = {} if data is None else {"json": data}
     client = bao.client
     if token is not None:  # hvac's adapter overwrites an X-Vault-Token header
-        client = hvac.Client(url=bao.addr, token=token,
-                             verify=str(bao.ca_cert) if bao.ca_cert else True)
+        client = hvac.Client(
+            url=bao.addr, token=token, verify=str(bao.ca_cert) if bao.ca_cert else True
+        )
     response = client.adapter.request(method, f"/v1/{path}", **kwargs)
     return response if isinstance(response, dict) else {}
 
@@ -48,8 +55,9 @@ def enable_engine(bao: OpenBao, engine: str, mount: str, **config: Any) -> None:
         write(bao, f"sys/mounts/{mount}", {"type": engine, "config": config})
 
 
-def renew(bao: OpenBao, lease_id: str, increment: int | None = None, *,
-          token: str | None = None) -> dict[str, Any]:
+def renew(
+    bao: OpenBao, lease_id: str, increment: int | None = None, *, token: str | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {} if increment is None else {"increment": increment}
     return call(bao, "PUT", f"sys/leases/renew/{lease_id}", data, token=token)
 

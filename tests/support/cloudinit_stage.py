@@ -46,8 +46,11 @@ def _init(root: str, seed: str | None) -> Any:
     cfg: dict[str, Any] = {
         "system_info": {
             "distro": "debian",
-            "paths": {"cloud_dir": f"{root}/var/lib/cloud", "run_dir": f"{root}/run/cloud-init",
-                      "templates_dir": "/etc/cloud/templates"},
+            "paths": {
+                "cloud_dir": f"{root}/var/lib/cloud",
+                "run_dir": f"{root}/run/cloud-init",
+                "templates_dir": "/etc/cloud/templates",
+            },
         },
         "datasource_list": ["NoCloud"],
     }
@@ -92,8 +95,11 @@ def query(root: str) -> dict[str, Any]:
     if datasource is None:
         raise SystemExit("no cached datasource (obj.pkl) to restore")
     raw = datasource.get_userdata_raw()
-    parts = [part.get_payload(decode=True).decode("utf-8")
-             for part in datasource.get_userdata().walk() if not part.is_multipart()]
+    parts = [
+        part.get_payload(decode=True).decode("utf-8")
+        for part in datasource.get_userdata().walk()
+        if not part.is_multipart()
+    ]
     config_path = f"{root}/var/lib/cloud/instance/cloud-config.txt"
     return {
         "instance_id": datasource.get_instance_id(),

@@ -53,8 +53,9 @@ class DeviceMapper:
     #: Make the next `cryptsetup <verb>` fail with this (returncode, stderr).
     fail: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, argv: Sequence[str], *, stdin: luks.Stdin | None = None,
-                 check: bool = True) -> luks.Completed:
+    def __call__(
+        self, argv: Sequence[str], *, stdin: luks.Stdin | None = None, check: bool = True
+    ) -> luks.Completed:
         command = tuple(argv)
         self.calls.append((command, None if stdin is None else memoryview(stdin).nbytes))
         verb = command[1] if command[0] == luks.CRYPTSETUP and len(command) > 1 else ""
@@ -72,14 +73,16 @@ class DeviceMapper:
     def argvs(self) -> list[tuple[str, ...]]:
         return [argv for argv, _ in self.calls]
 
-    def _done(self, command: tuple[str, ...], code: int, out: str, err: str,
-              check: bool) -> luks.Completed:
+    def _done(
+        self, command: tuple[str, ...], code: int, out: str, err: str, check: bool
+    ) -> luks.Completed:
         if check and code != 0:
             raise luks.CryptsetupFailed(command[-1], command, code, err)
         return luks.Completed(command, code, out, err)
 
-    def _open(self, command: tuple[str, ...], stdin: luks.Stdin | None,
-              check: bool) -> luks.Completed:
+    def _open(
+        self, command: tuple[str, ...], stdin: luks.Stdin | None, check: bool
+    ) -> luks.Completed:
         device, name = command[-2], command[-1]
         if name in self.active:
             return self._done(command, 5, "", f"Device {name} already exists.\n", check)
@@ -104,9 +107,14 @@ class DeviceMapper:
         mapping = self.active.get(name)
         if mapping is None:
             return self._done(command, 4, f"/dev/mapper/{name} is inactive.\n", "", check)
-        return self._done(command, 0, f"/dev/mapper/{name} is active.\n  type:    LUKS2\n"
-                          f"  cipher:  aes-xts-plain64\n  device:  {mapping.device}\n", "",
-                          check)
+        return self._done(
+            command,
+            0,
+            f"/dev/mapper/{name} is active.\n  type:    LUKS2\n"
+            f"  cipher:  aes-xts-plain64\n  device:  {mapping.device}\n",
+            "",
+            check,
+        )
 
     def _close(self, command: tuple[str, ...], check: bool) -> luks.Completed:
         name = command[-1]
@@ -148,14 +156,17 @@ class Pid1(RecordingRunner):
 
     def __call__(self, argv: Sequence[str], *, check: bool = True) -> Completed:
         command = tuple(argv)
-        units = command[command.index("--") + 1:] if "--" in command else ()
-        if len(command) > 1 and command[1] in ("start", "stop") and units \
-                and all(u.endswith(".mount") for u in units):
+        units = command[command.index("--") + 1 :] if "--" in command else ()
+        if (
+            len(command) > 1
+            and command[1] in ("start", "stop")
+            and units
+            and all(u.endswith(".mount") for u in units)
+        ):
             self.calls.append(command)
             code = 0
             for unit in units:
-                code = code or (self._start(unit) if command[1] == "start"
-                                else self._stop(unit))
+                code = code or (self._start(unit) if command[1] == "start" else self._stop(unit))
             if check and code != 0:
                 raise CommandFailed(command, code, "")
             return Completed(command, code, "", "")
@@ -184,9 +195,11 @@ class Pid1(RecordingRunner):
         if blockdev.mounted_from(target, source):
             return 0
         target.mkdir(parents=True, exist_ok=True)
-        return subprocess.run(["mount", "-t", unit["Type"], "-o", unit["Options"],
-                               str(source), str(target)], capture_output=True,
-                              check=False).returncode
+        return subprocess.run(
+            ["mount", "-t", unit["Type"], "-o", unit["Options"], str(source), str(target)],
+            capture_output=True,
+            check=False,
+        ).returncode
 
     def _stop(self, name: str) -> int:
         unit = self.unit(name)
@@ -196,8 +209,7 @@ class Pid1(RecordingRunner):
         if blockdev.mounted_at(target) is None:
             return 0
         os.sync()
-        return subprocess.run(["umount", str(target)], capture_output=True,
-                              check=False).returncode
+        return subprocess.run(["umount", str(target)], capture_output=True, check=False).returncode
 
     def reboot(self) -> None:
         """Unmount every mount under the root (a reboot; the units go with /run)."""
@@ -210,9 +222,11 @@ class Pid1(RecordingRunner):
 
 
 def _sh(*argv: str) -> str:
-    proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` exited with {proc.returncode}: "
-                           f"{proc.stderr.strip()}")
+        raise RuntimeError(
+            f"`{' '.join(argv)}` exited with {proc.returncode}: {proc.stderr.strip()}"
+        )
     return proc.stdout

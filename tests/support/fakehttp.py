@@ -25,9 +25,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-STATUS_TEXT = {200: "OK", 204: "No Content", 301: "Moved Permanently", 302: "Found",
-               303: "See Other", 307: "Temporary Redirect", 308: "Permanent Redirect",
-               400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}
+STATUS_TEXT = {
+    200: "OK",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclasses.dataclass
@@ -61,8 +70,9 @@ class Reply:
         self.sent += len(data)
         return True
 
-    def answer(self, status: int, body: bytes | dict[str, Any] = b"",
-               headers: dict[str, str] | None = None) -> bool:
+    def answer(
+        self, status: int, body: bytes | dict[str, Any] = b"", headers: dict[str, str] | None = None
+    ) -> bool:
         """A whole answer with Content-Length; a dict body is sent as JSON."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         fields = {"Content-Type": "application/json", "Content-Length": str(len(data))}
@@ -72,7 +82,7 @@ class Reply:
     def drip(self, data: bytes, interval: float) -> bool:
         """`data` one byte at a time, `interval` apart; False if cut short."""
         for i in range(len(data)):
-            if self.stopping.wait(interval) or not self.send(data[i:i + 1]):
+            if self.stopping.wait(interval) or not self.send(data[i : i + 1]):
                 return False
         return True
 
@@ -106,9 +116,13 @@ class FakeServer:
     in `handshake_failures`); `handshake` replaces the TLS handshake with a function of the
     raw socket (to misbehave in it)."""
 
-    def __init__(self, handler: Handler, *, tls: ssl.SSLContext | None = None,
-                 handshake: Callable[[socket.socket, threading.Event], None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        handshake: Callable[[socket.socket, threading.Event], None] | None = None,
+    ) -> None:
         self.handler = handler
         self.tls = tls
         self.handshake = handshake
@@ -242,19 +256,24 @@ class Upstream:
     def __call__(self, request: Request, reply: Reply) -> None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
-            headers = {k: v for k, v in request.headers.items()
-                       if k not in ("host", "connection", "accept-encoding")}
+            headers = {
+                k: v
+                for k, v in request.headers.items()
+                if k not in ("host", "connection", "accept-encoding")
+            }
             headers.update(self.extra_headers)
-            conn.request(request.method, request.target, body=request.body or None,
-                         headers=headers)
+            conn.request(request.method, request.target, body=request.body or None, headers=headers)
             answer = conn.getresponse()
             body = answer.read()
         finally:
             conn.close()
         with self.lock:
             self.statuses.append((request.path, answer.status))
-        fields = {k: v for k, v in answer.getheaders()
-                  if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+        fields = {
+            k: v
+            for k, v in answer.getheaders()
+            if k.lower() not in ("content-length", "transfer-encoding", "connection")
+        }
         fields["Content-Length"] = str(len(body))
         reply.send(head(answer.status, fields) + body)
 
@@ -319,11 +338,31 @@ def tls_server_context(directory: Path) -> tuple[ssl.SSLContext, Path]:
     if openssl is None:
         raise RuntimeError("openssl is missing: run `apt-get install openssl`")
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context, cert

@@ -28,18 +28,29 @@ CANARIES.update({WRAPPING_TOKEN, SECRET_ID, CLIENT_TOKEN, VALUE})
 TOKENS = (WRAPPING_TOKEN, SECRET_ID, CLIENT_TOKEN)
 REF = SecretRef("db", "secret", "app/db", Engine.KV2)
 
-AUTH = {"auth": {"client_token": CLIENT_TOKEN, "accessor": "acc", "lease_duration": 3600,
-                 "renewable": True, "token_policies": ["p"]}}
+AUTH = {
+    "auth": {
+        "client_token": CLIENT_TOKEN,
+        "accessor": "acc",
+        "lease_duration": 3600,
+        "renewable": True,
+        "token_policies": ["p"],
+    }
+}
 ANSWERS: dict[str, dict[str, Any]] = {
-    "/v1/sys/wrapping/lookup": {"data": {"creation_path": "auth/approle/role/r/secret-id",
-                                         "creation_ttl": 600,
-                                         "creation_time": "2026-11-23T00:00:00Z"}},
+    "/v1/sys/wrapping/lookup": {
+        "data": {
+            "creation_path": "auth/approle/role/r/secret-id",
+            "creation_ttl": 600,
+            "creation_time": "2026-11-23T00:00:00Z",
+        }
+    },
     "/v1/sys/wrapping/unwrap": {"data": {"secret_id": SECRET_ID, "secret_id_accessor": "a"}},
     "/v1/auth/approle/login": AUTH,
-    "/v1/secret/data/app/db": {"data": {"data": {"password": VALUE},
-                                        "metadata": {"version": 3}}},
-    "/v1/auth/token/lookup-self": {"data": {"accessor": "acc", "ttl": 3000,
-                                            "renewable": True, "policies": ["p"]}},
+    "/v1/secret/data/app/db": {"data": {"data": {"password": VALUE}, "metadata": {"version": 3}}},
+    "/v1/auth/token/lookup-self": {
+        "data": {"accessor": "acc", "ttl": 3000, "renewable": True, "policies": ["p"]}
+    },
     "/v1/auth/token/renew-self": AUTH,
 }
 
@@ -57,10 +68,13 @@ class Call:
 
 CALLS = (
     Call("lookup", "/v1/sys/wrapping/lookup", True, lambda v: v.lookup_wrapping(WRAPPING_TOKEN)),
-    Call("unwrap", "/v1/sys/wrapping/unwrap", False,
-         lambda v: v.unwrap_secret_id(WRAPPING_TOKEN)),
-    Call("login", "/v1/auth/approle/login", False,
-         lambda v: v.login_approle("approle", ROLE_ID, SECRET_ID)),
+    Call("unwrap", "/v1/sys/wrapping/unwrap", False, lambda v: v.unwrap_secret_id(WRAPPING_TOKEN)),
+    Call(
+        "login",
+        "/v1/auth/approle/login",
+        False,
+        lambda v: v.login_approle("approle", ROLE_ID, SECRET_ID),
+    ),
     Call("read", "/v1/secret/data/app/db", True, lambda v: v.read(REF)),
     Call("lookup-self", "/v1/auth/token/lookup-self", True, lambda v: v.use_token(CLIENT_TOKEN)),
     Call("renew-self", "/v1/auth/token/renew-self", True, lambda v: v.renew_self()),
@@ -79,16 +93,23 @@ def good(request: Request, reply: Reply) -> None:
 
 def unless(path: str, handler: Handler) -> Handler:
     """`handler` for requests to `path`, a good answer to the others."""
+
     def handle(request: Request, reply: Reply) -> None:
         (handler if request.path == path else good)(request, reply)
+
     return handle
 
 
-def vault(*addresses: str, request_timeout: float = 5, deadline: float = 10,
-          ca_cert: Path | None = None) -> Vault:
+def vault(
+    *addresses: str, request_timeout: float = 5, deadline: float = 10, ca_cert: Path | None = None
+) -> Vault:
     """A Vault session on `addresses`, holding a client token (for reads and renewals)."""
-    settings = VaultSettings(addresses=addresses, request_timeout=request_timeout,
-                             boot_deadline=deadline, ca_cert=ca_cert)
+    settings = VaultSettings(
+        addresses=addresses,
+        request_timeout=request_timeout,
+        boot_deadline=deadline,
+        ca_cert=ca_cert,
+    )
     session = Vault(settings)
     session.token = TokenInfo(CLIENT_TOKEN, "acc", 3600, True)
     return session

@@ -4,7 +4,7 @@
 SPEC: {"root", "command", "offset" (seconds added to the agent's clock), "state" (the
 systemd stand-in's file), "kill": "" or "<point>:<before|after>"}; a point is `call<N>`
 (the N-th systemctl/systemd-run call of this process), `switch` (Store.switch: `current`
-moves) or `revoke` (Vault.revoke_lease). SIGKILL: nothing of the agent's cleanup runs.
+moves) or `revoke` (vaultleases.revoke_lease). SIGKILL: nothing of the agent's cleanup runs.
 
 The systemd stand-in keeps its state in a file, so that every process sees the same units:
 a (re)start gives the unit a new InvocationID and records the database user its env file
@@ -24,12 +24,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bootsecrets import cli
+from bootsecrets import cli, vaultleases
 from bootsecrets.context import Context
 from bootsecrets.paths import Paths
 from bootsecrets.store import Store
 from bootsecrets.systemd import Completed
-from bootsecrets.vault import Vault
 from bootsecrets_dev.envfile import parse
 
 STARTING = ("start", "restart", "try-restart", "try-reload-or-restart")
@@ -65,7 +64,7 @@ class StandIn:
         _kill_at(self.kill, point, "before")
         state = self.load()
         command = tuple(argv)
-        units = command[command.index("--") + 1:] if "--" in command else ()
+        units = command[command.index("--") + 1 :] if "--" in command else ()
         out = ""
         verb = command[1] if len(command) > 1 else ""
         if command[0].endswith("systemctl") and verb in STARTING:
@@ -77,8 +76,9 @@ class StandIn:
                 held = parse(env.read_text()).get("DB_USER", "") if env.exists() else ""
                 state["events"].append([verb, unit, held])
         elif verb == "show":
-            out = "\n".join(f"Id={u}\nInvocationID={state['invocations'].get(u, '')}\n"
-                            for u in units)
+            out = "\n".join(
+                f"Id={u}\nInvocationID={state['invocations'].get(u, '')}\n" for u in units
+            )
         elif verb == "is-active":
             out = "active\n"
         state["calls"].append(list(command))
@@ -87,7 +87,7 @@ class StandIn:
         return Completed(command, 0, out, "")
 
 
-def _wrap(owner: type, name: str, point: str, kill: str) -> None:
+def _wrap(owner: object, name: str, point: str, kill: str) -> None:
     original: Callable[..., Any] = getattr(owner, name)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -103,10 +103,9 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     root, kill, offset = Path(spec["root"]), spec["kill"], float(spec["offset"])
     _wrap(Store, "switch", "switch", kill)
-    _wrap(Vault, "revoke_lease", "revoke", kill)
+    _wrap(vaultleases, "revoke_lease", "revoke", kill)
     runner = StandIn(Path(spec["state"]), root / "run/bootsecrets", kill)
-    ctx = Context(paths=Paths(root), runner=runner, env={},
-                  clock=lambda: time.time() + offset)
+    ctx = Context(paths=Paths(root), runner=runner, env={}, clock=lambda: time.time() + offset)
     return cli.main([spec["command"], "--root", str(root)], context=ctx)
 
 

@@ -52,8 +52,17 @@ def policy_hcl(unique: str, *, revoke: bool = True, renew: bool = True) -> str:
 
 
 class LeaseWorld:
-    def __init__(self, bao: OpenBao, pg: Postgres, sandbox: LeaseSandbox, unique: str, *,
-                 default_ttl: str = "2m", max_ttl: str = "10m", cert_ttl: str = "1h") -> None:
+    def __init__(
+        self,
+        bao: OpenBao,
+        pg: Postgres,
+        sandbox: LeaseSandbox,
+        unique: str,
+        *,
+        default_ttl: str = "2m",
+        max_ttl: str = "10m",
+        cert_ttl: str = "1h",
+    ) -> None:
         self.bao = bao
         self.pg = pg
         self.sandbox = sandbox
@@ -69,8 +78,9 @@ class LeaseWorld:
         self.role_id = bao.approle(self.role, policy_hcl(unique))
 
     def set_policy(self, **kwargs: bool) -> None:
-        self.bao.client.sys.create_or_update_policy(name=f"{self.role}-policy",
-                                                    policy=policy_hcl(self.unique, **kwargs))
+        self.bao.client.sys.create_or_update_policy(
+            name=f"{self.role}-policy", policy=policy_hcl(self.unique, **kwargs)
+        )
 
     def config(self, **overrides: Any) -> dict[str, Any]:
         u = self.unique
@@ -82,18 +92,28 @@ class LeaseWorld:
             "secrets": {
                 "api": f"secret/{u}/api",
                 "db": {"path": f"db-{u}/creds/app"},
-                "tls": {"path": f"pki-{u}/issue/web", "common_name": "app.example.test",
-                        "alt_names": ["www.example.test"], "ip_sans": ["127.0.0.1"],
-                        "ttl": self.cert_ttl},
+                "tls": {
+                    "path": f"pki-{u}/issue/web",
+                    "common_name": "app.example.test",
+                    "alt_names": ["www.example.test"],
+                    "ip_sans": ["127.0.0.1"],
+                    "ttl": self.cert_ttl,
+                },
             },
             "services": {
-                "app.service": {"environment": {
-                    "DB_USER": "{{ secrets.db.username }}",
-                    "DB_PASSWORD": "{{ secrets.db.password }}"}},
-                "web.service": {"credentials": {
-                    "tls.crt": "{{ secrets.tls.certificate }}\n{{ secrets.tls.issuing_ca }}\n",
-                    "tls.key": "{{ secrets.tls.private_key }}\n",
-                    "ca.crt": "{{ secrets.tls.issuing_ca }}\n"}},
+                "app.service": {
+                    "environment": {
+                        "DB_USER": "{{ secrets.db.username }}",
+                        "DB_PASSWORD": "{{ secrets.db.password }}",
+                    }
+                },
+                "web.service": {
+                    "credentials": {
+                        "tls.crt": "{{ secrets.tls.certificate }}\n{{ secrets.tls.issuing_ca }}\n",
+                        "tls.key": "{{ secrets.tls.private_key }}\n",
+                        "ca.crt": "{{ secrets.tls.issuing_ca }}\n",
+                    }
+                },
                 "api.service": {"environment": {"API_KEY": "{{ secrets.api.key }}"}},
             },
         }
@@ -171,7 +191,7 @@ class Holders:
 
     def __call__(self, argv: tuple[str, ...]) -> None:
         self.calls.append((argv, self.world.bao.audit_offset()))
-        units = argv[argv.index("--") + 1:] if "--" in argv else ()
+        units = argv[argv.index("--") + 1 :] if "--" in argv else ()
         if len(argv) > 1 and argv[1] in STARTING and self.unit in units:
             self.held = self.world.app_creds()
             self.history.append(self.held)
@@ -184,10 +204,12 @@ class Holders:
         try:
             self.world.pg.whoami(user, password)
         except Exception as err:  # recorded, asserted by the test
-            self.violations.append(f"{self.unit} held credentials that no longer log in "
-                                   f"{when}: {type(err).__name__}")
+            self.violations.append(
+                f"{self.unit} held credentials that no longer log in {when}: {type(err).__name__}"
+            )
 
     def offset_at(self, verb: str, unit: str) -> int:
         """The audit log's size at the last `verb` call naming `unit`."""
-        return max(off for argv, off in self.calls if len(argv) > 1 and argv[1] == verb
-                   and unit in argv)
+        return max(
+            off for argv, off in self.calls if len(argv) > 1 and argv[1] == verb and unit in argv
+        )

@@ -33,8 +33,11 @@ class Systemd:
         # Refusals are logged with the offending line, value included: keep stderr clean.
         lib.log_set_max_level.argtypes = [ctypes.c_int]
         lib.log_set_max_level(LOG_EMERG)
-        lib.load_env_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p,
-                                      ctypes.POINTER(_StrvPointer)]
+        lib.load_env_file.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.POINTER(_StrvPointer),
+        ]
         lib.load_env_file.restype = ctypes.c_int
         lib.env_assignment_is_valid.argtypes = [ctypes.c_char_p]
         lib.env_assignment_is_valid.restype = ctypes.c_bool
@@ -88,6 +91,8 @@ def libsystemd() -> Systemd:
     """The host's libsystemd-shared (Debian's `systemd` package); fails the test without it."""
     found = sorted(glob.glob(LIBRARY))
     if not found:
-        pytest.fail("systemd's libsystemd-shared is missing: run `bash scripts/install-test-deps`"
-                    " (or `apt-get install systemd`)")
+        pytest.fail(
+            "systemd's libsystemd-shared is missing: run `bash scripts/install-test-deps`"
+            " (or `apt-get install systemd`)"
+        )
     return Systemd(found[-1])

@@ -55,8 +55,9 @@ class ClusterError(RuntimeError):
     """The cluster did not reach the state a test needs; the message holds the node logs."""
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float,
-          on_timeout: Callable[[], str] = lambda: "") -> None:
+def _wait(
+    what: str, check: Callable[[], bool], timeout: float, on_timeout: Callable[[], str] = lambda: ""
+) -> None:
     give_up = time.monotonic() + timeout
     while True:
         if check():
@@ -155,8 +156,12 @@ class Node:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [bao_binary(), "server", f"-config={self.config_path}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=self.workdir, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
             )
 
     def kill(self) -> None:
@@ -209,8 +214,7 @@ class Node:
         """Submit the unseal key once; True when the node is unsealed."""
         self._check_alive()
         with contextlib.suppress(requests.RequestException):
-            response = requests.post(f"{self.addr}/v1/sys/unseal", json={"key": key},
-                                     timeout=5)
+            response = requests.post(f"{self.addr}/v1/sys/unseal", json={"key": key}, timeout=5)
             return response.status_code == 200 and not response.json()["sealed"]
         return False
 
@@ -219,11 +223,15 @@ class Node:
 
     def join(self, leader: Node) -> None:
         """Join the raft cluster led by `leader` (this node is new: sealed, no data)."""
+
         def joined() -> bool:
             self._check_alive()
             with contextlib.suppress(requests.RequestException):
-                response = requests.post(f"{self.addr}/v1/sys/storage/raft/join",
-                                         json={"leader_api_addr": leader.addr}, timeout=10)
+                response = requests.post(
+                    f"{self.addr}/v1/sys/storage/raft/join",
+                    json={"leader_api_addr": leader.addr},
+                    timeout=10,
+                )
                 return response.status_code == 200 and bool(response.json().get("joined"))
             return False
 
@@ -244,8 +252,9 @@ class RaftCluster:
         # Raft fsyncs every commit: on tmpfs a slow CI disk cannot stall heartbeats into a
         # spurious election.
         shm = Path("/dev/shm")
-        self.workdir = Path(tempfile.mkdtemp(prefix="openbao-raft-",
-                                             dir=shm if shm.is_dir() else None))
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix="openbao-raft-", dir=shm if shm.is_dir() else None)
+        )
         self.cluster_name = cluster_name
         ports = _free_ports(2 * size)
         self.nodes = [
@@ -305,8 +314,7 @@ class RaftCluster:
         active = self.active(timeout)
 
         def known() -> bool:
-            return all((n.leader() or {}).get("leader_address") == active.addr
-                       for n in self.live())
+            return all((n.leader() or {}).get("leader_address") == active.addr for n in self.live())
 
         _wait(f"every node following {active.name}", known, timeout, self.logs)
         return active
@@ -323,8 +331,11 @@ class RaftCluster:
         active = self.find_active()
         if active is None:
             raise ClusterError("no active node")
-        response = requests.get(f"{active.addr}/v1/sys/storage/raft/configuration",
-                                headers=self.client_headers(), timeout=5)
+        response = requests.get(
+            f"{active.addr}/v1/sys/storage/raft/configuration",
+            headers=self.client_headers(),
+            timeout=5,
+        )
         response.raise_for_status()
         servers: list[dict[str, Any]] = response.json()["data"]["config"]["servers"]
         return servers
@@ -339,9 +350,13 @@ class RaftCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         env.update(BAO_ADDR=first.addr, HOME=str(first.workdir))
         result = subprocess.run(
-            [bao_binary(), "operator", "init", "-key-shares=1", "-key-threshold=1",
-             "-format=json"], env=env, capture_output=True, text=True, timeout=WAIT,
-            check=False)
+            [bao_binary(), "operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
         if result.returncode != 0:
             raise ClusterError(f"bao operator init failed: {result.stderr}\n{self.logs()}")
         init = json.loads(result.stdout)
@@ -356,14 +371,18 @@ class RaftCluster:
                 f"{first.addr}/v1/sys/storage/raft/autopilot/configuration",
                 headers=self.client_headers(),
                 json={"server_stabilization_time": "1s", "last_contact_threshold": "2s"},
-                timeout=5)
+                timeout=5,
+            )
             response.raise_for_status()
         others = self.nodes[1:]
         for node in others:
             node.join(first)
-        _wait("every node unsealed",
-              lambda: all([node.try_unseal(self.unseal_key) for node in others]), WAIT,
-              self.logs)
+        _wait(
+            "every node unsealed",
+            lambda: all([node.try_unseal(self.unseal_key) for node in others]),
+            WAIT,
+            self.logs,
+        )
         self.wait_voters()
         return self
 
@@ -390,8 +409,10 @@ class RaftCluster:
         committed = int(leader.get("raft_committed_index") or 0)
 
         def caught_up() -> bool:
-            return all(int((n.leader() or {}).get("raft_applied_index") or 0) >= committed
-                       for n in self.live())
+            return all(
+                int((n.leader() or {}).get("raft_applied_index") or 0) >= committed
+                for n in self.live()
+            )
 
         _wait(f"raft index {committed} applied on every node", caught_up, timeout, self.logs)
 
@@ -399,12 +420,14 @@ class RaftCluster:
         """Every live node answers 200 to a root read of each path (`secret/data/x`): the
         mount is set up on the standbys too (KV v2 answers 400 there until its upgrade ran
         on the active node) and the data has replicated."""
+
         def readable() -> bool:
             for node in self.live():
                 for path in api_paths:
                     try:
-                        response = requests.get(f"{node.addr}/v1/{path}",
-                                                headers=self.client_headers(), timeout=2)
+                        response = requests.get(
+                            f"{node.addr}/v1/{path}", headers=self.client_headers(), timeout=2
+                        )
                     except requests.RequestException:
                         return False
                     if response.status_code != 200:

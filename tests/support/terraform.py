@@ -114,8 +114,7 @@ def _apply_and_read(root_module: str, variables: dict[str, Any], output: str) ->
         workdir = Path(tmp)
         source = os.path.relpath(MODULE, workdir)  # module sources must be "./" or "../"
         source = source if source.startswith("../") else "./" + source
-        (workdir / "main.tf").write_text(root_module.replace("@MODULE@", source),
-                                         encoding="utf-8")
+        (workdir / "main.tf").write_text(root_module.replace("@MODULE@", source), encoding="utf-8")
         var_file = workdir / "values.auto.tfvars.json"
         var_file.write_text(json.dumps(variables, ensure_ascii=False), encoding="utf-8")
         var_file.chmod(0o600)

@@ -29,8 +29,7 @@ def enable_transit(openbao: OpenBao, mount: str = MOUNT) -> None:
     mounts = root_call(openbao, "GET", "sys/mounts")
     mounts.raise_for_status()
     if f"{mount}/" not in mounts.json()["data"]:
-        root_call(openbao, "POST", f"sys/mounts/{mount}", {"type": "transit"}
-                  ).raise_for_status()
+        root_call(openbao, "POST", f"sys/mounts/{mount}", {"type": "transit"}).raise_for_status()
 
 
 def create_key(openbao: OpenBao, name: str, mount: str = MOUNT) -> None:
@@ -42,23 +41,37 @@ def droplet_policy(key: str, mount: str = MOUNT) -> str:
     """Exactly what the Terraform module grants a droplet for its data at rest."""
     return "\n".join(
         f'path "{mount}/{operation}/{key}" {{ capabilities = ["update"] }}'
-        for operation in ("datakey/plaintext", "decrypt", "rewrap"))
+        for operation in ("datakey/plaintext", "decrypt", "rewrap")
+    )
 
 
-def grant(world: World, key: str, mount: str = MOUNT, *, operations: tuple[str, ...] = (
-        "datakey/plaintext", "decrypt", "rewrap")) -> None:
+def grant(
+    world: World,
+    key: str,
+    mount: str = MOUNT,
+    *,
+    operations: tuple[str, ...] = ("datakey/plaintext", "decrypt", "rewrap"),
+) -> None:
     """The world's role policy: its secret reads plus `update` on the given Transit paths of
     `key` (all three by default)."""
-    transit = "\n".join(f'path "{mount}/{op}/{key}" {{ capabilities = ["update"] }}'
-                        for op in operations)
+    transit = "\n".join(
+        f'path "{mount}/{op}/{key}" {{ capabilities = ["update"] }}' for op in operations
+    )
     world.bao.client.sys.create_or_update_policy(
-        name=f"{world.role}-policy", policy=policy(*world.policy_paths) + "\n" + transit)
+        name=f"{world.role}-policy", policy=policy(*world.policy_paths) + "\n" + transit
+    )
 
 
-def root_call(openbao: OpenBao, method: str, path: str, body: dict[str, Any] | None = None
-              ) -> requests.Response:
-    return requests.request(method, f"{openbao.addr}/v1/{path}", json=body, timeout=10,
-                            headers={"X-Vault-Token": openbao.root_token})
+def root_call(
+    openbao: OpenBao, method: str, path: str, body: dict[str, Any] | None = None
+) -> requests.Response:
+    return requests.request(
+        method,
+        f"{openbao.addr}/v1/{path}",
+        json=body,
+        timeout=10,
+        headers={"X-Vault-Token": openbao.root_token},
+    )
 
 
 def rotate(openbao: OpenBao, key: str, mount: str = MOUNT) -> None:
@@ -75,8 +88,9 @@ def delete_key(openbao: OpenBao, key: str, mount: str = MOUNT) -> None:
     openbao.bao("delete", f"{mount}/keys/{key}")
 
 
-def decrypt_as_root(openbao: OpenBao, key: str, ciphertext: str, mount: str = MOUNT
-                    ) -> requests.Response:
+def decrypt_as_root(
+    openbao: OpenBao, key: str, ciphertext: str, mount: str = MOUNT
+) -> requests.Response:
     """Decrypt with the root token; a plaintext it yields becomes a canary (base64, hex)."""
     response = root_call(openbao, "POST", f"{mount}/decrypt/{key}", {"ciphertext": ciphertext})
     if response.status_code == 200:
@@ -88,7 +102,8 @@ def decrypt_as_root(openbao: OpenBao, key: str, ciphertext: str, mount: str = MO
 
 def record_of(root: Path, name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(
-        (root / "var/lib/bootsecrets/keys" / f"{name}.json").read_text())
+        (root / "var/lib/bootsecrets/keys" / f"{name}.json").read_text()
+    )
     return data
 
 

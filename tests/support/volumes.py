@@ -27,8 +27,9 @@ BY_ID = "dev/disk/by-id"
 
 
 class VolumeSandbox(Sandbox):
-    def __init__(self, root: Path, captured: Captured, openbao: OpenBao | None,
-                 dm: DeviceMapper) -> None:
+    def __init__(
+        self, root: Path, captured: Captured, openbao: OpenBao | None, dm: DeviceMapper
+    ) -> None:
         super().__init__(root, captured, openbao)
         self.dm = dm
         self.pid1 = Pid1(root=root)
@@ -71,12 +72,18 @@ class Volumes:
         (self.sandbox.root / self.device(name).lstrip("/")).unlink()
 
     def section(self, **volumes: dict[str, Any]) -> dict[str, Any]:
-        return {name: {"device": self.device(name), "mount": f"/srv/{name}",
-                       "units": ["app.service"], "format": "if-blank", **fields}
-                for name, fields in volumes.items()}
+        return {
+            name: {
+                "device": self.device(name),
+                "mount": f"/srv/{name}",
+                "units": ["app.service"],
+                "format": "if-blank",
+                **fields,
+            }
+            for name, fields in volumes.items()
+        }
 
-    def config(self, *, volumes: dict[str, Any] | None = None,
-               **changes: Any) -> dict[str, Any]:
+    def config(self, *, volumes: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
         config = self.world.config(reboot_policy="persist-token", **changes)
         config["encrypted_volumes"] = volumes if volumes is not None else self.section(data={})
         return config
@@ -104,7 +111,8 @@ class Volumes:
 
     def record(self, name: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(
-            (self.sandbox.root / "var/lib/bootsecrets/volumes" / f"{name}.json").read_text())
+            (self.sandbox.root / "var/lib/bootsecrets/volumes" / f"{name}.json").read_text()
+        )
         return data
 
 
@@ -113,8 +121,9 @@ def digest(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def volume_world(openbao: OpenBao, root: Path, captured: Captured,
-                 unique: str) -> Iterator[Volumes]:
+def volume_world(
+    openbao: OpenBao, root: Path, captured: Captured, unique: str
+) -> Iterator[Volumes]:
     require_root()
     workdir = Path(tempfile.mkdtemp(prefix="bootsecrets-volumes-", dir=IMAGE_DIR))
     dm = DeviceMapper(root, workdir)

@@ -27,12 +27,16 @@ class World:
         self.password = "canary-" + secrets.token_hex(12) + " " + AWKWARD
         self.api_key = "canary-" + secrets.token_hex(12)
         self.legacy = "canary-" + secrets.token_hex(12) + "$HOME"
-        self.db_version = openbao.put("secret", f"{unique}/db",
-                                      {"username": "app", "password": self.password})
+        self.db_version = openbao.put(
+            "secret", f"{unique}/db", {"username": "app", "password": self.password}
+        )
         openbao.put("secret", f"{unique}/api", {"key": self.api_key})
         openbao.put("kv1", f"{unique}/legacy", {"token": self.legacy, "port": 5432}, version=1)
-        self.policy_paths = [f"secret/data/{unique}/db", f"secret/data/{unique}/api",
-                             f"kv1/{unique}/legacy"]
+        self.policy_paths = [
+            f"secret/data/{unique}/db",
+            f"secret/data/{unique}/api",
+            f"kv1/{unique}/legacy",
+        ]
         self.role_id = openbao.approle(self.role, policy(*self.policy_paths))
 
     def config(self, **overrides: Any) -> dict[str, Any]:
@@ -42,21 +46,25 @@ class World:
             "approle": {"role": self.role},
             "reboot_policy": "reprovision",
             "mounts": {"secret": "kv-v2", "kv1": "kv-v1"},
-            "secrets": {"db": f"secret/{u}/db", "api": f"secret/{u}/api",
-                        "legacy": f"kv1/{u}/legacy"},
+            "secrets": {
+                "db": f"secret/{u}/db",
+                "api": f"secret/{u}/api",
+                "legacy": f"kv1/{u}/legacy",
+            },
             "services": {
                 "app.service": {
                     "environment": {
                         "DATABASE_URL": "postgresql://{{ secrets.db.username }}:"
-                                        "{{ secrets.db.password }}@db/app",
+                        "{{ secrets.db.password }}@db/app",
                         "DB_PASSWORD": "{{ secrets.db.password }}",
                         "API_KEY": "{{ secrets.api.key }}",
                     },
                 },
                 "worker.service": {
                     "environment": {"DB_PASSWORD": "{{ secrets.db.password }}"},
-                    "environment_from": [{"secret": "legacy", "prefix": "LEGACY_",
-                                          "uppercase": True}],
+                    "environment_from": [
+                        {"secret": "legacy", "prefix": "LEGACY_", "uppercase": True}
+                    ],
                     "on_change": "reload",
                 },
             },

@@ -34,8 +34,7 @@ class EarlyConnection:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._abandoned = False
-        self._thread = threading.Thread(target=self._connect, name="vault-connect",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._connect, name="vault-connect", daemon=True)
         if self.host and self.port:
             self._thread.start()
 
@@ -44,8 +43,12 @@ class EarlyConnection:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as err:
             # Nothing to report yet: the request that needed it connects again and does.
-            log.debug("early connection to %s:%s failed: %s", self.host, self.port,
-                      err.strerror or type(err).__name__)
+            log.debug(
+                "early connection to %s:%s failed: %s",
+                self.host,
+                self.port,
+                err.strerror or type(err).__name__,
+            )
             return
         with self._lock:
             if self._abandoned:

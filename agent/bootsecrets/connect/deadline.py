@@ -33,9 +33,11 @@ import time
 from collections.abc import Iterator
 
 _REQUEST_ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "bootsecrets_request_ends", default=None)
+    "bootsecrets_request_ends", default=None
+)
 _CURRENT: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
-    "bootsecrets_deadline", default=None)
+    "bootsecrets_deadline", default=None
+)
 
 
 @contextlib.contextmanager
@@ -136,8 +138,9 @@ class _Watchdog:
         with self._cond:
             heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="vault-deadlines",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="vault-deadlines", daemon=True
+                )
                 self._thread.start()
             elif self._heap[0][2] is deadline:
                 # Sooner than what the thread waits for. Usually not (every request gets the

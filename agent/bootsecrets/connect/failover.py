@@ -52,11 +52,15 @@ _T = TypeVar("_T")
 _NOT_PROCESSED = (hvac.exceptions.VaultDown, hvac.exceptions.RateLimitExceeded)
 #: Server answers worth retrying for idempotent requests.
 _RETRYABLE_STATUS = (
-    *_NOT_PROCESSED, hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway,
+    *_NOT_PROCESSED,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
 )
 #: Answers that mean something specific at each call site, which maps them.
 CALLER_MAPS = (
-    hvac.exceptions.InvalidRequest, hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden,
+    hvac.exceptions.InvalidRequest,
+    hvac.exceptions.Unauthorized,
+    hvac.exceptions.Forbidden,
     hvac.exceptions.InvalidPath,
 )
 
@@ -104,7 +108,11 @@ class Failover:
     """The configured addresses, the one that answered last, and the run's deadline."""
 
     def __init__(
-        self, addresses: Sequence[str], *, request_timeout: float, deadline: float,
+        self,
+        addresses: Sequence[str],
+        *,
+        request_timeout: float,
+        deadline: float,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -136,7 +144,8 @@ class Failover:
                 seconds = self.seconds_left()
                 if seconds <= 0:
                     raise VaultUnreachable(
-                        f"Vault did not answer {what} before the deadline (last: {last})")
+                        f"Vault did not answer {what} before the deadline (last: {last})"
+                    )
                 try:
                     with time_limit(seconds):
                         result = request(index)

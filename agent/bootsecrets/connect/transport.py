@@ -72,8 +72,10 @@ class Origin:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        text = "".join(c if " " < c <= "~" else c.encode("unicode_escape").decode("ascii")
-                       for c in f"{self.scheme}://{host}:{self.port}")
+        text = "".join(
+            c if " " < c <= "~" else c.encode("unicode_escape").decode("ascii")
+            for c in f"{self.scheme}://{host}:{self.port}"
+        )
         return text if len(text) <= 200 else text[:200] + "..."
 
 
@@ -131,8 +133,9 @@ class ResponseTooLarge(Refused):
 # --- urllib3 connections and pools ---------------------------------------------------------
 
 
-def _early_socket(conn: urllib3.connection.HTTPConnection,
-                  early: EarlyConnection | None) -> socket.socket | None:
+def _early_socket(
+    conn: urllib3.connection.HTTPConnection, early: EarlyConnection | None
+) -> socket.socket | None:
     if early is None:
         return None
     wait = conn.timeout if isinstance(conn.timeout, int | float) else None
@@ -187,15 +190,17 @@ class _HTTPSPool(_HTTPPool, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
-def _timed_out(deadline: deadlines.Deadline, err: BaseException | None = None
-               ) -> requests.exceptions.Timeout:
+def _timed_out(
+    deadline: deadlines.Deadline, err: BaseException | None = None
+) -> requests.exceptions.Timeout:
     """The timeout a request that ran out of time ends with: ConnectTimeout (never sent, may
     be sent again) if it timed out connecting, as urllib3 says, or before it was started on a
     connection it opened (TCP connect or TLS handshake, which urllib3 reports as a read
     timeout); ReadTimeout (may have been acted on) otherwise."""
     reason = f"no complete answer within {deadline.seconds:.1f}s"
     if isinstance(err, requests.exceptions.ConnectTimeout) or (
-            deadline.connecting and not deadline.started):
+        deadline.connecting and not deadline.started
+    ):
         return requests.exceptions.ConnectTimeout(reason)
     return requests.exceptions.ReadTimeout(reason)
 
@@ -206,8 +211,9 @@ def _timed_out(deadline: deadlines.Deadline, err: BaseException | None = None
 class Adapter(requests.adapters.HTTPAdapter):
     """requests' adapter for the Vault addresses `allowed`, and nothing else (module doc)."""
 
-    def __init__(self, allowed: Iterable[str], *,
-                 max_response_bytes: int = MAX_RESPONSE_BYTES, **kwargs: Any) -> None:
+    def __init__(
+        self, allowed: Iterable[str], *, max_response_bytes: int = MAX_RESPONSE_BYTES, **kwargs: Any
+    ) -> None:
         self.allowed = frozenset(o for o in map(origin_of, allowed) if o is not None)
         self.max_response_bytes = max_response_bytes
         super().__init__(**kwargs)
@@ -217,7 +223,9 @@ class Adapter(requests.adapters.HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def send(
-        self, request: requests.PreparedRequest, stream: bool = False,
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
         timeout: float | tuple[float, float] | tuple[float, None] | None = None,
         verify: bool | str = True,
         cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
@@ -236,14 +244,17 @@ class Adapter(requests.adapters.HTTPAdapter):
             raise requests.exceptions.ConnectTimeout("no time left for the request")
         with deadlines.watched(seconds) as deadline:
             try:
-                response = super().send(request, stream=True, timeout=seconds, verify=verify,
-                                        cert=cert, proxies=proxies)
+                response = super().send(
+                    request, stream=True, timeout=seconds, verify=verify, cert=cert, proxies=proxies
+                )
                 try:
                     if deadline.expired:  # the status line or headers may be cut short
                         raise _timed_out(deadline)
                     if 300 <= response.status_code < 400:
-                        raise Redirected(response.status_code, _location_origin(
-                            request.url or "", response.headers.get("Location")))
+                        raise Redirected(
+                            response.status_code,
+                            _location_origin(request.url or "", response.headers.get("Location")),
+                        )
                     body = self._read(response)
                 except BaseException:
                     response.close()
@@ -310,7 +321,11 @@ class Adapter(requests.adapters.HTTPAdapter):
         pool._put_conn(conn)
 
     def preconnect(
-        self, url: str, verify: bool | str, timeout: float, count: int,
+        self,
+        url: str,
+        verify: bool | str,
+        timeout: float,
+        count: int,
         submit: Callable[[Callable[[], None]], Future[None]],
     ) -> list[Future[None]]:
         """Open `count` connections to `url` in this adapter's pool in the background (TCP
@@ -332,8 +347,9 @@ class Adapter(requests.adapters.HTTPAdapter):
                         conn.connect()
             except Exception as err:  # only an optimisation: the request reports
                 conn.close()
-                log.debug("opening a connection to %s ahead of a read failed: %s", url,
-                          type(err).__name__)
+                log.debug(
+                    "opening a connection to %s ahead of a read failed: %s", url, type(err).__name__
+                )
             finally:
                 pool._put_conn(conn)
 

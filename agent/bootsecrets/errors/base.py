@@ -11,8 +11,7 @@ from typing import ClassVar
 
 #: C0 and C1 controls, DEL, and the Unicode line/paragraph separators and bidi controls: a
 #: name carrying one could start a forged line (or reorder one) on a terminal or in a log.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
-                          "\u2066-\u2069]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
