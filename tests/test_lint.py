@@ -58,7 +58,7 @@ def shell_scripts() -> list[Path]:
 
 
 def test_ruff_is_clean() -> None:
-    result = run("ruff", "check", "agent", "dev", "tests", "demo", "benchmarks")
+    result = run("ruff", "check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

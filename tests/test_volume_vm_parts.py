@@ -28,18 +28,35 @@ def demo_config() -> dict[str, Any]:
 
 
 def test_the_image_config_is_one_the_agent_accepts() -> None:
-    config = parse_config(yaml.safe_dump(volume_vm.image_config(demo_config())).encode(),
-                          "config.yaml")
+    config = parse_config(
+        yaml.safe_dump(volume_vm.image_config(demo_config())).encode(), "config.yaml"
+    )
     assert config.reboot_policy.value == "persist-token"
     assert {v.name: (str(v.device), str(v.mount), v.units, v.format) for v in config.volumes} == {
-        "data": ("/dev/disk/by-id/virtio-bsvol-data", "/srv/data", ("vol-writer.service",),
-                 Format.IF_BLANK),
-        "preformatted": ("/dev/disk/by-id/virtio-bsvol-ext4", "/srv/preformatted",
-                         ("vol-refused.service",), Format.IF_BLANK),
-        "missing": ("/dev/disk/by-id/virtio-bsvol-absent", "/srv/missing",
-                    ("vol-missing.service",), Format.IF_BLANK)}
+        "data": (
+            "/dev/disk/by-id/virtio-bsvol-data",
+            "/srv/data",
+            ("vol-writer.service",),
+            Format.IF_BLANK,
+        ),
+        "preformatted": (
+            "/dev/disk/by-id/virtio-bsvol-ext4",
+            "/srv/preformatted",
+            ("vol-refused.service",),
+            Format.IF_BLANK,
+        ),
+        "missing": (
+            "/dev/disk/by-id/virtio-bsvol-absent",
+            "/srv/missing",
+            ("vol-missing.service",),
+            Format.IF_BLANK,
+        ),
+    }
     assert {v.name: v.attach_timeout for v in config.volumes} == {
-        "data": 60.0, "preformatted": 60.0, "missing": 5.0}
+        "data": 60.0,
+        "preformatted": 60.0,
+        "missing": 5.0,
+    }
     assert demo_config()["reboot_policy"] == "reprovision"  # the base is not changed
 
 
@@ -52,13 +69,20 @@ def test_the_units_and_their_bindings_verify(tmp_path: Path) -> None:
         mount = blockdev.unit_name_for(Path(f"/srv/{volume}"))
         (units / f"{name}.d").mkdir()
         (units / f"{name}.d" / blockdev.VOLUME_DROPIN).write_text(
-            blockdev.dependency_dropin([mount]))
-        (units / mount).write_text(f"[Mount]\nWhat=/dev/mapper/{volume}\n"
-                                   f"Where=/srv/{volume}\nType=ext4\n")
+            blockdev.dependency_dropin([mount])
+        )
+        (units / mount).write_text(
+            f"[Mount]\nWhat=/dev/mapper/{volume}\nWhere=/srv/{volume}\nType=ext4\n"
+        )
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"}
     for name in volume_vm.UNITS:
-        result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(units / name)],
-                                capture_output=True, text=True, check=False, env=env)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(units / name)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
         assert result.returncode == 0 and result.stderr == "", result.stderr
     writer = volume_vm.UNITS["vol-writer.service"]
     assert "$$VOLUME_CANARY" in writer and "${VOLUME_CANARY}" not in writer
@@ -88,8 +112,14 @@ def test_the_raw_image_checks(tmp_path: Path, openbao: OpenBao) -> None:
     """On a header formatted and erased here: the checks pass; with the canary written in
     clear into the image they fail."""
     disks = volume_vm.make_disks(tmp_path)
-    proof = volume_vm.Proof(openbao, "unused", disks, "VOLUME-CANARY-" + "ab" * 16,
-                            volume_vm.sha256_of(disks["preformatted"]), "vault:v1:" + "Q" * 40)
+    proof = volume_vm.Proof(
+        openbao,
+        "unused",
+        disks,
+        "VOLUME-CANARY-" + "ab" * 16,
+        volume_vm.sha256_of(disks["preformatted"]),
+        "vault:v1:" + "Q" * 40,
+    )
     key = bytearray(os.urandom(64))
     token = luks.TransitToken("transit", "unused", 1, proof.ciphertext)
     luks.format_volume(disks["data"], key, token)

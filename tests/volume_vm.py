@@ -92,9 +92,11 @@ MESSAGE_IDS = {  # the alerts each bad input must raise (errors.py)
 # and logs each start: the second boot shows the data survived. `$$` keeps systemd from
 # expanding the variable into argv; `printf` is the shell's builtin, so the value is in no
 # process's argv either.
-WRITER = ('set -e; f=/srv/data/canary.txt; [ -e "$$f" ] || { umask 077; '
-          'printf "%%s\\n" "$$VOLUME_CANARY" > "$$f"; }; '
-          "echo start >> /srv/data/starts.log; sync; exec sleep infinity")
+WRITER = (
+    'set -e; f=/srv/data/canary.txt; [ -e "$$f" ] || { umask 077; '
+    'printf "%%s\\n" "$$VOLUME_CANARY" > "$$f"; }; '
+    "echo start >> /srv/data/starts.log; sync; exec sleep infinity"
+)
 UNITS = {
     "vol-writer.service": f"""\
 [Unit]
@@ -121,13 +123,17 @@ Type=simple
 ExecStart=/bin/sleep infinity
 """,
 }
-VOLUME_UNITS = {"data": "vol-writer.service", "preformatted": "vol-refused.service",
-                "missing": "vol-missing.service"}
+VOLUME_UNITS = {
+    "data": "vol-writer.service",
+    "preformatted": "vol-refused.service",
+    "missing": "vol-missing.service",
+}
 
 
 class Guest(Protocol):
-    def ssh(self, remote: str, *, timeout: float = ..., check: bool = ...,
-            input: str | None = ...) -> subprocess.CompletedProcess[str]: ...
+    def ssh(
+        self, remote: str, *, timeout: float = ..., check: bool = ..., input: str | None = ...
+    ) -> subprocess.CompletedProcess[str]: ...
 
 
 class Machine(Protocol):
@@ -141,8 +147,7 @@ def image_config(base: dict[str, Any]) -> dict[str, Any]:
     config["reboot_policy"] = "persist-token"
     config["secrets"]["volume"] = f"secret/{SECRET_PATH}"
     for volume, unit in VOLUME_UNITS.items():
-        config["services"][unit] = {"environment": {"VOLUME_CANARY":
-                                                    "{{ secrets.volume.canary }}"}}
+        config["services"][unit] = {"environment": {"VOLUME_CANARY": "{{ secrets.volume.canary }}"}}
         config.setdefault("encrypted_volumes", {})[volume] = {
             "device": f"/dev/disk/by-id/virtio-{DISKS[volume]}",
             "mount": f"/srv/{volume}",
@@ -194,8 +199,9 @@ def set_transit_grant(bao: OpenBao, role: str, operations: tuple[str, ...]) -> N
     name = f"{role}-policy"
     sys_api: Any = bao.client.sys  # hvac's sys API is untyped
     text = str(sys_api.read_policy(name=name)["data"]["rules"]).split("\n# transit\n")[0]
-    grants = "".join(f'path "{TRANSIT_MOUNT}/{op}/{role}" {{ capabilities = ["update"] }}\n'
-                     for op in operations)
+    grants = "".join(
+        f'path "{TRANSIT_MOUNT}/{op}/{role}" {{ capabilities = ["update"] }}\n' for op in operations
+    )
     sys_api.create_or_update_policy(name=name, policy=f"{text}\n# transit\n{grants}")
 
 
@@ -210,8 +216,14 @@ def sha256_of(path: Path) -> str:
 # --- in the guest ----------------------------------------------------------------------------
 
 
-def sudo(guest: Guest, command: str, *, check: bool = True, input: str | None = None,
-         timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def sudo(
+    guest: Guest,
+    command: str,
+    *,
+    check: bool = True,
+    input: str | None = None,
+    timeout: float = 180,
+) -> subprocess.CompletedProcess[str]:
     result = guest.ssh(f"sudo {command}", timeout=timeout, check=False, input=input)
     if check and result.returncode != 0:
         raise AssertionError(f"`{command}` exited with {result.returncode}: {result.stderr}")
@@ -249,8 +261,9 @@ def alerts(guest: Guest, message_id: str) -> list[dict[str, Any]]:
 
 
 def guest_header(guest: Guest, volume: str) -> dict[str, Any]:
-    out = sudo(guest, "cryptsetup luksDump --dump-json-metadata "
-                      f"/dev/disk/by-id/virtio-{DISKS[volume]}").stdout
+    out = sudo(
+        guest, f"cryptsetup luksDump --dump-json-metadata /dev/disk/by-id/virtio-{DISKS[volume]}"
+    ).stdout
     header: dict[str, Any] = json.loads(out)
     return header
 
@@ -323,8 +336,11 @@ def second_boot(proof: Proof, guest: Guest) -> None:
         sudo(guest, "cryptsetup close data")
 
     def import_token(text: str) -> None:
-        sudo(guest, f"cryptsetup token import --json-file=- --token-id 0 --token-replace "
-                    f"{device}", input=text)
+        sudo(
+            guest,
+            f"cryptsetup token import --json-file=- --token-id 0 --token-replace {device}",
+            input=text,
+        )
 
     # Decrypt denied: 51, the writer down, the others up.
     lock()
@@ -382,8 +398,12 @@ def after_second_poweroff(proof: Proof) -> None:
 
 def raw_header(image: Path) -> dict[str, Any]:
     """The LUKS2 metadata of a raw volume image, read on the host (no device-mapper)."""
-    out = subprocess.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(image)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["cryptsetup", "luksDump", "--dump-json-metadata", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     header: dict[str, Any] = json.loads(out)
     return header
 

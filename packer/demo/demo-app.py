@@ -54,12 +54,17 @@ def main() -> None:
     parser.add_argument("--unit", required=True, help="unit name to report")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bind", default="0.0.0.0")  # noqa: S104 - reached via QEMU hostfwd
-    parser.add_argument("--hash-var", action="append", default=[], metavar="NAME",
-                        help="also report the digest of this variable (names only, not values)")
+    parser.add_argument(
+        "--hash-var",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also report the digest of this variable (names only, not values)",
+    )
     args = parser.parse_args()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path not in ("/", "/health"):
                 self.send_error(404)
                 return
@@ -70,7 +75,7 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *a: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *a: object) -> None:
             return  # no request log: nothing about requests goes to the journal
 
     class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -51,17 +51,47 @@ def make_pki(out: Path, name: str) -> Pki:
     ca, ca_key = out / f"{name}-ca.pem", out / f"{name}-ca.key"
     cert, key, csr = out / f"{name}-server.pem", out / f"{name}-server.key", out / f"{name}.csr"
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
-             "-subj", f"/CN=bootsecrets e2e {name} CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN=bootsecrets e2e {name} CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     _openssl("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=openbao")
     ext = out / f"{name}.ext"
-    ext.write_text(f"subjectAltName=IP:{HOST_FROM_GUEST},IP:127.0.0.1\n"
-                   "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-                   "keyUsage=digitalSignature\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    ext.write_text(
+        f"subjectAltName=IP:{HOST_FROM_GUEST},IP:127.0.0.1\n"
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        "keyUsage=digitalSignature\n"
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     ca_key.unlink()  # nothing else is ever signed with it
     return Pki(ca, cert, key)
 
@@ -88,9 +118,11 @@ class TlsBao:
 
 
 def _listener(port: int, pki: Pki) -> str:
-    return (f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
-            f'  cluster_address = "127.0.0.1:{free_port()}"\n'
-            f'  tls_cert_file = "{pki.cert}"\n  tls_key_file = "{pki.key}"\n}}\n')
+    return (
+        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
+        f'  cluster_address = "127.0.0.1:{free_port()}"\n'
+        f'  tls_cert_file = "{pki.cert}"\n  tls_key_file = "{pki.key}"\n}}\n'
+    )
 
 
 @contextlib.contextmanager
@@ -102,24 +134,41 @@ def tls_dev_server(workdir: Path, tls: Tls) -> Iterator[TlsBao]:
     config = workdir / "bao.hcl"
     config.write_text(
         f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_path}"\n  }}\n}}\n'
-        + _listener(good, tls.good) + _listener(wrong, tls.wrong))
+        + _listener(good, tls.good)
+        + _listener(wrong, tls.wrong)
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(workdir)
     with log_path.open("wb") as out:
         process = subprocess.Popen(
-            [bao_binary(), "server", "-dev", f"-dev-root-token-id={root_token}",
-             f"-dev-listen-address=127.0.0.1:{admin}", "-dev-no-store-token",
-             f"-config={config}"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            cwd=workdir)
+            [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={root_token}",
+                f"-dev-listen-address=127.0.0.1:{admin}",
+                "-dev-no-store-token",
+                f"-config={config}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
     server = OpenBao(f"http://127.0.0.1:{admin}", root_token, process, log_path)
     server.audit_path = audit_path
     try:
         wait_healthy(server.addr, process=process, log_path=log_path)
-        wait_healthy(f"https://127.0.0.1:{good}", process=process, log_path=log_path,
-                     verify=str(tls.good.ca))
-        wait_healthy(f"https://127.0.0.1:{wrong}", process=process, log_path=log_path,
-                     verify=str(tls.wrong.ca))
+        wait_healthy(
+            f"https://127.0.0.1:{good}", process=process, log_path=log_path, verify=str(tls.good.ca)
+        )
+        wait_healthy(
+            f"https://127.0.0.1:{wrong}",
+            process=process,
+            log_path=log_path,
+            verify=str(tls.wrong.ca),
+        )
         yield TlsBao(server, good, wrong)
     finally:
         server.stop()

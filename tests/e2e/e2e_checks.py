@@ -28,8 +28,9 @@ def sha(value: str) -> str:
 # --- the application units -------------------------------------------------------------------
 
 
-def demo_runs_with(vm: VM, unit: str, env: Mapping[str, str],
-                   credentials: Mapping[str, str]) -> dict[str, Any]:
+def demo_runs_with(
+    vm: VM, unit: str, env: Mapping[str, str], credentials: Mapping[str, str]
+) -> dict[str, Any]:
     """The demo unit answers with exactly the digests of these values; its report."""
     doc: dict[str, Any] = vm.http_json(DEMO_PORTS[unit])
     assert doc["unit"] == unit
@@ -43,7 +44,9 @@ def units_down(vm: VM, *units: str) -> None:
     for unit in units or tuple(DEMO_PORTS):
         state = vm.unit(unit, "ActiveState", "ExecMainStartTimestampMonotonic")
         assert state == {"ActiveState": "inactive", "ExecMainStartTimestampMonotonic": "0"}, (
-            unit, state)
+            unit,
+            state,
+        )
 
 
 # --- the agent ------------------------------------------------------------------------------
@@ -85,8 +88,9 @@ def bootstrap_kept(vm: VM) -> None:
 
 
 def store_is_memory_only(vm: VM) -> None:
-    fstype, mode, owner = vm.sudo("sh", "-c", "findmnt -n -o FSTYPE /run/bootsecrets; "
-                                  "stat -c '%a %U' /run/bootsecrets").split()
+    fstype, mode, owner = vm.sudo(
+        "sh", "-c", "findmnt -n -o FSTYPE /run/bootsecrets; stat -c '%a %U' /run/bootsecrets"
+    ).split()
     assert (fstype, mode, owner) == ("tmpfs", "700", "root")
     enabled = vm.ssh("systemctl is-enabled demo-a.service demo-b.service", check=False)
     assert enabled.stdout.split() == ["static", "static"]  # started by the agent only
@@ -97,8 +101,14 @@ def status(vm: VM) -> dict[str, Any]:
     return doc
 
 
-def status_shows(doc: Mapping[str, Any], *, policy: str, generation: int | None,
-                 units: Mapping[str, Mapping[str, int | None]], token_ttl: int) -> None:
+def status_shows(
+    doc: Mapping[str, Any],
+    *,
+    policy: str,
+    generation: int | None,
+    units: Mapping[str, Mapping[str, int | None]],
+    token_ttl: int,
+) -> None:
     """`status --json`: the policy, the live generation (None: any), per unit the version of
     each secret path it runs with, the token's TTL; never a value."""
     assert doc["version"] == 1
@@ -144,8 +154,9 @@ def cloud_init_done(vm: VM) -> None:
 
 
 def refresh_timer_scheduled(vm: VM) -> None:
-    state = vm.unit("bootsecrets-refresh.timer", "ActiveState", "UnitFileState",
-                    "NextElapseUSecMonotonic")
+    state = vm.unit(
+        "bootsecrets-refresh.timer", "ActiveState", "UnitFileState", "NextElapseUSecMonotonic"
+    )
     assert state["ActiveState"] == "active" and state["UnitFileState"] == "enabled", state
     assert state["NextElapseUSecMonotonic"] not in ("", "0", "infinity"), state
 
@@ -156,22 +167,21 @@ def root_fs_has_encrypt(vm: VM) -> None:
     line = next(x for x in features.splitlines() if x.startswith("Filesystem features:"))
     assert "encrypt" in line.split(":", 1)[1].split(), line
     assert "/sys/fs/ext4/features/encryption" in vm.sudo(
-        "sh", "-c", "ls /sys/fs/ext4/features/encryption")
+        "sh", "-c", "ls /sys/fs/ext4/features/encryption"
+    )
 
 
 def user_data_scrubbed(vm: VM, wrapped: str, *, unwrapped: bool) -> None:
     """No copy of the wrapped secret-id in cloud-init's files; the marker took its place;
     the agent said why it scrubbed. (The token goes to grep on stdin, never in argv.)"""
-    found = vm.ssh("sudo grep -rlF -f - /var/lib/cloud /var/log", input=wrapped + "\n",
-                   check=False)
+    found = vm.ssh("sudo grep -rlF -f - /var/lib/cloud /var/log", input=wrapped + "\n", check=False)
     assert found.returncode == 1, f"the wrapped secret-id is still in: {found.stdout}"
     marked = vm.sudo("grep", "-rlF", "scrubbed-by-bootsecrets-", "/var/lib/cloud/instances")
     names = sorted(path.rsplit("/", 1)[1] for path in marked.split())
     assert names == ["cloud-config.txt", "obj.pkl", "user-data.txt", "user-data.txt.i"], names
     why = "sent for unwrapping" if unwrapped else "failed before the unwrap"
     messages = [e["MESSAGE"] for e in vm.journal("SYSLOG_IDENTIFIER=bootsecrets")]
-    assert any(why in m and "replaced it in cloud-init's files" in m for m in messages), (
-        messages)
+    assert any(why in m and "replaced it in cloud-init's files" in m for m in messages), messages
 
 
 def journal_text(vm: VM) -> str:

@@ -66,8 +66,9 @@ def find_values(disk: Path, values: Iterable[str]) -> dict[str, int]:
 
 def shaped_strings(disk: Path, pattern: bytes) -> set[str]:
     """Every distinct string on the disk's allocated bytes matching `pattern` (grep -E)."""
-    grep = subprocess.Popen(["grep", "-a", "-o", "-E", pattern.decode()],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    grep = subprocess.Popen(
+        ["grep", "-a", "-o", "-E", pattern.decode()], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     assert grep.stdin is not None and grep.stdout is not None
     found: list[bytes] = []
     stdout = grep.stdout
@@ -119,8 +120,7 @@ def audit_hash(client: Any, device: str, value: str) -> str:
 
 def free_ranges(raw: Path) -> list[tuple[int, int]]:
     """The ext4 filesystem's free blocks (first, last), as dumpe2fs reads its bitmaps."""
-    out = subprocess.run(["dumpe2fs", str(raw)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["dumpe2fs", str(raw)], capture_output=True, text=True, check=True).stdout
     ranges = []
     for listed in re.findall(r"^\s+Free blocks: (.*)$", out, re.M):
         for part in filter(None, (p.strip() for p in listed.split(","))):

@@ -155,8 +155,14 @@ def build_rootfs() -> Path:
         mirror, _ = apt_sources()
         partial = target.with_suffix(".tar.partial")
         partial.unlink(missing_ok=True)
-        cmd = ["mmdebstrap", *MMDEBSTRAP_ARGS, f"--include={','.join(PACKAGES)}", SUITE,
-               str(partial), mirror]
+        cmd = [
+            "mmdebstrap",
+            *MMDEBSTRAP_ARGS,
+            f"--include={','.join(PACKAGES)}",
+            SUITE,
+            str(partial),
+            mirror,
+        ]
         log("building rootfs: " + " ".join(cmd))
         started = time.monotonic()
         subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
@@ -183,8 +189,10 @@ def base_disk(rootfs_tar: Path, out: Path, size: str = "3G") -> BaseDisk:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix="tree.") as tmp:
         tree = Path(tmp)
-        subprocess.run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xpf",
-                        str(rootfs_tar)], check=True)
+        subprocess.run(
+            ["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xpf", str(rootfs_tar)],
+            check=True,
+        )
         kernels = sorted((tree / "boot").glob("vmlinuz-*"))
         initrds = sorted((tree / "boot").glob("initrd.img-*"))
         if not kernels or not initrds:
@@ -198,8 +206,10 @@ def base_disk(rootfs_tar: Path, out: Path, size: str = "3G") -> BaseDisk:
         disk.unlink(missing_ok=True)
         subprocess.run(["truncate", "-s", size, str(disk)], check=True)
         # -O encrypt: fscrypt on the root filesystem (15-root-fs.sh checks it in the build).
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "encrypt", "-L", "rootfs", "-d",
-                        str(tree), str(disk)], check=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-O", "encrypt", "-L", "rootfs", "-d", str(tree), str(disk)],
+            check=True,
+        )
     return BaseDisk(disk, kernel, initrd)
 
 
@@ -207,8 +217,10 @@ def ssh_key(path: Path) -> Path:
     """A fresh ed25519 key pair at PATH (private) and PATH.pub."""
     path.unlink(missing_ok=True)
     path.with_suffix(".pub").unlink(missing_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bootsecrets-e2e",
-                    "-f", str(path)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bootsecrets-e2e", "-f", str(path)],
+        check=True,
+    )
     return path
 
 
@@ -216,7 +228,8 @@ def seed_dir(out: Path, public_key: str, instance_id: str = "packer-build") -> P
     """The build VM's NoCloud seed (Packer's `cd_files`, label cidata): the SSH key only."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "user-data").write_text(
-        f"#cloud-config\nssh_authorized_keys:\n  - {json.dumps(public_key)}\n")
+        f"#cloud-config\nssh_authorized_keys:\n  - {json.dumps(public_key)}\n"
+    )
     # No local-hostname: the image keeps the hostname it has.
     (out / "meta-data").write_text(f"instance-id: {instance_id}\n")
     return out
@@ -228,8 +241,11 @@ def build_wheelhouse(dest: Path) -> None:
 
 def packer_env(workdir: Path) -> dict[str, str]:
     """Packer with no user config, no plugin directory and no call home."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PACKER_", "PKR_VAR_", "CHECKPOINT_", "DIGITALOCEAN_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PACKER_", "PKR_VAR_", "CHECKPOINT_", "DIGITALOCEAN_"))
+    }
     env.update(
         CHECKPOINT_DISABLE="1",
         PACKER_CACHE_DIR=str(workdir / "packer_cache"),
@@ -241,8 +257,15 @@ def packer_env(workdir: Path) -> dict[str, str]:
 
 
 def packer_build(
-    base: BaseDisk, *, wheelhouse: Path, config_file: Path, vault_ca_file: Path | None,
-    seed: Path, private_key: Path, workdir: Path, extra_vars: Sequence[str] = (),
+    base: BaseDisk,
+    *,
+    wheelhouse: Path,
+    config_file: Path,
+    vault_ca_file: Path | None,
+    seed: Path,
+    private_key: Path,
+    workdir: Path,
+    extra_vars: Sequence[str] = (),
 ) -> Path:
     """`packer build -only=qemu.local`; returns the qcow2 it made. Output in WORKDIR/packer.log."""
     output = workdir / "packer-output"
@@ -266,14 +289,28 @@ def packer_build(
     if vault_ca_file is not None:
         variables["vault_ca_file"] = str(vault_ca_file)
     args = [f"-var={name}={value}" for name, value in variables.items()]
-    cmd = ["packer", "build", "-only=qemu.local", "-color=false", "-timestamp-ui",
-           *args, *extra_vars, str(TEMPLATE)]
+    cmd = [
+        "packer",
+        "build",
+        "-only=qemu.local",
+        "-color=false",
+        "-timestamp-ui",
+        *args,
+        *extra_vars,
+        str(TEMPLATE),
+    ]
     log("packer: " + " ".join(cmd))
     packer_log = workdir / "packer.log"
     with packer_log.open("wb") as out:
-        result = subprocess.run(cmd, cwd=REPO, env=packer_env(workdir), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                check=False)
+        result = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=packer_env(workdir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     if result.returncode != 0:
         tail = "\n".join(packer_log.read_text(errors="replace").splitlines()[-60:])
         raise RuntimeError(f"packer build failed ({result.returncode}); {packer_log}:\n{tail}")
@@ -294,8 +331,10 @@ def to_raw(image: Path, raw: Path) -> Path:
 def mounted_ro(raw: Path, point: Path) -> Iterator[Path]:
     """Loop-mount a raw ext4 disk read-only, without replaying its journal."""
     point.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "ext4", "-o", "ro,loop,noload,nodev,nosuid,noexec",
-                    str(raw), str(point)], check=True)
+    subprocess.run(
+        ["mount", "-t", "ext4", "-o", "ro,loop,noload,nodev,nosuid,noexec", str(raw), str(point)],
+        check=True,
+    )
     try:
         yield point
     finally:
@@ -310,13 +349,18 @@ def bootsecrets_exe() -> str:
 def image_check(tree: Path) -> subprocess.CompletedProcess[str]:
     """The host's `bootsecrets image-check --root TREE --json` (the check 99-image-check.sh
     ran inside the build, repeated from outside on what Packer left after its shutdown)."""
-    return subprocess.run([bootsecrets_exe(), "image-check", "--root", str(tree), "--json"],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [bootsecrets_exe(), "image-check", "--root", str(tree), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def ext4_features(raw: Path) -> set[str]:
-    out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True
+    ).stdout
     for line in out.splitlines():
         if line.startswith("Filesystem features:"):
             return set(line.split(":", 1)[1].split())
@@ -335,9 +379,17 @@ def main(argv: list[str]) -> int:
         base = base_disk(build_rootfs(), out / "base")
         key = ssh_key(out / "build_key")
         seed = seed_dir(out / "seed", key.with_suffix(".pub").read_text().strip())
-        print(packer_build(base, wheelhouse=wheelhouse,
-                           config_file=PACKER_DIR / "demo/config.yaml", vault_ca_file=None,
-                           seed=seed, private_key=key, workdir=out))
+        print(
+            packer_build(
+                base,
+                wheelhouse=wheelhouse,
+                config_file=PACKER_DIR / "demo/config.yaml",
+                vault_ca_file=None,
+                seed=seed,
+                private_key=key,
+                workdir=out,
+            )
+        )
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -43,8 +43,23 @@ def overlay(base: Path, out: Path) -> Path:
     4 KiB clusters, the filesystem's block size: a discarded block (fstrim) reads back as
     zeros (qcow2 ignores a discard of part of a cluster)."""
     out.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
-                    "-b", str(base), "-F", "qcow2", str(out)], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            str(base),
+            "-F",
+            "qcow2",
+            str(out),
+        ],
+        check=True,
+    )
     return out
 
 
@@ -55,8 +70,9 @@ def blank_disk(out: Path, size: str) -> Path:
     return out
 
 
-def make_seed(out: Path, user_data: str, instance_id: str,
-              hostname: str = "bootsecrets-e2e") -> Path:
+def make_seed(
+    out: Path, user_data: str, instance_id: str, hostname: str = "bootsecrets-e2e"
+) -> Path:
     """NoCloud seed ISO (label `cidata`) with user-data and meta-data, via cloud-localds."""
     out.mkdir(parents=True, exist_ok=True)
     ud = out / "user-data"
@@ -81,8 +97,13 @@ class Drive:
     readonly: bool = False
 
     def args(self) -> list[str]:
-        opts = [f"file={self.path}", f"format={self.format}", "if=virtio", "cache=unsafe",
-                "discard=unmap"]
+        opts = [
+            f"file={self.path}",
+            f"format={self.format}",
+            "if=virtio",
+            "cache=unsafe",
+            "discard=unmap",
+        ]
         if self.serial:
             opts.append(f"serial={self.serial}")
         if self.readonly:
@@ -101,9 +122,19 @@ class VM:
     ssh_user = "debian"
 
     def __init__(
-        self, *, name: str, root: Drive, kernel: Path, initrd: Path, seed: Path,
-        workdir: Path, ssh_key: Path, drives: Sequence[Drive] = (),
-        guest_ports: Sequence[int] = (), memory_mb: int = 1024, cpus: int = 2,
+        self,
+        *,
+        name: str,
+        root: Drive,
+        kernel: Path,
+        initrd: Path,
+        seed: Path,
+        workdir: Path,
+        ssh_key: Path,
+        drives: Sequence[Drive] = (),
+        guest_ports: Sequence[int] = (),
+        memory_mb: int = 1024,
+        cpus: int = 2,
     ) -> None:
         self.name = name
         self.root = root
@@ -136,16 +167,33 @@ class VM:
         for drive in self.drives:
             drives += drive.args()
         return [
-            "qemu-system-x86_64", *accel,
-            "-m", str(self.memory_mb), "-smp", str(self.cpus),
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", KERNEL_APPEND,
+            "qemu-system-x86_64",
+            *accel,
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.cpus),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(self.kernel),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            KERNEL_APPEND,
             *drives,
-            "-netdev", "user,id=net0," + ",".join(fwd),
-            "-device", "virtio-net-pci,netdev=net0",
-            "-device", "virtio-rng-pci",
-            "-serial", f"file:{self.serial_log}",
-            "-qmp", f"unix:{self.monitor_sock},server=on,wait=off",
+            "-netdev",
+            "user,id=net0," + ",".join(fwd),
+            "-device",
+            "virtio-net-pci,netdev=net0",
+            "-device",
+            "virtio-rng-pci",
+            "-serial",
+            f"file:{self.serial_log}",
+            "-qmp",
+            f"unix:{self.monitor_sock},server=on,wait=off",
         ]
 
     def start(self) -> VM:
@@ -157,8 +205,9 @@ class VM:
         log(f"qemu ({self.name}, boot {self.boots}): " + " ".join(cmd))
         self.started = time.monotonic()
         with (self.workdir / f"{self.name}.qemu.out").open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
         return self
 
     def alive(self) -> bool:
@@ -237,36 +286,59 @@ class VM:
                 raise BootTimeout(f"QEMU exited while waiting for {pattern!r}\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise BootTimeout(
-                    f"no {pattern!r} on the console after {timeout:.0f}s\n{self.tail()}")
+                    f"no {pattern!r} on the console after {timeout:.0f}s\n{self.tail()}"
+                )
             time.sleep(1)
 
     # --- commands over SSH ------------------------------------------------------------
 
     def ssh_command(self, remote: str) -> list[str]:
         return [
-            "ssh", "-i", str(self.ssh_key), "-p", str(self.ssh_port),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", f"UserKnownHostsFile={self.workdir / 'known_hosts'}",
-            "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR",
-            f"{self.ssh_user}@127.0.0.1", remote,
+            "ssh",
+            "-i",
+            str(self.ssh_key),
+            "-p",
+            str(self.ssh_port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            f"UserKnownHostsFile={self.workdir / 'known_hosts'}",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "LogLevel=ERROR",
+            f"{self.ssh_user}@127.0.0.1",
+            remote,
         ]
 
-    def ssh(self, remote: str, *, timeout: float = 120, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self, remote: str, *, timeout: float = 120, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a shell command line in the guest. Secrets go in `input`, never in `remote`
         (the guest's journal records sudo command lines)."""
-        return subprocess.run(self.ssh_command(remote), capture_output=True, text=True,
-                              timeout=timeout, check=check, input=input)
+        return subprocess.run(
+            self.ssh_command(remote),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            input=input,
+        )
 
-    def sudo(self, *argv: str, timeout: float = 120, input: str | None = None,
-             check: bool = True) -> str:
+    def sudo(
+        self, *argv: str, timeout: float = 120, input: str | None = None, check: bool = True
+    ) -> str:
         """`sudo ARGV` in the guest; its stdout. Fails with stderr unless `check=False`."""
-        result = self.ssh("sudo " + shlex.join(argv), timeout=timeout, check=False,
-                          input=input)
+        result = self.ssh("sudo " + shlex.join(argv), timeout=timeout, check=False, input=input)
         if check and result.returncode != 0:
-            raise AssertionError(f"`sudo {shlex.join(argv)}` exited {result.returncode}:\n"
-                                 f"{result.stdout}{result.stderr}")
+            raise AssertionError(
+                f"`sudo {shlex.join(argv)}` exited {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
         return result.stdout
 
     def sudo_json(self, *argv: str, timeout: float = 120) -> Any:
@@ -308,8 +380,10 @@ class VM:
         while time.monotonic() < deadline:
             with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
                 state = self.unit(unit, *props)
-                if state.get("ActiveState") in ("active", "failed", "inactive") and state.get(
-                        "ExecMainExitTimestampMonotonic", "0") != "0":
+                if (
+                    state.get("ActiveState") in ("active", "failed", "inactive")
+                    and state.get("ExecMainExitTimestampMonotonic", "0") != "0"
+                ):
                     log(f"{self.name}: {unit} {state['ActiveState']} at {self.elapsed():.0f}s")
                     return state
             time.sleep(3)
@@ -322,8 +396,13 @@ class VM:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return json.loads(resp.read())
 
-    def wait_http(self, guest_port: int, timeout: float, until: Callable[[Any], bool] | None = None,
-                  fail_pattern: str | None = None) -> Any:
+    def wait_http(
+        self,
+        guest_port: int,
+        timeout: float,
+        until: Callable[[Any], bool] | None = None,
+        fail_pattern: str | None = None,
+    ) -> Any:
         """Poll a forwarded guest port until it answers JSON (and `until(doc)` is true).
         Gives up early when the serial console matches `fail_pattern`."""
         deadline = time.monotonic() + timeout
@@ -344,8 +423,9 @@ class VM:
             except (OSError, ValueError) as exc:
                 last = exc
             time.sleep(2)
-        raise BootTimeout(f"guest :{guest_port} not ready after {timeout:.0f}s (last: {last!r})\n"
-                          f"{self.tail()}")
+        raise BootTimeout(
+            f"guest :{guest_port} not ready after {timeout:.0f}s (last: {last!r})\n{self.tail()}"
+        )
 
 
 @contextlib.contextmanager

@@ -92,8 +92,10 @@ def timings_line(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def awkward(tag: str, label: str) -> str:
     """A value with everything an env file or a shell gets wrong. `tag` makes it findable."""
-    return (f'{label}-{tag} "double" \'single\' $HOME ${{NOPE}} \\back\\slash `tick` '
-            f"é ü ß 日本 €\nsecond line\ttab \\n not-a-newline %s %% ;|&")
+    return (
+        f"{label}-{tag} \"double\" 'single' $HOME ${{NOPE}} \\back\\slash `tick` "
+        f"é ü ß 日本 €\nsecond line\ttab \\n not-a-newline %s %% ;|&"
+    )
 
 
 @dataclasses.dataclass
@@ -108,12 +110,17 @@ class Demo:
     history: list[str] = dataclasses.field(default_factory=list)
 
     def env_a(self) -> dict[str, str]:
-        return {"DEMO_PASSWORD": self.a["password"],
-                "DEMO_URL": f"postgresql://app:{self.a['password']}@db/app"}
+        return {
+            "DEMO_PASSWORD": self.a["password"],
+            "DEMO_URL": f"postgresql://app:{self.a['password']}@db/app",
+        }
 
     def env_b(self) -> dict[str, str]:
-        return {"DEMO_USER": self.b["user"], "DEMO_TOKEN": self.b["token"],
-                "DEMO_NOTE": self.b["note"]}
+        return {
+            "DEMO_USER": self.b["user"],
+            "DEMO_TOKEN": self.b["token"],
+            "DEMO_NOTE": self.b["note"],
+        }
 
     def remember(self) -> None:
         self.history += [*self.a.values(), *self.b.values(), self.env_a()["DEMO_URL"]]
@@ -132,8 +139,14 @@ def workdir() -> Iterator[Path]:
     # Big sparse files: keep them off tmpfs. Removed afterwards unless BOOTSECRETS_E2E_KEEP=1.
     base = Path(os.environ.get("BOOTSECRETS_E2E_WORKDIR", "/var/tmp"))
     base.mkdir(parents=True, exist_ok=True)
-    path = Path(subprocess.run(["mktemp", "-d", f"{base}/bootsecrets-e2e.XXXXXX"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    path = Path(
+        subprocess.run(
+            ["mktemp", "-d", f"{base}/bootsecrets-e2e.XXXXXX"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     yield path
     if os.environ.get("BOOTSECRETS_E2E_KEEP") == "1":
         log(f"kept {path}")
@@ -150,8 +163,16 @@ REUSE = os.environ.get("BOOTSECRETS_E2E_REUSE")
 def tls(workdir: Path) -> Tls:
     if REUSE:
         tls_dir = Path(REUSE) / "tls"
-        return Tls(*(Pki(tls_dir / f"{n}-ca.pem", tls_dir / f"{n}-server.pem",
-                         tls_dir / f"{n}-server.key") for n in ("good", "wrong")))
+        return Tls(
+            *(
+                Pki(
+                    tls_dir / f"{n}-ca.pem",
+                    tls_dir / f"{n}-server.pem",
+                    tls_dir / f"{n}-server.key",
+                )
+                for n in ("good", "wrong")
+            )
+        )
     return make_tls(workdir / "tls")
 
 
@@ -168,8 +189,12 @@ def image(workdir: Path, tls: Tls) -> Image:
     if REUSE:
         kept = Path(REUSE)
         log(f"BOOTSECRETS_E2E_REUSE: the image built in {kept}, not a new build")
-        return Image(kept / "packer-output/bootsecrets-debian-12.qcow2", kept / "base/vmlinuz",
-                     kept / "base/initrd.img", (kept / "build_key.pub").read_text().strip())
+        return Image(
+            kept / "packer-output/bootsecrets-debian-12.qcow2",
+            kept / "base/vmlinuz",
+            kept / "base/initrd.img",
+            (kept / "build_key.pub").read_text().strip(),
+        )
     subprocess.run([str(REPO / "scripts/install-e2e-deps")], check=True)
     with timed("rootfs"):
         rootfs = build_rootfs()
@@ -181,17 +206,27 @@ def image(workdir: Path, tls: Tls) -> Image:
     # The demo config, verifying Vault with the test's CA (installed by the build).
     demo_config = (PACKER_DIR / "demo/config.yaml").read_text()
     config = workdir / "config.yaml"
-    config.write_text(demo_config.replace(
-        "  request_timeout: 10\n",
-        "  ca_cert: /etc/bootsecrets/vault-ca.pem\n  request_timeout: 10\n", 1))
+    config.write_text(
+        demo_config.replace(
+            "  request_timeout: 10\n",
+            "  ca_cert: /etc/bootsecrets/vault-ca.pem\n  request_timeout: 10\n",
+            1,
+        )
+    )
     assert "ca_cert:" in config.read_text()
     key = ssh_key(workdir / "build_key")
     public = key.with_suffix(".pub").read_text().strip()
     seed = seed_dir(workdir / "build-seed", public)
     with timed("packer-build"):
-        qcow2 = packer_build(base, wheelhouse=wheelhouse, config_file=config,
-                             vault_ca_file=tls.good.ca, seed=seed, private_key=key,
-                             workdir=workdir)
+        qcow2 = packer_build(
+            base,
+            wheelhouse=wheelhouse,
+            config_file=config,
+            vault_ca_file=tls.good.ca,
+            seed=seed,
+            private_key=key,
+            workdir=workdir,
+        )
     if os.environ.get("BOOTSECRETS_E2E_KEEP") != "1":
         base.disk.unlink()
     return Image(qcow2, base.kernel, base.initrd, public)
@@ -206,45 +241,68 @@ def guest_key(workdir: Path) -> Path:
 def demo(server: TlsBao) -> Demo:
     tag = secrets.token_hex(8)
     bao = server.bao
-    a = {"password": awkward(tag, "pw1"), "api_key": f"ak-{tag}-$(id)`x`\\\"q\"\u00e9"}
-    b = {"user": f"user-{tag}-ñ", "token": f'tok-{tag}"\'$\\`', "note": awkward(tag, "note")}
+    a = {"password": awkward(tag, "pw1"), "api_key": f'ak-{tag}-$(id)`x`\\"q"\u00e9'}
+    b = {"user": f"user-{tag}-ñ", "token": f"tok-{tag}\"'$\\`", "note": awkward(tag, "note")}
     bao.put("secret", "demo/a", a)
     bao.put("secret", "demo/b", b)
     role_id = bao.approle(
-        ROLE, 'path "secret/data/demo/*" { capabilities = ["read"] }\n',
-        secret_id_num_uses=1, secret_id_ttl="30m", token_ttl=f"{TOKEN_TTL}s",
-        token_max_ttl="4h")
+        ROLE,
+        'path "secret/data/demo/*" { capabilities = ["read"] }\n',
+        secret_id_num_uses=1,
+        secret_id_ttl="30m",
+        token_ttl=f"{TOKEN_TTL}s",
+        token_max_ttl="4h",
+    )
     result = Demo(tag, role_id, a, b)
     result.remember()
     return result
 
 
-def boot_vm(name: str, image: Image, workdir: Path, key: Path, user_data: str,
-            instance: str) -> VM:
+def boot_vm(name: str, image: Image, workdir: Path, key: Path, user_data: str, instance: str) -> VM:
     """A VM on a fresh overlay of the image, with this user-data (checked by cloud-init)."""
     seed = make_seed(workdir / f"seed-{name}", user_data, instance)
-    schema = subprocess.run(["cloud-init", "schema", "-c", str(workdir / f"seed-{name}/user-data")],
-                            capture_output=True, text=True, check=False)
+    schema = subprocess.run(
+        ["cloud-init", "schema", "-c", str(workdir / f"seed-{name}/user-data")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert schema.returncode == 0, schema.stdout + schema.stderr
     disk = overlay(image.qcow2, workdir / f"{name}.qcow2")
-    return VM(name=name, root=Drive(disk), kernel=image.kernel, initrd=image.initrd,
-              seed=seed, workdir=workdir, ssh_key=key,
-              guest_ports=list(check.DEMO_PORTS.values()))
+    return VM(
+        name=name,
+        root=Drive(disk),
+        kernel=image.kernel,
+        initrd=image.initrd,
+        seed=seed,
+        workdir=workdir,
+        ssh_key=key,
+        guest_ports=list(check.DEMO_PORTS.values()),
+    )
 
 
 def user_data_for(demo: Demo, addr: str, wrapped: str, key: Path) -> str:
-    return render_user_data(vault_addr=addr, role_id=demo.role_id, wrapped_secret_id=wrapped,
-                            ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()])
+    return render_user_data(
+        vault_addr=addr,
+        role_id=demo.role_id,
+        wrapped_secret_id=wrapped,
+        ssh_authorized_keys=[key.with_suffix(".pub").read_text().strip()],
+    )
 
 
 def demo_is_up(vm: VM, demo: Demo, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    vm.wait_http(check.DEMO_PORTS[DEMO_A], timeout, fail_pattern=AGENT_FAILED,
-                 until=lambda d: d["sha256"].get("DEMO_PASSWORD")
-                 == check.sha(demo.a["password"]))
+    vm.wait_http(
+        check.DEMO_PORTS[DEMO_A],
+        timeout,
+        fail_pattern=AGENT_FAILED,
+        until=lambda d: d["sha256"].get("DEMO_PASSWORD") == check.sha(demo.a["password"]),
+    )
     vm.wait_http(check.DEMO_PORTS[DEMO_B], 60, fail_pattern=AGENT_FAILED)
     vm.wait_ssh(120)
-    return (check.demo_runs_with(vm, DEMO_A, demo.env_a(), {"api_key": demo.a["api_key"]}),
-            check.demo_runs_with(vm, DEMO_B, demo.env_b(), {}))
+    return (
+        check.demo_runs_with(vm, DEMO_A, demo.env_a(), {"api_key": demo.a["api_key"]}),
+        check.demo_runs_with(vm, DEMO_B, demo.env_b(), {}),
+    )
 
 
 # --- 2. the artifact ---------------------------------------------------------------------------
@@ -281,13 +339,23 @@ def test_the_packer_artifact_is_clean(image: Image, workdir: Path) -> None:
 
 
 def test_first_boot_rotation_disk_and_reboots(
-    image: Image, server: TlsBao, demo: Demo, guest_key: Path, workdir: Path, captured: Any,
+    image: Image,
+    server: TlsBao,
+    demo: Demo,
+    guest_key: Path,
+    workdir: Path,
+    captured: Any,
 ) -> None:
     bao = server.bao
     wrapped = bao.wrapped_secret_id(ROLE, ttl="30m")
-    vm = boot_vm("main", image, workdir, guest_key,
-                 user_data_for(demo, server.guest_addr, wrapped, guest_key),
-                 f"i-e2e-{demo.tag}")
+    vm = boot_vm(
+        "main",
+        image,
+        workdir,
+        guest_key,
+        user_data_for(demo, server.guest_addr, wrapped, guest_key),
+        f"i-e2e-{demo.tag}",
+    )
     with running(vm):
         # --- boot 1: first boot --------------------------------------------------------
         with timed("boot1-to-demo"):
@@ -300,9 +368,13 @@ def test_first_boot_rotation_disk_and_reboots(
         check.root_fs_has_encrypt(vm)
         check.user_data_scrubbed(vm, wrapped, unwrapped=True)
         check.free_blocks_trimmed(vm)
-        check.status_shows(check.status(vm), policy="reprovision", generation=1,
-                           units={DEMO_A: {"secret/demo/a": 1}, DEMO_B: {"secret/demo/b": 1}},
-                           token_ttl=TOKEN_TTL)
+        check.status_shows(
+            check.status(vm),
+            policy="reprovision",
+            generation=1,
+            units={DEMO_A: {"secret/demo/a": 1}, DEMO_B: {"secret/demo/b": 1}},
+            token_ttl=TOKEN_TTL,
+        )
 
         # --- rotate demo-a's secret, refresh in the guest -----------------------------
         with timed("refresh"):
@@ -311,27 +383,40 @@ def test_first_boot_rotation_disk_and_reboots(
             demo.remember()
             out = vm.sudo("bootsecrets", "refresh", timeout=180)
             captured.add("guest refresh", out)
-            vm.wait_http(check.DEMO_PORTS[DEMO_A], 60, until=lambda d: d["sha256"].get(
-                "DEMO_PASSWORD") == check.sha(demo.a["password"]))
-            doc_a2 = check.demo_runs_with(vm, DEMO_A, demo.env_a(),
-                                          {"api_key": demo.a["api_key"]})
+            vm.wait_http(
+                check.DEMO_PORTS[DEMO_A],
+                60,
+                until=lambda d: d["sha256"].get("DEMO_PASSWORD") == check.sha(demo.a["password"]),
+            )
+            doc_a2 = check.demo_runs_with(vm, DEMO_A, demo.env_a(), {"api_key": demo.a["api_key"]})
             doc_b2 = vm.http_json(check.DEMO_PORTS[DEMO_B])
         assert (doc_a2["pid"], doc_a2["invocation_id"]) != (doc_a["pid"], doc_a["invocation_id"])
         assert (doc_b2["pid"], doc_b2["invocation_id"], doc_b2["sha256"]) == (
-            doc_b["pid"], doc_b["invocation_id"], doc_b["sha256"]), "demo-b must not restart"
-        check.status_shows(check.status(vm), policy="reprovision", generation=2,
-                           units={DEMO_A: {"secret/demo/a": demo.a_version},
-                                  DEMO_B: {"secret/demo/b": 1}}, token_ttl=TOKEN_TTL)
+            doc_b["pid"],
+            doc_b["invocation_id"],
+            doc_b["sha256"],
+        ), "demo-b must not restart"
+        check.status_shows(
+            check.status(vm),
+            policy="reprovision",
+            generation=2,
+            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            token_ttl=TOKEN_TTL,
+        )
 
         # --- nothing changed: the timer's hardened unit refreshes without restarts ------
         vm.sudo("systemctl", "start", "bootsecrets-refresh.service", timeout=180)
         for unit, before in ((DEMO_A, doc_a2), (DEMO_B, doc_b2)):
             after = vm.http_json(check.DEMO_PORTS[unit])
             assert (after["pid"], after["invocation_id"]) == (
-                before["pid"], before["invocation_id"]), f"no-op refresh restarted {unit}"
+                before["pid"],
+                before["invocation_id"],
+            ), f"no-op refresh restarted {unit}"
         captured.add("guest journal, boot 1", check.journal_text(vm))  # for the leak guard
-        captured.add("guest systemctl show", vm.sudo("systemctl", "show", DEMO_A, DEMO_B,
-                                                     "bootsecrets.service"))
+        captured.add(
+            "guest systemctl show",
+            vm.sudo("systemctl", "show", DEMO_A, DEMO_B, "bootsecrets.service"),
+        )
         with timed("poweroff"):
             vm.poweroff()
 
@@ -352,19 +437,33 @@ def test_first_boot_rotation_disk_and_reboots(
 
         # --- re-provision under persist-token from a new wrapped secret-id on stdin -----
         with timed("reprovision"):
-            vm.sudo("sed", "-i", "s/^reboot_policy: reprovision$/reboot_policy: persist-token/",
-                    "/etc/bootsecrets/config.yaml")
+            vm.sudo(
+                "sed",
+                "-i",
+                "s/^reboot_policy: reprovision$/reboot_policy: persist-token/",
+                "/etc/bootsecrets/config.yaml",
+            )
             again = bao.wrapped_secret_id(ROLE, ttl="30m")
-            vm.sudo("bootsecrets", "refresh", "--wrapped-secret-id", "-", input=again + "\n",
-                    timeout=180)
+            vm.sudo(
+                "bootsecrets",
+                "refresh",
+                "--wrapped-secret-id",
+                "-",
+                input=again + "\n",
+                timeout=180,
+            )
             before_reboot = demo_is_up(vm, demo, 120)
         assert vm.ssh("sudo test -s /var/lib/bootsecrets/token", check=False).returncode == 0
         # Starting the units also starts bootsecrets.service again (their drop-ins require
         # it; it failed at this boot), which renders once more with the kept token: the
         # generation is 1 or 2.
-        check.status_shows(check.status(vm), policy="persist-token", generation=None,
-                           units={DEMO_A: {"secret/demo/a": demo.a_version},
-                                  DEMO_B: {"secret/demo/b": 1}}, token_ttl=TOKEN_TTL)
+        check.status_shows(
+            check.status(vm),
+            policy="persist-token",
+            generation=None,
+            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            token_ttl=TOKEN_TTL,
+        )
         captured.add("guest journal, boot 2", check.journal_text(vm))
 
         # --- boot 3 (persist-token): back on their own, same values ---------------------
@@ -376,9 +475,13 @@ def test_first_boot_rotation_disk_and_reboots(
             assert after["sha256"] == before["sha256"]
             assert after["credentials"] == before["credentials"]
             assert after["invocation_id"] != before["invocation_id"]
-        check.status_shows(check.status(vm), policy="persist-token", generation=1,
-                           units={DEMO_A: {"secret/demo/a": demo.a_version},
-                                  DEMO_B: {"secret/demo/b": 1}}, token_ttl=TOKEN_TTL)
+        check.status_shows(
+            check.status(vm),
+            policy="persist-token",
+            generation=1,
+            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            token_ttl=TOKEN_TTL,
+        )
         check.cloud_init_done(vm)
         captured.add("guest journal, boot 3", check.journal_text(vm))
 
@@ -395,8 +498,10 @@ def scan_disk(disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[st
         hits = e2e_disk.find_values(raw, [*values, *fragments, *tokens, control])
         assert hits.pop(control, 0), "the disk scan cannot see file contents"
         assert not any(t in hits for t in tokens), "a wrapping token is on the VM's disk"
-        assert not hits, ("secret values on the VM's disk: "
-                          f"{[v[:8] + '…' for v in hits]} — find them with debugfs/grep")
+        assert not hits, (
+            "secret values on the VM's disk: "
+            f"{[v[:8] + '…' for v in hits]} — find them with debugfs/grep"
+        )
 
         bao = server.bao
         hmacs = e2e_disk.audited_hmacs(bao.audit_path)
@@ -407,15 +512,19 @@ def scan_disk(disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[st
         assert e2e_disk.audit_hash(bao.client, "file", demo.role_id) in hmacs["role_id"]
         uuids = e2e_disk.shaped_strings(raw, e2e_disk.UUID)
         shaped = e2e_disk.shaped_strings(raw, e2e_disk.TOKEN)
-        leaked_ids = {u for u in uuids
-                      if e2e_disk.audit_hash(bao.client, "file", u) in hmacs["secret_id"]}
-        leaked_tokens = {t for t in shaped
-                         if e2e_disk.audit_hash(bao.client, "file", t) in hmacs["client_token"]}
+        leaked_ids = {
+            u for u in uuids if e2e_disk.audit_hash(bao.client, "file", u) in hmacs["secret_id"]
+        }
+        leaked_tokens = {
+            t for t in shaped if e2e_disk.audit_hash(bao.client, "file", t) in hmacs["client_token"]
+        }
         assert not leaked_ids, "the AppRole secret-id is on the VM's disk"
         assert not leaked_tokens, "the agent's Vault token is on the VM's disk"
-        log(f"disk scan: {len(values) + len(fragments) + len(tokens)} values and tokens, "
+        log(
+            f"disk scan: {len(values) + len(fragments) + len(tokens)} values and tokens, "
             f"{len(uuids)} UUID-shaped and {len(shaped)} token-shaped strings checked against "
-            "the audit HMACs: 0 hits")
+            "the audit HMACs: 0 hits"
+        )
     finally:
         raw.unlink(missing_ok=True)
 
@@ -424,12 +533,22 @@ def scan_disk(disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[st
 
 
 def test_a_certificate_from_another_ca_fails_closed(
-    image: Image, server: TlsBao, demo: Demo, guest_key: Path, workdir: Path, captured: Any,
+    image: Image,
+    server: TlsBao,
+    demo: Demo,
+    guest_key: Path,
+    workdir: Path,
+    captured: Any,
 ) -> None:
     wrapped = server.bao.wrapped_secret_id(ROLE, ttl="30m")
-    vm = boot_vm("wrongca", image, workdir, guest_key,
-                 user_data_for(demo, server.wrong_guest_addr, wrapped, guest_key),
-                 f"i-e2e-wrongca-{demo.tag}")
+    vm = boot_vm(
+        "wrongca",
+        image,
+        workdir,
+        guest_key,
+        user_data_for(demo, server.wrong_guest_addr, wrapped, guest_key),
+        f"i-e2e-wrongca-{demo.tag}",
+    )
     with running(vm):
         with timed("wrong-ca-boot"):
             vm.wait_ssh(BOOT_TIMEOUT)
@@ -446,10 +565,14 @@ def test_a_certificate_from_another_ca_fails_closed(
         # The operator's fix, the address of a server with the right certificate for the
         # agent's unit, and a restart: the kept bootstrap is unwrapped after all.
         with timed("wrong-ca-retry"):
-            vm.sudo("sh", "-c", "mkdir -p /run/systemd/system/bootsecrets.service.d && "
-                    "printf '[Service]\\nEnvironment=VAULT_ADDR=%s\\n' \"$0\" "
-                    "> /run/systemd/system/bootsecrets.service.d/50-vault-addr.conf",
-                    server.guest_addr)
+            vm.sudo(
+                "sh",
+                "-c",
+                "mkdir -p /run/systemd/system/bootsecrets.service.d && "
+                "printf '[Service]\\nEnvironment=VAULT_ADDR=%s\\n' \"$0\" "
+                "> /run/systemd/system/bootsecrets.service.d/50-vault-addr.conf",
+                server.guest_addr,
+            )
             vm.sudo("systemctl", "daemon-reload")
             vm.sudo("systemctl", "restart", "bootsecrets.service", timeout=300)
             check.agent_exited(vm, 0)

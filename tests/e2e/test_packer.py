@@ -33,8 +33,7 @@ def packer() -> str:
 
 
 def packer_version() -> tuple[int, ...]:
-    out = subprocess.run([packer(), "version"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([packer(), "version"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
     assert match, out
     return tuple(int(x) for x in match.groups())
@@ -62,28 +61,48 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"wheelhouse": root / "wheelhouse", "seed": seed}
 
 
-def validate(target: Path, inputs: Mapping[str, Path], *args: str,
-             token: str | None = "dummy-not-a-token") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DIGITALOCEAN_", "PKR_VAR_", "PACKER_"))}
+def validate(
+    target: Path, inputs: Mapping[str, Path], *args: str, token: str | None = "dummy-not-a-token"
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DIGITALOCEAN_", "PKR_VAR_", "PACKER_"))
+    }
     env["CHECKPOINT_DISABLE"] = "1"
     if token is not None:
         env["DIGITALOCEAN_TOKEN"] = token
     return subprocess.run(
-        [packer(), "validate",
-         # validate would fetch the checksum list from cloud.debian.org otherwise
-         "-var", "qemu_image_checksum=none",
-         "-var", f"wheelhouse_dir={inputs['wheelhouse']}",
-         "-var", f"qemu_seed_dir={inputs['seed']}",
-         *args, str(target)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120, check=False,
+        [
+            packer(),
+            "validate",
+            # validate would fetch the checksum list from cloud.debian.org otherwise
+            "-var",
+            "qemu_image_checksum=none",
+            "-var",
+            f"wheelhouse_dir={inputs['wheelhouse']}",
+            "-var",
+            f"qemu_seed_dir={inputs['seed']}",
+            *args,
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+        check=False,
     )
 
 
 def test_template_is_formatted() -> None:
     for name in ("bootsecrets.pkr.hcl", "plugins.pkr.hcl"):
-        result = subprocess.run([packer(), "fmt", "-check", "-diff", str(PACKER / name)],
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [packer(), "fmt", "-check", "-diff", str(PACKER / name)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -96,11 +115,17 @@ def test_the_digitalocean_build_needs_nothing_of_the_local_one(
     target: Path, inputs: dict[str, Path]
 ) -> None:
     env_inputs = {**inputs, "seed": Path("/nonexistent-seed")}
-    result = validate(target, env_inputs, "-only=digitalocean.golden",
-                      "-var", "config_file=packer/demo/config.yaml")
+    result = validate(
+        target,
+        env_inputs,
+        "-only=digitalocean.golden",
+        "-var",
+        "config_file=packer/demo/config.yaml",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    result = validate(target, env_inputs, "-only=qemu.local",
-                      "-var", "config_file=packer/demo/config.yaml")
+    result = validate(
+        target, env_inputs, "-only=qemu.local", "-var", "config_file=packer/demo/config.yaml"
+    )
     assert result.returncode != 0
     assert "/nonexistent-seed/user-data" in result.stdout + result.stderr
 
@@ -112,10 +137,17 @@ def test_missing_config_file_variable_is_named(target: Path, inputs: dict[str, P
 
 
 @pytest.mark.parametrize("variable", ["config_file", "vault_ca_file"])
-def test_an_upload_that_does_not_exist_is_named(target: Path, inputs: dict[str, Path],
-                                                variable: str) -> None:
-    result = validate(target, inputs, "-var", "config_file=packer/demo/config.yaml",
-                      "-var", f"{variable}=packer/demo/no-such-file.pem")
+def test_an_upload_that_does_not_exist_is_named(
+    target: Path, inputs: dict[str, Path], variable: str
+) -> None:
+    result = validate(
+        target,
+        inputs,
+        "-var",
+        "config_file=packer/demo/config.yaml",
+        "-var",
+        f"{variable}=packer/demo/no-such-file.pem",
+    )
     assert result.returncode != 0
     assert "no-such-file.pem" in result.stdout + result.stderr
 
@@ -148,7 +180,8 @@ def test_template_requirements() -> None:
 
 _FILE_PROVISIONER = re.compile(
     r'provisioner "file" \{\s*source\s*=\s*(?P<source>\S+)\s*destination\s*=\s*"(?P<dest>[^"]+)"',
-    re.S)
+    re.S,
+)
 _ASSIGNMENT = re.compile(r'^\s*(\w+)=["\']?(/tmp/bootsecrets[^"\'\s]*)["\']?\s*$', re.M)
 _READ = re.compile(r"/tmp/bootsecrets(?:/[A-Za-z0-9._*$/-]*)?")
 
@@ -157,7 +190,7 @@ def uploads(template: str) -> dict[str, str]:
     """Destination (relative to /tmp/bootsecrets) -> source expression, per file provisioner."""
     found = {m["dest"]: m["source"] for m in _FILE_PROVISIONER.finditer(template)}
     assert all(d.startswith(UPLOAD_ROOT + "/") for d in found), found
-    return {d[len(UPLOAD_ROOT) + 1:]: s for d, s in found.items()}
+    return {d[len(UPLOAD_ROOT) + 1 :]: s for d, s in found.items()}
 
 
 def reads(script: str) -> set[str]:
@@ -165,7 +198,7 @@ def reads(script: str) -> set[str]:
     for name, value in _ASSIGNMENT.findall(script):
         script = re.sub(rf'"?\$\{{?{name}\}}?"?', value, script)
     paths = {m.group().rstrip("/") for m in _READ.finditer(script)}
-    return {p[len(UPLOAD_ROOT) + 1:] for p in paths if p != UPLOAD_ROOT}
+    return {p[len(UPLOAD_ROOT) + 1 :] for p in paths if p != UPLOAD_ROOT}
 
 
 def upload_mismatches(template: str, scripts: Mapping[str, str]) -> list[str]:
@@ -187,10 +220,13 @@ def upload_mismatches(template: str, scripts: Mapping[str, str]) -> list[str]:
             if local and rest and "$" not in rest and "*" not in rest:
                 base = PACKER if local.group(1) == "path.root" else REPO
                 if not (base / local.group(2) / rest).exists():
-                    problems.append(f"{name} reads {UPLOAD_ROOT}/{path}, which {source} "
-                                    "does not hold")
-    problems += [f"{UPLOAD_ROOT}/{top} is uploaded but no script reads it"
-                 for top in sorted(set(uploaded) - used)]
+                    problems.append(
+                        f"{name} reads {UPLOAD_ROOT}/{path}, which {source} does not hold"
+                    )
+    problems += [
+        f"{UPLOAD_ROOT}/{top} is uploaded but no script reads it"
+        for top in sorted(set(uploaded) - used)
+    ]
     return problems
 
 
@@ -200,24 +236,33 @@ def shipped_scripts() -> dict[str, str]:
 
 def test_uploads_are_exactly_what_the_scripts_read() -> None:
     template = TEMPLATE.read_text()
-    assert set(uploads(template)) == {"wheelhouse", "systemd", "demo", "config.yaml",
-                                      "vault-ca.pem"}
+    assert set(uploads(template)) == {
+        "wheelhouse",
+        "systemd",
+        "demo",
+        "config.yaml",
+        "vault-ca.pem",
+    }
     assert upload_mismatches(template, shipped_scripts()) == []
 
 
 def test_a_divergence_between_uploads_and_scripts_is_caught() -> None:
     """The check above can fail: each kind of divergence, made on a copy."""
     template, scripts = TEMPLATE.read_text(), shipped_scripts()
-    renamed = template.replace('destination = "/tmp/bootsecrets/config.yaml"',
-                               'destination = "/tmp/bootsecrets/image-config.yaml"')
+    renamed = template.replace(
+        'destination = "/tmp/bootsecrets/config.yaml"',
+        'destination = "/tmp/bootsecrets/image-config.yaml"',
+    )
     assert upload_mismatches(renamed, scripts) == [
         "30-install-config.sh reads /tmp/bootsecrets/config.yaml, which nothing uploads",
         "/tmp/bootsecrets/image-config.yaml is uploaded but no script reads it",
     ]
     extra = {**scripts, "40-extra.sh": 'src=/tmp/bootsecrets\ncat "$src/extra.conf"\n'}
     assert upload_mismatches(template, extra) == [
-        "40-extra.sh reads /tmp/bootsecrets/extra.conf, which nothing uploads"]
+        "40-extra.sh reads /tmp/bootsecrets/extra.conf, which nothing uploads"
+    ]
     missing = {**scripts, "40-extra.sh": "cat /tmp/bootsecrets/demo/no-such-unit.service\n"}
     assert upload_mismatches(template, missing) == [
-        '40-extra.sh reads /tmp/bootsecrets/demo/no-such-unit.service, which '
-        '"${path.root}/demo/" does not hold']
+        "40-extra.sh reads /tmp/bootsecrets/demo/no-such-unit.service, which "
+        '"${path.root}/demo/" does not hold'
+    ]

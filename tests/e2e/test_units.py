@@ -22,8 +22,10 @@ UNITS = sorted((REPO / "systemd").glob("*.service")) + sorted((REPO / "systemd")
 DEMO_UNITS = sorted((REPO / "packer/demo").glob("*.service"))
 SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                reason="systemd-analyze missing (apt-get install systemd)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze missing (apt-get install systemd)",
+)
 
 
 def exec_paths(unit: Path) -> set[str]:
@@ -40,8 +42,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("verify-root")
     for src in SYSTEM_UNIT_DIRS:
         if src.is_dir() and not src.is_symlink():
-            shutil.copytree(src, root / src.relative_to("/"), symlinks=True,
-                            dirs_exist_ok=True)
+            shutil.copytree(src, root / src.relative_to("/"), symlinks=True, dirs_exist_ok=True)
             break
     etc = root / "etc/systemd/system"
     etc.mkdir(parents=True)
@@ -63,7 +64,10 @@ def verify(root: Path, *names: str) -> subprocess.CompletedProcess[str]:
     units = [str(root / "etc/systemd/system" / name) for name in names]
     return subprocess.run(
         ["systemd-analyze", "verify", "--man=no", f"--root={root}", *units],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
 
 
@@ -72,14 +76,18 @@ def test_unit_verifies_cleanly(root: Path, unit: str) -> None:
     result = verify(root, unit)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", (
-        result.stdout + result.stderr)
+        result.stdout + result.stderr
+    )
 
 
 def test_verify_catches_mistakes(root: Path) -> None:
     """The check above is not vacuous: a typo is reported."""
     bad = root / "etc/systemd/system/bootsecrets-broken.service"
-    bad.write_text((REPO / "systemd/bootsecrets.service").read_text()
-                   .replace("ProtectSystem=strict", "ProtectSytem=strict"))
+    bad.write_text(
+        (REPO / "systemd/bootsecrets.service")
+        .read_text()
+        .replace("ProtectSystem=strict", "ProtectSytem=strict")
+    )
     try:
         result = verify(root, bad.name)
         assert "ProtectSytem" in result.stderr
@@ -88,8 +96,9 @@ def test_verify_catches_mistakes(root: Path) -> None:
 
 
 def parse(unit: Path) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(strict=False, interpolation=None,
-                                          dict_type=dict, empty_lines_in_values=False)
+    parser = configparser.RawConfigParser(
+        strict=False, interpolation=None, dict_type=dict, empty_lines_in_values=False
+    )
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(unit.read_text())
     return parser
@@ -101,26 +110,44 @@ def test_agent_unit_contract() -> None:
     assert service["Type"] == "oneshot"
     assert service["RemainAfterExit"] == "yes"
     assert service["ExecStart"] == "/usr/local/sbin/bootsecrets bootstrap"
-    for dep in ("network-online.target", "cloud-init.service", "time-sync.target",
-                "bootsecrets-store.service"):
+    for dep in (
+        "network-online.target",
+        "cloud-init.service",
+        "time-sync.target",
+        "bootsecrets-store.service",
+    ):
         assert dep in head["After"].split()
     assert "network-online.target" in head["Wants"].split()
     assert "bootsecrets-store.service" in head["Requires"].split()
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                       "PrivateTmp": "yes", "LimitCORE": "0", "MemorySwapMax": "0",
-                       "UMask": "0077"}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "LimitCORE": "0",
+        "MemorySwapMax": "0",
+        "UMask": "0077",
+    }.items():
         assert service[key] == value, key
     assert writable(REPO / "systemd/bootsecrets.service") == [
-        "/run/bootsecrets", "/run/systemd/system", "-/var/lib/bootsecrets", "-/var/lib/cloud",
-        "-/var/log/cloud-init.log", "-/var/log/cloud-init-output.log"]
+        "/run/bootsecrets",
+        "/run/systemd/system",
+        "-/var/lib/bootsecrets",
+        "-/var/lib/cloud",
+        "-/var/log/cloud-init.log",
+        "-/var/log/cloud-init-output.log",
+    ]
     assert "Restart" not in service  # fail closed, no retry loop
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
 def writable(unit: Path) -> list[str]:
     """Every ReadWritePaths= entry of a unit, in order (the key may be repeated)."""
-    return [path for line in unit.read_text().splitlines()
-            if line.startswith("ReadWritePaths=") for path in line.split("=", 1)[1].split()]
+    return [
+        path
+        for line in unit.read_text().splitlines()
+        if line.startswith("ReadWritePaths=")
+        for path in line.split("=", 1)[1].split()
+    ]
 
 
 def test_refresh_unit_is_as_hardened_as_the_agent() -> None:
@@ -129,10 +156,14 @@ def test_refresh_unit_is_as_hardened_as_the_agent() -> None:
     assert refresh["ExecStart"] == "/usr/local/sbin/bootsecrets refresh"
     skip = {"ExecStart", "RemainAfterExit", "TimeoutStartSec", "ReadWritePaths"}
     assert {k: v for k, v in agent.items() if k not in skip} == {
-        k: v for k, v in refresh.items() if k not in skip}
+        k: v for k, v in refresh.items() if k not in skip
+    }
     # refresh never sees user-data: no write access to cloud-init's files.
     assert writable(REPO / "systemd/bootsecrets-refresh.service") == [
-        "/run/bootsecrets", "/run/systemd/system", "-/var/lib/bootsecrets"]
+        "/run/bootsecrets",
+        "/run/systemd/system",
+        "-/var/lib/bootsecrets",
+    ]
 
 
 def test_store_is_mounted_before_cloud_init_writes_the_bootstrap() -> None:
