@@ -25,6 +25,8 @@ import bootsecrets
 from bootsecrets import imagecheck
 from bootsecrets.errors import ImageCheckFindings, ImageCheckUnreadable
 from bootsecrets.imagecheck import Finding
+from support.configs import MINIMAL
+from support.loopfs import ext4_loop, tmpfs_mount
 
 
 def tool(name: str, package: str) -> str:
@@ -319,9 +321,9 @@ def test_clean_tree_has_no_findings(clean_tree: Path) -> None:
 def test_every_rule_fires_on_its_path_and_nothing_else(planted: Planted) -> None:
     findings = imagecheck.scan(planted.root)
     assert pairs(findings) == planted.expected
-    # Every rule of the table is planted here, except the two with tests of their own.
+    # Every rule of the table is planted here, except the three with tests of their own.
     assert {rule for _, rule in planted.expected} == (
-        set(imagecheck.BY_ID) - {"unreadable", "cloud-init-missing"}
+        set(imagecheck.BY_ID) - {"unreadable", "cloud-init-missing", "encrypt-missing"}
     )
     assert findings == sorted(findings, key=Finding.sort_key)
     assert len(findings) == len(set(findings))
@@ -548,3 +550,35 @@ def test_the_operations_guide_lists_exactly_the_rules() -> None:
     assert [(rule, fix, marketplace) for rule, fix, marketplace in rows] == [
         (r.id, r.fix, r.marketplace or "—") for r in imagecheck.RULES
     ]
+
+
+ENCRYPTED_CONFIG = (
+    MINIMAL
+    + """\
+encrypted_directories:
+  appdata: {path: /var/lib/app, units: [app.service]}
+"""
+)
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_encrypted_directories_need_a_filesystem_that_encrypts(encrypt: bool) -> None:
+    """The kernel judges, on a real ext4 with and without the `encrypt` feature: the image
+    whose config asks for an encrypted directory must be able to hold one."""
+    with ext4_loop(encrypt=encrypt) as fs:
+        root = fs.mountpoint
+        make_clean_tree(root)
+        write(root, "/etc/bootsecrets/config.yaml", ENCRYPTED_CONFIG)
+        found = pairs(imagecheck.scan(root))
+        expected = set() if encrypt else {("/var/lib/app", "encrypt-missing")}
+        assert found == expected
+        # Without encrypted directories in the config, no filesystem is asked to encrypt.
+        write(root, "/etc/bootsecrets/config.yaml", ENCRYPTED_CONFIG.partition("encrypted_")[0])
+        assert pairs(imagecheck.scan(root)) == set()
+
+
+def test_a_tree_on_tmpfs_cannot_hold_an_encrypted_directory() -> None:
+    with tmpfs_mount() as root:
+        make_clean_tree(root)
+        write(root, "/etc/bootsecrets/config.yaml", ENCRYPTED_CONFIG)
+        assert pairs(imagecheck.scan(root)) == {("/var/lib/app", "encrypt-missing")}

@@ -5,7 +5,7 @@ droplet's exact grant. device-mapper and PID 1's mounting are stand-ins
 (support.devmapper): `cryptsetup open` checks the key with the real cryptsetup
 (--test-passphrase) and maps a loop device; `systemctl start <x>.mount` mounts what the
 agent's mount unit says. That the bytes on the volume are ciphertext is the VM test's
-(tests/volume_vm.py). Needs root, as CI runs.
+(tests/e2e/test_e2e.py with tests/e2e/e2e_atrest.py). Needs root, as CI runs.
 
 The proof here: first boot formats (one datakey, the key only ever on cryptsetup's stdin,
 the ciphertext in the header's token, PBKDF2 at the minimum), makes the filesystem, mounts

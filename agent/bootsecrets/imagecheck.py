@@ -149,6 +149,30 @@ def _is_dotenv(entry: Entry) -> bool:
     return name == ".env" or name.startswith(".env.") or name.endswith(".env")
 
 
+def _first_directory_without_encryption(root: Path) -> str | None:
+    """The first encrypted directory of the image's config whose filesystem cannot encrypt
+    (the kernel judges: fscrypt.check_support), or None; None too without a config that
+    parses (30-install-config.sh checks that). Loaded here only: most scans have no such
+    config, and image-check stays light."""
+    config_path = root / "etc/bootsecrets/config.yaml"
+    if not config_path.is_file() or b"encrypted_directories" not in config_path.read_bytes():
+        return None
+    from bootsecrets import fscrypt  # noqa: PLC0415 (see the docstring)
+    from bootsecrets.config import load_config  # noqa: PLC0415
+    from bootsecrets.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        config = load_config(config_path, env={})
+    except ConfigError:
+        return None
+    for directory in config.directories:
+        try:
+            fscrypt.check_support(root / directory.path.relative_to("/"))
+        except fscrypt.FscryptError:  # unsupported, or no directory to hold it
+            return str(directory.path)
+    return None
+
+
 def _any(_entry: Entry) -> bool:
     return True
 
@@ -347,6 +371,13 @@ RULES: tuple[Rule, ...] = (
             if any(os.path.lexists(root / p) for p in ("usr/bin/cloud-init", "bin/cloud-init"))
             else "/usr/bin/cloud-init"
         ),
+    ),
+    Rule(
+        "encrypt-missing",
+        "the image config has encrypted_directories, but the filesystem that would hold one "
+        "cannot encrypt (ext4 needs the `encrypt` feature: tune2fs -O encrypt, or mkfs.ext4 "
+        "-O encrypt; see packer/scripts/15-root-fs.sh)",
+        tree=_first_directory_without_encryption,
     ),
     Rule("unreadable", "could not be read and may hide a secret; run image-check as root"),
 )

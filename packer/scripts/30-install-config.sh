@@ -6,6 +6,9 @@
 #                                    empty upload: not installed)
 #   /tmp/bootsecrets/demo/       -> demo units + app, only with BOOTSECRETS_INSTALL_DEMO=1
 # Enables the store, the agent, the refresh timer and the free-block trim after the agent.
+# From the config (bootsecrets.imagesetup): the packages and the agent's sandbox drop-ins
+# that encrypted directories and volumes need (cryptsetup-bin; systemd/encrypted-volumes.conf,
+# ReadWritePaths= for each directory's parent), so the config alone decides.
 # Application units are NOT enabled: the agent starts them once their secrets are rendered.
 set -eu
 src=/tmp/bootsecrets
@@ -27,10 +30,17 @@ done
 # persist-token policy keeps its token here (root 0700); empty in the image.
 install -d -m 0700 /var/lib/bootsecrets
 
+demo_units="demo-a.service demo-b.service demo-records.service demo-uploads.service demo-tls.service"
 if [ "${BOOTSECRETS_INSTALL_DEMO:-0}" = 1 ]; then
     install -d -m 0755 /usr/local/lib/bootsecrets-demo
     install -m 0755 "$src/demo/demo-app.py" /usr/local/lib/bootsecrets-demo/demo-app.py
-    install -m 0644 "$src/demo/demo-a.service" "$src/demo/demo-b.service" /etc/systemd/system/
+    for unit in $demo_units; do
+        install -m 0644 "$src/demo/$unit" /etc/systemd/system/
+    done
+    # The owner of the demo's encrypted directory and volume (demo-records, demo-uploads).
+    getent passwd bootsecrets-demo >/dev/null ||
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin bootsecrets-demo
     echo "30-install-config: demo units installed (not enabled)"
 fi
 
@@ -51,10 +61,27 @@ if ca is not None and not ca.is_file():
     sys.exit(f"30-install-config: vault.ca_cert names {ca}, which is not in the image "
              "(Packer variable vault_ca_file)")'
 
+# What the config's encrypted directories and volumes need in the image.
+needed=$(/opt/bootsecrets/bin/python -m bootsecrets.imagesetup packages /etc/bootsecrets/config.yaml)
+missing=""
+for pkg in $needed; do
+    if ! dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
+        missing="$missing $pkg"
+    fi
+done
+if [ -n "$missing" ]; then
+    echo "30-install-config: the config needs$missing"
+    apt-get update -q
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+written=$(/opt/bootsecrets/bin/python -m bootsecrets.imagesetup install /etc/bootsecrets/config.yaml "$src/systemd")
+for path in $written; do echo "30-install-config: installed $path"; done
+
 # Every installed unit must pass systemd's own verifier.
 units=$(ls /etc/systemd/system/bootsecrets*.service /etc/systemd/system/bootsecrets*.timer)
 if [ "${BOOTSECRETS_INSTALL_DEMO:-0}" = 1 ]; then
-    units="$units /etc/systemd/system/demo-a.service /etc/systemd/system/demo-b.service"
+    for unit in $demo_units; do units="$units /etc/systemd/system/$unit"; done
 fi
 # shellcheck disable=SC2086
 out=$(systemd-analyze verify --man=no $units 2>&1) || { echo "$out" >&2; exit 1; }

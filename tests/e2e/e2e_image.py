@@ -47,8 +47,9 @@ HOST_FROM_GUEST = "10.0.2.2"
 
 SUITE = "bookworm"
 # Everything the guest needs. python3-venv/python3-systemd/e2fsprogs are what
-# 10-packages.sh installs: pre-installed here so the Packer build is offline (the script
-# checks and only reaches for apt when something is missing).
+# 10-packages.sh installs, cryptsetup-bin what 30-install-config.sh adds for a config with
+# encrypted volumes: pre-installed here so the Packer build is offline (the scripts check
+# and only reach for apt when something is missing).
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -69,6 +70,7 @@ PACKAGES = (
     "netbase",
     "ca-certificates",
     "e2fsprogs",
+    "cryptsetup-bin",
     "locales",  # cloud-init's locale module runs update-locale, as on Debian's cloud images
 )
 MMDEBSTRAP_ARGS = (

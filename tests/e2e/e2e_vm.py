@@ -96,19 +96,17 @@ class Drive:
     serial: str = ""
     readonly: bool = False
 
-    def args(self) -> list[str]:
-        opts = [
-            f"file={self.path}",
-            f"format={self.format}",
-            "if=virtio",
-            "cache=unsafe",
-            "discard=unmap",
-        ]
-        if self.serial:
-            opts.append(f"serial={self.serial}")
+    def args(self, index: int) -> list[str]:
+        """QEMU arguments for the `index`-th disk. Every disk is an explicit virtio-blk-pci
+        device, in command-line order (so /dev/vda is the first): QEMU 7.2 takes a serial
+        only on the device, and mixing `-drive if=virtio` with `-device` reorders them."""
+        opts = [f"file={self.path}", f"format={self.format}", "cache=unsafe", "discard=unmap"]
         if self.readonly:
             opts.append("readonly=on")
-        return ["-drive", ",".join(opts)]
+        device = f"virtio-blk-pci,drive=disk{index}" + (
+            f",serial={self.serial}" if self.serial else ""
+        )
+        return ["-drive", ",".join([*opts, "if=none", f"id=disk{index}"]), "-device", device]
 
 
 class BootTimeout(AssertionError):
@@ -163,9 +161,11 @@ class VM:
         accel = ["-accel", "kvm", "-cpu", "host"] if kvm() else ["-accel", "tcg", "-cpu", "max"]
         fwd = [f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
         fwd += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in self.ports.items()]
-        drives = [*self.root.args(), *Drive(self.seed, "raw", readonly=True).args()]
-        for drive in self.drives:
-            drives += drive.args()
+        drives: list[str] = []
+        for index, drive in enumerate(
+            (self.root, Drive(self.seed, "raw", readonly=True), *self.drives)
+        ):
+            drives += drive.args(index)
         return [
             "qemu-system-x86_64",
             *accel,

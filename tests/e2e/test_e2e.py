@@ -5,24 +5,34 @@
 1. `packer build` of the `qemu.local` source (packer/bootsecrets.pkr.hcl, Debian's packer
    1.6.6, offline, TCG) on a Debian 12 base disk made from a cached mmdebstrap tree, with the
    same uploads and provisioning scripts as the DigitalOcean build; the image config names a
-   CA bundle the test made, which the build installs.
+   CA bundle the test made, which the build installs, and (e2e_atrest.py) an encrypted
+   directory, an encrypted volume and a PKI certificate, whose packages and sandbox
+   drop-ins the build derives from it.
 2. The artifact, as Packer left it after its shutdown, mounted read-only: `bootsecrets
    image-check` finds nothing, the root filesystem has the ext4 `encrypt` feature, and the
    raw bytes hold nothing of the build's login (its free space was zeroed).
 3. OpenBao on the host's loopback, HTTPS with the test's CA: AppRole (single-use
    secret-ids), policy, KV v2 secrets with awkward values, a response-wrapped secret-id as
    Terraform's provider mints it; user-data rendered by Terraform's own templatefile().
-4. First boot (QEMU, user-mode network only): both demo units report exactly the digests
-   of their values; `status --json`, the store, cloud-init, the refresh timer, the scrubbed
-   user-data copies. A rotation and `bootsecrets refresh` restart only demo-a; the timer's
-   hardened unit then changes nothing.
-5. Power off; the raw disk holds no value, no secret-id, no Vault token and no wrapping token.
+4. First boot (QEMU, user-mode network only, a blank second disk as the volume): both demo
+   units report exactly the digests of their values; demo-records and demo-uploads write and
+   read back a canary in the encrypted directory and on the LUKS2 volume; demo-tls serves
+   HTTPS with its PKI certificate; `status --json`, the store, cloud-init, the refresh
+   timer, the wake-up timer, the scrubbed user-data copies. A rotation and `bootsecrets
+   refresh` restart only demo-a; the timer's hardened unit then changes nothing.
+5. Power off; the raw disk holds no value, no secret-id, no Vault token, no wrapping token
+   and nothing of the encrypted directory in clear; the volume holds its header and token,
+   no canary and no data key.
 6. Boot again under `reprovision`: units down, exit 29, the "not provisioned" alert, and
-   cloud-init still happy with its scrubbed files. Re-provision with `persist-token` and a new
-   wrapped secret-id on stdin; reboot: the units come back on their own, same values.
+   cloud-init still happy with its scrubbed files; the directory locked, the volume closed.
+   Re-provision with `persist-token` and a new wrapped secret-id on stdin; reboot: the units
+   come back on their own, same values, same data. The volume's bad inputs on the running
+   guest (51, 53, 57, 54), each failing closed for its unit only; decommission; the Transit
+   key deleted; neither disk holds the data.
 7. A fresh VM whose user-data points at a listener with a certificate from another CA: the
    agent fails closed (exit 33, alert, units down), scrubs the disk copies of the still-live
-   token, keeps the store's copy, and a retry against the right address brings the units up.
+   token, keeps the store's copy, and a retry against the right address brings the units up
+   but the volume's, whose disk already holds a filesystem (55, untouched).
 
 Where to add a property: a check in e2e_checks.py, called after the boot it is about.
 """
@@ -33,12 +43,14 @@ import dataclasses
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import e2e_atrest as atrest
 import e2e_checks as check
 import e2e_disk
 import pytest
@@ -62,7 +74,10 @@ from e2e_image import (
 )
 from e2e_vm import VM, Drive, make_seed, overlay, running
 
+from bootsecrets import errors
+from support.pki import PkiEngine, names
 from support.terraform import render_user_data
+from support.transit import create_key
 
 pytestmark = pytest.mark.e2e
 
@@ -106,6 +121,8 @@ class Demo:
     role_id: str
     a: dict[str, str]
     b: dict[str, str]
+    canaries: dict[str, str]  # what demo-records and demo-uploads write (e2e_atrest)
+    pki_ca: str  # the PKI engine's CA, which demo-tls's certificate must verify against
     a_version: int = 1
     history: list[str] = dataclasses.field(default_factory=list)
 
@@ -124,6 +141,17 @@ class Demo:
 
     def remember(self) -> None:
         self.history += [*self.a.values(), *self.b.values(), self.env_a()["DEMO_URL"]]
+        self.history += [*self.canaries.values(), *map(atrest.file_name, self.canaries.values())]
+
+    def units(self, tls_version: int | None = 1) -> dict[str, dict[str, int | None]]:
+        """What `status --json` must show: each unit and the version of its secrets."""
+        return {
+            DEMO_A: {"secret/demo/a": self.a_version},
+            DEMO_B: {"secret/demo/b": 1},
+            atrest.RECORDS: {f"secret/{atrest.DATA_SECRET}": 1},
+            atrest.UPLOADS: {f"secret/{atrest.DATA_SECRET}": 1},
+            atrest.TLS: {f"pki/issue/{atrest.PKI_ROLE}": tls_version},
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,17 +231,10 @@ def image(workdir: Path, tls: Tls) -> Image:
     with timed("wheelhouse"):
         wheelhouse = workdir / "wheelhouse"
         build_wheelhouse(wheelhouse)
-    # The demo config, verifying Vault with the test's CA (installed by the build).
-    demo_config = (PACKER_DIR / "demo/config.yaml").read_text()
+    # The demo config, verifying Vault with the test's CA (installed by the build), with an
+    # encrypted directory, an encrypted volume and a certificate (e2e_atrest).
     config = workdir / "config.yaml"
-    config.write_text(
-        demo_config.replace(
-            "  request_timeout: 10\n",
-            "  ca_cert: /etc/bootsecrets/vault-ca.pem\n  request_timeout: 10\n",
-            1,
-        )
-    )
-    assert "ca_cert:" in config.read_text()
+    config.write_text(atrest.image_config((PACKER_DIR / "demo/config.yaml").read_text()))
     key = ssh_key(workdir / "build_key")
     public = key.with_suffix(".pub").read_text().strip()
     seed = seed_dir(workdir / "build-seed", public)
@@ -245,21 +266,35 @@ def demo(server: TlsBao) -> Demo:
     b = {"user": f"user-{tag}-ñ", "token": f"tok-{tag}\"'$\\`", "note": awkward(tag, "note")}
     bao.put("secret", "demo/a", a)
     bao.put("secret", "demo/b", b)
+    canaries = atrest.prepare_vault(bao, tag)
+    pki = PkiEngine(bao)
+    pki.role(atrest.PKI_ROLE, allowed_domains=["bootsecrets.test"], max_ttl="4h")
     role_id = bao.approle(
         ROLE,
-        'path "secret/data/demo/*" { capabilities = ["read"] }\n',
+        atrest.policy(
+            'path "secret/data/demo/*" { capabilities = ["read"] }\n', atrest.ALL_TRANSIT
+        ),
         secret_id_num_uses=1,
         secret_id_ttl="30m",
         token_ttl=f"{TOKEN_TTL}s",
         token_max_ttl="4h",
     )
-    result = Demo(tag, role_id, a, b)
+    result = Demo(tag, role_id, a, b, canaries, pki.ca_pem)
     result.remember()
     return result
 
 
-def boot_vm(name: str, image: Image, workdir: Path, key: Path, user_data: str, instance: str) -> VM:
-    """A VM on a fresh overlay of the image, with this user-data (checked by cloud-init)."""
+def boot_vm(
+    name: str,
+    image: Image,
+    workdir: Path,
+    key: Path,
+    user_data: str,
+    instance: str,
+    volume: Path,
+) -> VM:
+    """A VM on a fresh overlay of the image, with this user-data (checked by cloud-init) and
+    `volume` attached where the config looks for the encrypted volume."""
     seed = make_seed(workdir / f"seed-{name}", user_data, instance)
     schema = subprocess.run(
         ["cloud-init", "schema", "-c", str(workdir / f"seed-{name}/user-data")],
@@ -277,6 +312,7 @@ def boot_vm(name: str, image: Image, workdir: Path, key: Path, user_data: str, i
         seed=seed,
         workdir=workdir,
         ssh_key=key,
+        drives=[Drive(volume, "raw", serial=atrest.VOLUME_SERIAL)],
         guest_ports=list(check.DEMO_PORTS.values()),
     )
 
@@ -303,6 +339,23 @@ def demo_is_up(vm: VM, demo: Demo, timeout: float) -> tuple[dict[str, Any], dict
         check.demo_runs_with(vm, DEMO_A, demo.env_a(), {"api_key": demo.a["api_key"]}),
         check.demo_runs_with(vm, DEMO_B, demo.env_b(), {}),
     )
+
+
+def at_rest_is_up(vm: VM, demo: Demo, starts: int, timeout: float = 120) -> dict[str, Any]:
+    """demo-records and demo-uploads read back what they wrote (started at least `starts`
+    times since), demo-tls serves its certificate; the reports by unit (demo-tls: + `der`)."""
+    docs = {
+        unit: atrest.writes_data(vm, unit, demo.canaries[name], starts, timeout)
+        for unit, name in ((atrest.RECORDS, "records"), (atrest.UPLOADS, "uploads"))
+    }
+    doc, der = atrest.certificate_served(vm, demo.pki_ca, timeout)
+    assert names(ssl.DER_cert_to_PEM_cert(der)).common_name == atrest.TLS_NAME
+    docs[atrest.TLS] = {**doc, "der": der}
+    return docs
+
+
+def same_process(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    return (before["pid"], before["invocation_id"]) == (after["pid"], after["invocation_id"])
 
 
 # --- 2. the artifact ---------------------------------------------------------------------------
@@ -348,6 +401,7 @@ def test_first_boot_rotation_disk_and_reboots(
 ) -> None:
     bao = server.bao
     wrapped = bao.wrapped_secret_id(ROLE, ttl="30m")
+    volume = atrest.blank_volume(workdir / "main-volume.img")
     vm = boot_vm(
         "main",
         image,
@@ -355,11 +409,13 @@ def test_first_boot_rotation_disk_and_reboots(
         guest_key,
         user_data_for(demo, server.guest_addr, wrapped, guest_key),
         f"i-e2e-{demo.tag}",
+        volume,
     )
     with running(vm):
         # --- boot 1: first boot --------------------------------------------------------
         with timed("boot1-to-demo"):
             doc_a, doc_b = demo_is_up(vm, demo, BOOT_TIMEOUT)
+            at_rest = at_rest_is_up(vm, demo, starts=1)
         check.agent_exited(vm, 0)
         check.bootstrap_consumed(vm)
         check.store_is_memory_only(vm)
@@ -372,9 +428,14 @@ def test_first_boot_rotation_disk_and_reboots(
             check.status(vm),
             policy="reprovision",
             generation=1,
-            units={DEMO_A: {"secret/demo/a": 1}, DEMO_B: {"secret/demo/b": 1}},
+            units=demo.units(),
             token_ttl=TOKEN_TTL,
         )
+        # Data at rest: the directory created encrypted and unlocked, the blank volume
+        # formatted, opened and mounted; the certificate on its schedule.
+        atrest.directory_unlocked(vm)
+        atrest.volume_mounted(vm)
+        atrest.certificate_scheduled(vm, certificate_ttl=2 * 3600)
 
         # --- rotate demo-a's secret, refresh in the guest -----------------------------
         with timed("refresh"):
@@ -396,11 +457,16 @@ def test_first_boot_rotation_disk_and_reboots(
             doc_b["invocation_id"],
             doc_b["sha256"],
         ), "demo-b must not restart"
+        for unit, before in at_rest.items():
+            after = at_rest_is_up(vm, demo, starts=1)[unit]
+            assert same_process(before, after), f"the refresh restarted {unit}"
+            if unit == atrest.TLS:
+                assert after["der"] == before["der"], "the refresh re-issued the certificate"
         check.status_shows(
             check.status(vm),
             policy="reprovision",
             generation=2,
-            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            units=demo.units(),
             token_ttl=TOKEN_TTL,
         )
 
@@ -421,8 +487,13 @@ def test_first_boot_rotation_disk_and_reboots(
             vm.poweroff()
 
         # --- 5. the disk: no value, no secret-id, no token, no wrapping token ----------
+        # (nor what demo-records wrote into its encrypted directory, nor its file's name);
+        # the volume: its LUKS2 header with our token, none of demo-uploads' data in clear.
         with timed("disk-scan"):
             scan_disk(vm.root.path, workdir / "main.raw", demo, server, [wrapped])
+            volume_ciphertext = atrest.volume_image_holds_no_plaintext(
+                bao, volume, demo.canaries["uploads"]
+            )
 
         # --- boot 2 (reprovision): nothing at rest, the units stay down -----------------
         with timed("boot2-not-provisioned"):
@@ -432,6 +503,9 @@ def test_first_boot_rotation_disk_and_reboots(
         check.alerted(vm, check.NOT_PROVISIONED)
         check.units_down(vm)
         check.not_provisioned(check.status(vm))
+        # Nothing at rest opens without Vault: the directory's names and data are ciphertext.
+        atrest.directory_locked(vm, demo.canaries["records"])
+        atrest.volume_closed(vm)
         check.cloud_init_done(vm)  # on the files the agent scrubbed at the first boot
         check.refresh_timer_scheduled(vm)
 
@@ -453,6 +527,7 @@ def test_first_boot_rotation_disk_and_reboots(
                 timeout=180,
             )
             before_reboot = demo_is_up(vm, demo, 120)
+            at_rest_before_reboot = at_rest_is_up(vm, demo, starts=2)
         assert vm.ssh("sudo test -s /var/lib/bootsecrets/token", check=False).returncode == 0
         # Starting the units also starts bootsecrets.service again (their drop-ins require
         # it; it failed at this boot), which renders once more with the kept token: the
@@ -461,7 +536,7 @@ def test_first_boot_rotation_disk_and_reboots(
             check.status(vm),
             policy="persist-token",
             generation=None,
-            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            units=demo.units(tls_version=None),
             token_ttl=TOKEN_TTL,
         )
         captured.add("guest journal, boot 2", check.journal_text(vm))
@@ -470,25 +545,51 @@ def test_first_boot_rotation_disk_and_reboots(
         with timed("boot3-persist-token"):
             vm.reboot()
             after_reboot = demo_is_up(vm, demo, BOOT_TIMEOUT)
+            # The data written at the first boot, read back after two reboots.
+            starts = {
+                u: d["data"]["starts"] for u, d in at_rest_before_reboot.items() if "data" in d
+            }
+            at_rest = at_rest_is_up(vm, demo, starts=min(starts.values()) + 1)
         check.agent_exited(vm, 0)
         for before, after in zip(before_reboot, after_reboot, strict=True):
             assert after["sha256"] == before["sha256"]
             assert after["credentials"] == before["credentials"]
             assert after["invocation_id"] != before["invocation_id"]
+        for unit, count in starts.items():
+            assert at_rest[unit]["data"]["starts"] == count + 1, unit
         check.status_shows(
             check.status(vm),
             policy="persist-token",
             generation=1,
-            units={DEMO_A: {"secret/demo/a": demo.a_version}, DEMO_B: {"secret/demo/b": 1}},
+            units=demo.units(tls_version=None),
             token_ttl=TOKEN_TTL,
         )
+        atrest.directory_unlocked(vm)
+        atrest.volume_mounted(vm)
         check.cloud_init_done(vm)
         captured.add("guest journal, boot 3", check.journal_text(vm))
 
+        # --- the volume's bad inputs on the running guest, then decommission -------------
+        with timed("volume-faults"):
+            atrest.volume_faults(vm, bao)
+            again = at_rest[atrest.UPLOADS]["data"]["starts"] + 1
+            atrest.writes_data(vm, atrest.UPLOADS, demo.canaries["uploads"], again, 120)
+        with timed("decommission"):
+            directory_ciphertext = atrest.decommission(vm, demo.canaries["records"])
+            captured.add("guest journal, decommission", check.journal_text(vm))
+            vm.poweroff()
+        atrest.shredded(bao, [directory_ciphertext, volume_ciphertext])
+        atrest.volume_image_erased(volume, demo.canaries["uploads"], volume_ciphertext)
+        scan_disk(vm.root.path, workdir / "main.raw", demo, server, [wrapped], audit=False)
 
-def scan_disk(disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[str]) -> None:
+
+def scan_disk(
+    disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[str], *, audit: bool = True
+) -> None:
     """Every value the demo's secrets ever had, the wrapping tokens, the AppRole secret-id and
-    the agent's Vault token: none on the powered-off guest's disk, deleted blocks included."""
+    the agent's Vault token: none on the powered-off guest's disk, deleted blocks included.
+    Without `audit` only the values (after persist-token the agent's token is on the disk by
+    design)."""
     to_raw(disk, raw)
     try:
         values = sorted(set(demo.history))
@@ -502,6 +603,8 @@ def scan_disk(disk: Path, raw: Path, demo: Demo, server: TlsBao, tokens: list[st
             "secret values on the VM's disk: "
             f"{[v[:8] + '…' for v in hits]} — find them with debugfs/grep"
         )
+        if not audit:
+            return
 
         bao = server.bao
         hmacs = e2e_disk.audited_hmacs(bao.audit_path)
@@ -541,6 +644,12 @@ def test_a_certificate_from_another_ca_fails_closed(
     captured: Any,
 ) -> None:
     wrapped = server.bao.wrapped_secret_id(ROLE, ttl="30m")
+    # The main test shredded the Transit key: a new one (same name) for this droplet.
+    create_key(server.bao, atrest.ROLE, atrest.TRANSIT_MOUNT)
+    # Where the volume should be: a disk that already holds a filesystem (never formatted).
+    volume = atrest.blank_volume(workdir / "wrongca-volume.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(volume)], check=True)
+    volume_sha = atrest.sha256_of(volume)
     vm = boot_vm(
         "wrongca",
         image,
@@ -548,6 +657,7 @@ def test_a_certificate_from_another_ca_fails_closed(
         guest_key,
         user_data_for(demo, server.wrong_guest_addr, wrapped, guest_key),
         f"i-e2e-wrongca-{demo.tag}",
+        volume,
     )
     with running(vm):
         with timed("wrong-ca-boot"):
@@ -575,7 +685,21 @@ def test_a_certificate_from_another_ca_fails_closed(
             )
             vm.sudo("systemctl", "daemon-reload")
             vm.sudo("systemctl", "restart", "bootsecrets.service", timeout=300)
-            check.agent_exited(vm, 0)
+            # The volume's disk holds a filesystem: refused (55, which the unit counts as a
+            # success so that the others start), untouched, its unit down.
+            check.agent_exited(vm, errors.VolumeNotBlank.exit_code)
             demo_is_up(vm, demo, 120)
+            atrest.writes_data(vm, atrest.RECORDS, demo.canaries["records"], 1, 120)
+            atrest.certificate_served(vm, demo.pki_ca, 120)
         check.bootstrap_consumed(vm)
         check.user_data_scrubbed(vm, wrapped, unwrapped=False)  # still none on the disk
+        # (The first run, which failed at TLS, may have refused it already: its checks come
+        # before Vault.)
+        refused = vm.journal(f"MESSAGE_ID={errors.VolumeNotBlank.message_id}")
+        assert refused and all(a["PRIORITY"] == "1" for a in refused), refused
+        assert all(a["VOLUME"] == atrest.VOLUME and "ext4" in a["MESSAGE"] for a in refused)
+        check.units_down(vm, atrest.UPLOADS)
+        [state] = check.status(vm)["volumes"]
+        assert state["state"] == "not-bootsecrets", state
+        captured.add("guest journal, wrong CA retried", check.journal_text(vm))
+    assert atrest.sha256_of(volume) == volume_sha, "the refused volume was written to"

@@ -10,7 +10,7 @@ blkid, mkfs, mount, umount) except three that need device-mapper:
   sandbox root), linked as `<root>/dev/mapper/<name>`. The data written through it persists
   across simulated reboots and is gone with a new header (a new UUID), as a real volume's
   plaintext view would be. What it cannot show, that the bytes on the volume are
-  ciphertext, is the e2e VM test's job (tests/volume_vm.py).
+  ciphertext, is the e2e VM test's job (tests/e2e/test_e2e.py with tests/e2e/e2e_atrest.py).
 * `cryptsetup status` and `cryptsetup close` answer from that table, with cryptsetup's
   exit codes (0 active, 4 inactive, 5 busy).
 
