@@ -283,3 +283,53 @@ def test_a_reboot_without_bootstrap_touches_nothing(
     code, _, _ = world.sandbox.run("bootstrap")
     assert code == errors.NotProvisioned.exit_code
     assert scrub_records(caplog) == []
+
+
+def test_a_later_boot_scrubs_what_cloud_init_wrote_again(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cloud-init fetches the user-data again at the next boot (a NoCloud seed stays
+    attached; DigitalOcean's metadata service serves it for the droplet's life) and writes
+    its files again, spent token included: that boot's bootstrap, with nothing to bootstrap,
+    scrubs it. (Found by the end-to-end VM test's disk scan after the last boot.)"""
+    world.sandbox.write_config(world.config())
+    wrapped = world.bao.wrapped_secret_id(world.role)
+    text = render_user_data(
+        vault_addr=world.bao.addr, role_id=world.role_id, wrapped_secret_id=wrapped
+    )
+    instance_id = "i-" + world.unique
+    instance_dir = first_boot(world.sandbox.root, text, instance_id)
+    world.sandbox.write_bootstrap(world.role_id, wrapped, world.bao.addr)
+    code, _, err = world.sandbox.run("bootstrap")
+    assert code == 0, err
+    assert holding(world.sandbox.root, wrapped) == {}
+
+    # The next boot: the store is gone (tmpfs), cloud-init reads the same user-data again.
+    shutil.rmtree(world.sandbox.store)
+    first_boot(world.sandbox.root, text, instance_id)
+    assert holding(instance_dir, wrapped) == COPIES  # positive control: as the VM showed
+    caplog.clear()
+    code, _, _ = world.sandbox.run("bootstrap")
+    assert code == errors.NotProvisioned.exit_code  # reprovision: nothing to log in with
+    assert holding(world.sandbox.root, wrapped) == {}
+    (record,) = scrub_records(caplog)
+    assert "user-data of an earlier boot again" in record.getMessage()
+    assert {Path(f).name for f in record.SCRUBBED_FILES.split(",")} == set(COPIES)  # type: ignore[attr-defined]
+    # cloud-init goes on with what it has.
+    assert query(world.sandbox.root)["cloud_config"]["write_files"][0]["path"] == (
+        "/run/bootsecrets/bootstrap.yaml"
+    )
+    # And once scrubbed, later bootstraps find nothing more to do.
+    caplog.clear()
+    world.sandbox.run("bootstrap")
+    assert scrub_records(caplog) == []
+
+
+def test_only_the_wrapped_secret_id_field_is_taken_for_an_earlier_token(
+    instance: tuple[Path, str, str],
+) -> None:
+    root, token, _ = instance
+    assert userdata.earlier_tokens(root) == [token]
+    assert userdata.earlier_tokens(root, current=token) == []
+    userdata.scrub(token, root)
+    assert userdata.earlier_tokens(root) == []  # the marker is not a token

@@ -7,7 +7,10 @@ TLS) before its request can leave; the agent opens the read connections during t
 round trip so that the reads do not pay it (issue 6, docs/performance.md). A recording proxy
 between the agent and a real OpenBao shows which connection carried which request and when
 each was opened. Answers are held 100 ms by the proxy, so "opened during the login" is not a
-race on loopback.
+race on loopback, and the answer to a read is held until the three reads of these tests have
+all arrived (2 s at most), so that "one connection per read" does not depend on how fast
+the threads of a loaded machine get going: a read that went out late would otherwise find
+another read's connection free again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from support.openbao import OpenBao
 from support.world import World
 
 ANSWER_DELAY = 0.1
+#: The reads of the tests below (three paths), and how long a read's answer waits for them.
+READS_TOGETHER = 3
+READS_WAIT = 2.0
+READS = ("/v1/secret/data/", "/v1/kv1/")
 
 
 @dataclasses.dataclass
@@ -50,6 +57,8 @@ class RecordingProxy:
         self.addr = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections: list[Connection] = []
         self.lock = threading.Lock()
+        self.reads_arrived = threading.Condition(self.lock)
+        self.reads = 0
         self.stopping = False
         self.sockets: list[socket.socket] = [self.listener]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -81,6 +90,11 @@ class RecordingProxy:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if answers:
+                    with self.lock:
+                        if conn.requests and any(m in conn.requests[-1] for m in READS):
+                            self.reads_arrived.wait_for(
+                                lambda: self.reads >= READS_TOGETHER, READS_WAIT
+                            )
                     time.sleep(ANSWER_DELAY)
                     with self.lock:
                         conn.answered.append(time.monotonic())
@@ -89,6 +103,9 @@ class RecordingProxy:
                     if line.split(" ")[0] in ("GET", "POST", "PUT", "LIST"):
                         with self.lock:
                             conn.requests.append(line)
+                            if any(m in line for m in READS):
+                                self.reads += 1
+                                self.reads_arrived.notify_all()
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
@@ -112,9 +129,6 @@ def proxy(openbao: OpenBao) -> Iterator[RecordingProxy]:
     recording = RecordingProxy((host, int(port)))
     yield recording
     recording.close()
-
-
-READS = ("/v1/secret/data/", "/v1/kv1/")
 
 
 def assert_reads_on_connections_opened_before(proxy: RecordingProxy, moment: float) -> None:

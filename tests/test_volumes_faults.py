@@ -448,3 +448,32 @@ def test_a_mount_only_pid1_sees(vols: Volumes, caplog: pytest.LogCaptureFixture)
     assert code == errors.VolumeFailed.exit_code, err
     assert "PID 1 did not mount /dev/mapper/data at /srv/data" in err
     assert_held_back(vols, caplog, errors.VolumeFailed)
+
+
+def test_a_unit_held_back_after_running_is_started_once_its_volume_is_back(
+    vols: Volumes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The volume went away under a running unit (its BindsTo= stopped it) and a refresh
+    held the unit back; the refresh that mounts the volume again starts it, although its
+    values did not change. (Found by the VM test: it stayed down, "nothing changed".)"""
+    key, _ = booted(vols)
+    vols.sandbox.pid1.reboot()  # the mount gone (and with it the unit, by BindsTo=)
+    vols.dm.reboot()  # the mapping closed; the store and the running generation stay
+    grant(vols.world, key, operations=("datakey/plaintext", "rewrap"))
+    caplog.clear()
+    vols.sandbox.runner.calls.clear()
+    code, _, err = vols.sandbox.run("refresh")
+    assert code == errors.DataLocked.exit_code, err
+    assert_held_back(vols, caplog, errors.DataLocked, started=())
+
+    grant(vols.world, key)
+    vols.sandbox.runner.calls.clear()
+    code, _, err = vols.sandbox.run("refresh")
+    assert code == 0, err
+    assert vols.sandbox.started_units() == ["app.service"]
+    state = json.loads((vols.sandbox.store / "state.json").read_text())
+    assert state["skipped"] == {}
+    # Started once: the next refresh has nothing to do.
+    vols.sandbox.runner.calls.clear()
+    code, _, err = vols.sandbox.run("refresh")
+    assert (code, vols.sandbox.started_units()) == (0, []), err

@@ -57,8 +57,11 @@ def bootstrap(ctx: Context) -> None:
         finally:
             # cloud-init's copies on disk: spent or not (a failure before the unwrap leaves
             # it live, and the copy in the store stays for a retry), it is not left there.
-            if boot is not None:
-                userdata.scrub_and_log(boot.wrapped_secret_id, run.paths.root, unwrapped=spent)
+            current = boot.wrapped_secret_id if boot is not None else None
+            if current is not None:
+                userdata.scrub_and_log(current, run.paths.root, unwrapped=spent)
+            # cloud-init writes the user-data again at every later boot, spent token included.
+            userdata.scrub_earlier(run.paths.root, current)
         if ctx.after_login is not None:
             ctx.after_login()
         _render_and_deploy(run, vault, data, at_boot=True)

@@ -17,7 +17,7 @@ from typing import NoReturn
 from bootsecrets import logs
 from bootsecrets.context import Run, shared_store
 from bootsecrets.errors import UnitFailed
-from bootsecrets.model import Rendered, UnitBytes
+from bootsecrets.model import HELD_BACK, Rendered, UnitBytes
 from bootsecrets.plan import RefreshPlan, plan_refresh
 from bootsecrets.state import SecretState, State, Switch, UnitState, now
 from bootsecrets.systemd import dropin_text, write_dropins
@@ -39,6 +39,10 @@ def deploy(
     the old credentials are still valid, the new ones are revoked once none of them holds
     them)."""
     state, restart_due, start_due = recover(run, run.load_state())
+    # Held back by locked data at rest in an earlier run (so not running), rendered now.
+    start_due |= {
+        u for u, why in state.skipped.items() if why.startswith(HELD_BACK) and u in rendered.units
+    }
     before = dict(state.units)
     live_generation = run.store.current_generation()
     live: dict[str, UnitBytes] = {}

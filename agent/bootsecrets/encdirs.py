@@ -42,7 +42,7 @@ from bootsecrets.errors import (
     TransitKeyMissing,
 )
 from bootsecrets.keyrecord import KeyRecord
-from bootsecrets.model import Rendered
+from bootsecrets.model import HELD_BACK, Rendered
 from bootsecrets.state import now
 from bootsecrets.systemd import unit_file_path, write_dropins
 
@@ -284,7 +284,7 @@ def hold_back(config: Config, rendered: Rendered, outcome: Outcome) -> Rendered:
         )
     skipped = {
         **rendered.skipped,
-        **{u: f"held back: encrypted directory {n} is locked" for u, n in held.items()},
+        **{u: f"{HELD_BACK}encrypted directory {n} is locked" for u, n in held.items()},
     }
     return Rendered(
         {u: r for u, r in rendered.units.items() if u not in held}, rendered.secrets, skipped

@@ -36,9 +36,16 @@ class RenderedUnit:
     secret_paths: tuple[str, ...] = ()
 
 
+#: How the reason of a unit held back by locked data at rest starts (`Rendered.skipped`, and
+#: `skipped` in state.json): such a unit is not running, so the run that has its data
+#: available again starts it, even when its values did not change.
+HELD_BACK = "held back: "
+
+
 @dataclasses.dataclass(frozen=True)
 class Rendered:
-    """A full render: per unit files, what was read, and the optional units left out."""
+    """A full render: per unit files, what was read, and the optional units left out (or
+    held back: a reason starting with HELD_BACK)."""
 
     units: dict[str, RenderedUnit]
     secrets: dict[str, SecretData]

@@ -21,9 +21,15 @@ space. The versions cloud-init wrote earlier and replaced itself are in freed bl
 bootsecrets-trim.service (fstrim, after this unit) has the disk discard them where it can, and
 the end-to-end test scans the whole disk for the token and finds none.
 
+cloud-init fetches the user-data again at later boots (the metadata service serves it for
+the droplet's life, a NoCloud seed stays attached) and writes these files again, spent token
+included. So every bootstrap also looks for the `wrapped_secret_id` field in them
+(`scrub_earlier`) and scrubs the token of any earlier boot it finds: its copy in the store
+went with the reboot, nothing will ever use it.
+
 Not covered: user-data that reaches cloud-init compressed (gzip) or base64-encoded (the
-token is not in it as bytes), the metadata service (DigitalOcean serves the user-data to the
-droplet for its life) and Terraform's state (see cloud-init/README.md).
+token is not in it as bytes), the metadata service itself and Terraform's state (see
+cloud-init/README.md).
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ MAX_BYTES = 64 * 1024 * 1024
 #: What a token from Vault/OpenBao looks like. Anything shorter could occur by chance in
 #: cloud-init's files and must not be replaced there.
 _TOKEN = re.compile(rb"[A-Za-z0-9._+/=-]{16,1024}")
+#: The field as it stands in cloud-init's copies: the YAML the template renders (raw,
+#: processed, pickled) and the same YAML as a quoted string in the merged cloud-config.
+_WRAPPED_FIELD = re.compile(
+    rb"wrapped_secret_id\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?([A-Za-z0-9._+/=-]{16,1024})"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +117,42 @@ def scrub_and_log(token: str, root: Path, *, unwrapped: bool) -> Scrubbed | None
         else "the bootstrap failed before the unwrap; the wrapped secret-id stays in the "
         "memory-only store for a retry, its copies on disk are removed"
     )
+    return _scrub_and_log(token, root, why)
+
+
+def earlier_tokens(root: Path, current: str | None = None) -> list[str]:
+    """The wrapped secret-ids in cloud-init's files other than `current` (and than the
+    markers of earlier scrubs), in the order found; never raises."""
+    found: dict[str, None] = {}
+    try:
+        for path in _candidates(root):
+            try:
+                data, _ = _read(path)
+            except OSError:
+                continue
+            for match in _WRAPPED_FIELD.finditer(data):
+                token = match.group(1)
+                if token != marker(len(token)):
+                    found.setdefault(token.decode("ascii"), None)
+    except OSError:  # the walk itself
+        pass
+    return [t for t in found if t != current]
+
+
+def scrub_earlier(root: Path, current: str | None) -> None:
+    """Scrub the wrapped secret-ids of earlier boots that cloud-init wrote into its files
+    again at this boot (`current` is this boot's, handled by `scrub_and_log`); never raises."""
+    for token in earlier_tokens(root, current):
+        _scrub_and_log(
+            token,
+            root,
+            "cloud-init wrote the user-data of an earlier boot again, with a wrapped "
+            "secret-id the agent will never use (spent, or its copy in the store went with "
+            "the reboot)",
+        )
+
+
+def _scrub_and_log(token: str, root: Path, why: str) -> Scrubbed | None:
     try:
         done = scrub(token, root)
     except ValueError as err:

@@ -34,7 +34,7 @@ from bootsecrets import blockdev, logs, luks, transit, volopen
 from bootsecrets.config import Config
 from bootsecrets.context import Run
 from bootsecrets.errors import BootsecretsError, DataKeyRejected, TransitKeyMissing
-from bootsecrets.model import Rendered
+from bootsecrets.model import HELD_BACK, Rendered
 from bootsecrets.systemd import write_dropins
 from bootsecrets.volcheck import (
     VOLUME_FAILURES,
@@ -133,7 +133,7 @@ def hold_back(config: Config, rendered: Rendered, outcome: Outcome) -> Rendered:
         )
     skipped = {
         **rendered.skipped,
-        **{u: f"held back: encrypted volume {n} is not mounted" for u, n in held.items()},
+        **{u: f"{HELD_BACK}encrypted volume {n} is not mounted" for u, n in held.items()},
     }
     return Rendered(
         {u: r for u, r in rendered.units.items() if u not in held}, rendered.secrets, skipped
