@@ -39,10 +39,6 @@ def deploy(
     the old credentials are still valid, the new ones are revoked once none of them holds
     them)."""
     state, restart_due, start_due = recover(run, run.load_state())
-    # Held back by locked data at rest in an earlier run (so not running), rendered now.
-    start_due |= {
-        u for u, why in state.skipped.items() if why.startswith(HELD_BACK) and u in rendered.units
-    }
     before = dict(state.units)
     live_generation = run.store.current_generation()
     live: dict[str, UnitBytes] = {}
@@ -131,16 +127,18 @@ def deploy(
 
 def recover(run: Run, state: State) -> tuple[State, frozenset[str], frozenset[str]]:
     """Finish the bookkeeping of a run that was stopped: adopt a switch that happened, and
-    find the units still due for a restart (or, never started by the agent, a start)."""
+    find the units still due for a restart (or a start: never started by the agent, or held
+    back by locked data at rest, so not running)."""
     current = run.store.current_generation()
     if state.switching is not None and state.switching.to == current:
         log.info("finishing an interrupted run: generation %s had gone live", current)
     state = state.settled(current)
     if current is None:
         return state, frozenset(), frozenset()
+    held = frozenset(u for u, why in state.skipped.items() if why.startswith(HELD_BACK))
     behind = [u for u, s in state.units.items() if s.behind and s.on_change != "none"]
     if not behind:
-        return state, frozenset(), frozenset()
+        return state, frozenset(), held
     invocations = run.systemctl.invocation_ids(behind)
     restart_due, start_due, units = set(), set(), dict(state.units)
     for unit in behind:
@@ -161,7 +159,11 @@ def recover(run: Run, state: State) -> tuple[State, frozenset[str], frozenset[st
         log.info(
             "restarts left due by an earlier run: %s", ", ".join(sorted(restart_due | start_due))
         )
-    return dataclasses.replace(state, units=units), frozenset(restart_due), frozenset(start_due)
+    return (
+        dataclasses.replace(state, units=units),
+        frozenset(restart_due),
+        frozenset(start_due) | held,
+    )
 
 
 def _switch(

@@ -4,7 +4,7 @@ packer/scripts/30-install-config.sh, so an operator lists a directory or a volum
 config and gets a working image, with nothing else to remember:
 
     python -m bootsecrets.imagesetup packages CONFIG
-        prints the missing-or-not packages the config needs, one per line
+        prints the packages the config needs (installed or not), one per line
     python -m bootsecrets.imagesetup install CONFIG UNITS_DIR [ROOT]
         writes the drop-ins into ROOT/etc/systemd/system (ROOT default /) and creates the
         parents of the encrypted directories; prints one line per file written
@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bootsecrets import fsio
 from bootsecrets.config import Config, load_config
 from bootsecrets.errors import ConfigError
 from bootsecrets.volconfig import Filesystem
@@ -64,22 +65,21 @@ def drop_ins(config: Config, volumes_drop_in: str) -> dict[str, str]:
 
 
 def install(config: Config, units_dir: Path, root: Path) -> list[Path]:
-    """Write the drop-ins (0644) and create the directories' parents (0755); the paths
-    written, in order."""
+    """Create the directories' parents (0755) and write the drop-ins (0644, replaced
+    atomically); nothing below `root` is reached through a symlink (fsio). The paths, in
+    order."""
     written: list[Path] = []
     volumes_text = (units_dir / VOLUMES_DROP_IN).read_text() if config.volumes else ""
     for parent in directory_parents(config):
         target = root / parent.relative_to("/")
-        target.mkdir(mode=0o755, parents=True, exist_ok=True)
-        written.append(target)
+        with fsio.open_dir(root, target, create=0o755):
+            written.append(target)
+    units = root / "etc/systemd/system"
     for relative, content in drop_ins(config, volumes_text).items():
-        target = root / "etc/systemd/system" / relative
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(content)
-        temporary.chmod(0o644)
-        temporary.replace(target)
-        written.append(target)
+        unit_dir, name = relative.split("/")
+        with fsio.open_dir(root, units / unit_dir, create=0o755) as directory:
+            directory.replace_file(name, content.encode(), mode=0o644)
+        written.append(units / relative)
     return written
 
 

@@ -51,7 +51,7 @@ def plan_refresh(
 ) -> RefreshPlan:
     """`live`: each unit's bytes in the live generation (absent or NOTHING: none).
     `restart_due`: units whose values went live in an earlier run that did not restart them;
-    `start_due`: units an earlier run rendered and did not get to start."""
+    `start_due`: units an earlier run rendered and did not get to start, or held back."""
     write: list[str] = []
     keep: list[str] = []
     start: list[str] = []

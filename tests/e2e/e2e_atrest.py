@@ -388,14 +388,6 @@ def blank_volume(path: Path) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def raw_header(image: Path) -> dict[str, Any]:
     """The LUKS2 metadata of a raw volume image, read on the host (no device-mapper)."""
     out = subprocess.run(

@@ -78,6 +78,7 @@ from bootsecrets import errors
 from support.pki import PkiEngine, names
 from support.terraform import render_user_data
 from support.transit import create_key
+from support.volumes import digest
 
 pytestmark = pytest.mark.e2e
 
@@ -649,7 +650,7 @@ def test_a_certificate_from_another_ca_fails_closed(
     # Where the volume should be: a disk that already holds a filesystem (never formatted).
     volume = atrest.blank_volume(workdir / "wrongca-volume.img")
     subprocess.run(["mkfs.ext4", "-q", "-F", str(volume)], check=True)
-    volume_sha = atrest.sha256_of(volume)
+    volume_sha = digest(volume)
     vm = boot_vm(
         "wrongca",
         image,
@@ -702,4 +703,4 @@ def test_a_certificate_from_another_ca_fails_closed(
         [state] = check.status(vm)["volumes"]
         assert state["state"] == "not-bootsecrets", state
         captured.add("guest journal, wrong CA retried", check.journal_text(vm))
-    assert atrest.sha256_of(volume) == volume_sha, "the refused volume was written to"
+    assert digest(volume) == volume_sha, "the refused volume was written to"
