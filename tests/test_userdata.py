@@ -9,6 +9,7 @@ after the scrub, as the next boot would: from the pickled datasource, the test's
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import secrets
 import shutil
 import string
 import subprocess
-from collections.abc import Iterator
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,14 @@ def token_shaped() -> str:
     return token
 
 
-def first_boot(root: Path, user_data: str, instance_id: str) -> Path:
-    """cloud-init's first boot of an instance under ROOT; its instance directory."""
+def first_boot(root: Path, user_data: str | bytes, instance_id: str) -> Path:
+    """cloud-init's first boot of an instance under ROOT (user-data as text, or as the
+    bytes of the seed file, gzip-compressed for one); its instance directory."""
     seed = root / "seed"
     seed.mkdir(parents=True)
-    (seed / "user-data").write_text(user_data, encoding="utf-8")
+    if isinstance(user_data, str):
+        user_data = user_data.encode("utf-8")
+    (seed / "user-data").write_bytes(user_data)
     (seed / "meta-data").write_text(f"instance-id: {instance_id}\n")
     cloud_init("first-boot", str(root), str(seed))
     shutil.rmtree(seed)  # a NoCloud seed is a CD, not part of the disk
@@ -95,9 +99,9 @@ def ssh_key() -> str:
     return "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI" + secrets.token_hex(16) + " ops@example.com"
 
 
-@pytest.fixture
-def instance(tmp_path: Path, ssh_key: str) -> Iterator[tuple[Path, str, str]]:
-    """(root, token, user-data): cloud-init's files after a first boot with our user-data."""
+def booted(tmp_path: Path, ssh_key: str, *, compressed: bool) -> tuple[Path, str, str]:
+    """(root, token, user-data): cloud-init's files after a first boot with our user-data,
+    given as text or gzip-compressed."""
     token = token_shaped()
     text = render_user_data(
         vault_addr="https://vault.example.com:8200",
@@ -106,8 +110,15 @@ def instance(tmp_path: Path, ssh_key: str) -> Iterator[tuple[Path, str, str]]:
         ssh_authorized_keys=[ssh_key],
     )
     root = tmp_path / "root"
-    first_boot(root, text, "i-" + secrets.token_hex(4))
-    yield root, token, text
+    given = gzip.compress(text.encode(), compresslevel=6) if compressed else text
+    first_boot(root, given, "i-" + secrets.token_hex(4))
+    return root, token, text
+
+
+@pytest.fixture
+def instance(tmp_path: Path, ssh_key: str) -> tuple[Path, str, str]:
+    """cloud-init's files after a first boot with our user-data (`booted`)."""
+    return booted(tmp_path, ssh_key, compressed=False)
 
 
 def test_every_copy_is_replaced_in_place_and_nothing_else_changes(
@@ -214,6 +225,158 @@ def test_what_is_not_a_token_is_never_replaced(instance: tuple[Path, str, str], 
     with pytest.raises(ValueError, match="not a token"):
         userdata.scrub(token, root)
     assert files_under(root) == before
+
+
+# --- user-data given gzip-compressed -----------------------------------------------------------
+
+#: Where cloud-init 22.4 keeps gzip-compressed user-data: compressed as received, and
+#: decompressed in the processed MIME, the merged cloud-config and the pickled datasource
+#: (which holds the compressed raw bytes as well).
+GZIP_COPIES = {"user-data.txt.i": 1, "cloud-config.txt": 1, "obj.pkl": 1}
+GZIP_MEMBERS = {"user-data.txt", "obj.pkl"}
+
+
+def inflated(data: bytes) -> list[bytes]:
+    """The content of every complete gzip member in `data`, found by the standard library's
+    inflater (not by the code under test)."""
+    members = []
+    for start in range(len(data)):
+        if data[start : start + 3] != b"\x1f\x8b\x08":
+            continue
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            content = inflater.decompress(data[start:])
+        except zlib.error:
+            continue
+        if inflater.eof:
+            members.append(content)
+    return members
+
+
+def holding_compressed(root: Path, needle: str) -> dict[str, int]:
+    return {
+        rel: sum(m.count(needle.encode()) for m in inflated(data))
+        for rel, data in files_under(root).items()
+        if any(needle.encode() in m for m in inflated(data))
+    }
+
+
+@pytest.fixture
+def gzip_instance(tmp_path: Path, ssh_key: str) -> tuple[Path, str, str]:
+    """The same with our user-data gzip-compressed, as Terraform's `cloudinit_config` gives
+    it by default."""
+    return booted(tmp_path, ssh_key, compressed=True)
+
+
+def test_gzip_compressed_user_data_is_scrubbed_inside_its_members_in_place(
+    gzip_instance: tuple[Path, str, str], ssh_key: str
+) -> None:
+    root, token, text = gzip_instance
+    plain = {rel.rsplit("/", 1)[1]: n for rel, n in holding(root, token).items()}
+    compressed = {rel.rsplit("/", 1)[1] for rel in holding_compressed(root, token)}
+    assert (plain, compressed) == (GZIP_COPIES, GZIP_MEMBERS)  # positive control
+    assert query(root)["userdata_raw_gzip"]
+    stats = {rel: os.stat(root / rel) for rel in files_under(root)}
+
+    done = userdata.scrub(token, root)
+
+    assert done.failed == ()
+    assert {Path(f).name for f in done.files} == set(GZIP_COPIES) | GZIP_MEMBERS
+    assert done.copies == sum(GZIP_COPIES.values()) + len(GZIP_MEMBERS)
+    assert holding(root, token) == {} and holding_compressed(root, token) == {}
+    for rel, st in stats.items():  # the same inodes, the same sizes: overwritten in place
+        now = os.stat(root / rel)
+        assert (now.st_ino, now.st_size) == (st.st_ino, st.st_size), rel
+    # The standard library reads the rewritten file (zero padding after the member).
+    raw = next((root / INSTANCE).glob("*/user-data.txt")).read_bytes()
+    marker = userdata.marker(len(token)).decode()
+    assert gzip.decompress(raw).decode() == text.replace(token, marker)
+    # And so does cloud-init, from its pickled datasource, now and at the next boot.
+    doc = query(root)
+    assert doc["userdata_raw"] == text.replace(token, marker)
+    assert doc["cloud_config"]["ssh_authorized_keys"] == [ssh_key]
+    cloud_init("next-boot", str(root))
+    assert holding(root, token) == {} and holding_compressed(root, token) == {}
+    assert query(root)["userdata_raw"] == text.replace(token, marker)
+
+
+def test_an_earlier_token_is_found_inside_gzip_compressed_user_data(
+    gzip_instance: tuple[Path, str, str],
+) -> None:
+    root, token, _ = gzip_instance
+    for name in GZIP_COPIES:  # leave the token only where it is compressed
+        next((root / INSTANCE).glob(f"*/{name}")).unlink()
+    assert holding(root, token) == {}  # positive control: not in any file as bytes
+    assert userdata.earlier_tokens(root) == [token]
+    userdata.scrub(token, root)
+    assert userdata.earlier_tokens(root) == []
+
+
+def test_a_gzip_member_that_would_grow_is_left_whole_and_reported(tmp_path: Path) -> None:
+    """A token that compresses better than the marker (24 times the same letter): the
+    scrubbed member would not fit where the old one is, so it stays as it was and the
+    journal is told; the plain copy in the same file is scrubbed all the same."""
+    token = "s." + "a" * 24
+    CANARIES.add(token)
+    text = f"#cloud-config\nbootsecrets:\n  wrapped_secret_id: {token}\n".encode()
+    member = gzip.compress(text, compresslevel=9, mtime=0)
+    marker = userdata.marker(len(token))
+    grown = gzip.compress(text.replace(token.encode(), marker), compresslevel=9, mtime=0)
+    assert len(grown) > len(member)  # the premise
+    target = tmp_path / "var/lib/cloud/instances/i-1/obj.pkl"
+    target.parent.mkdir(parents=True)
+    original = b"plain " + text + b" packed " + member + b" end"
+    target.write_bytes(original)
+
+    done = userdata.scrub(token, tmp_path)
+
+    image_path = "/var/lib/cloud/instances/i-1/obj.pkl"
+    assert (done.files, done.copies, done.failed) == ((image_path,), 1, (image_path,))
+    assert target.read_bytes() == original.replace(text, text.replace(token.encode(), marker), 1)
+    assert inflated(target.read_bytes()) == [text]
+
+
+def test_members_larger_than_a_read_and_one_after_another_are_each_scrubbed(
+    tmp_path: Path,
+) -> None:
+    token = token_shaped()
+    noise = secrets.token_hex(64 * 1024).encode()  # compressed, several times 16 KiB
+    first = noise[:60000] + f"\nwrapped_secret_id: {token}\n".encode() + noise[60000:]
+    second = f"again {token} and {token}".encode()
+    members = gzip.compress(first, compresslevel=1) + gzip.compress(second, compresslevel=1)
+    target = tmp_path / "var/lib/cloud/instances/i-1/user-data.txt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(members)
+    assert userdata.earlier_tokens(tmp_path) == [token]
+
+    done = userdata.scrub(token, tmp_path)
+
+    marker = userdata.marker(len(token))
+    assert (done.copies, done.failed) == (3, ())
+    assert len(target.read_bytes()) == len(members)
+    assert inflated(target.read_bytes()) == [
+        first.replace(token.encode(), marker),
+        second.replace(token.encode(), marker),
+    ]
+    # Both members, each zero-padded, read as one stream by the standard library.
+    assert gzip.decompress(target.read_bytes()) == (first + second).replace(token.encode(), marker)
+
+
+def test_what_only_looks_like_gzip_is_passed_over(tmp_path: Path) -> None:
+    token = token_shaped()
+    log = tmp_path / "var/log/cloud-init.log"
+    log.parent.mkdir(parents=True)
+    # A chance gzip magic, a member cut short, and then the token as bytes.
+    cut = gzip.compress(f"wrapped_secret_id: {token}".encode())[:-9]
+    log.write_bytes(b"\x1f\x8b\x08 not gzip " + cut + f" token={token}\n".encode())
+    before = log.read_bytes()
+
+    done = userdata.scrub(token, tmp_path)
+
+    marker = userdata.marker(len(token))
+    assert (done.files, done.copies, done.failed) == (("/var/log/cloud-init.log",), 1, ())
+    assert log.read_bytes() == before.replace(token.encode(), marker)
+    assert userdata.earlier_tokens(tmp_path) == []  # the cut member is not read
 
 
 # --- in the agent's flow, against a real OpenBao ----------------------------------------------

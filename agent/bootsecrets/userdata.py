@@ -27,19 +27,28 @@ included. So every bootstrap also looks for the `wrapped_secret_id` field in the
 (`scrub_earlier`) and scrubs the token of any earlier boot it finds: its copy in the store
 went with the reboot, nothing will ever use it.
 
-Not covered: user-data that reaches cloud-init compressed (gzip) or base64-encoded (the
-token is not in it as bytes), the metadata service itself and Terraform's state (see
-cloud-init/README.md).
+User-data given gzip-compressed (cloud-init accepts it, Terraform's `cloudinit_config`
+compresses by default) holds the token only inside compressed bytes: in `user-data.txt` and in
+the pickled raw user-data. Each gzip member in a file is decompressed (bounded), scrubbed and
+compressed again; the new member is written over the old one in place and padded with zero
+bytes to the same length, which gzip readers (cloud-init's included) skip. A member that
+would come out longer than the old one is left as it is (the rest of the file is scrubbed)
+and the file is reported as failed.
+
+Not covered: base64-encoded user-data (the token is not in it as bytes), the metadata
+service itself and Terraform's state (see cloud-init/README.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import gzip
 import logging
 import os
 import re
 import stat
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +69,9 @@ _TOKEN = re.compile(rb"[A-Za-z0-9._+/=-]{16,1024}")
 _WRAPPED_FIELD = re.compile(
     rb"wrapped_secret_id\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?([A-Za-z0-9._+/=-]{16,1024})"
 )
+#: The start of a gzip member (magic, deflate).
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_INFLATE_CHUNK = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +105,7 @@ def scrub(token: str, root: Path = Path("/")) -> Scrubbed:
     for path in _candidates(root):
         image_path = "/" + path.relative_to(root).as_posix()
         try:
-            found = _replace_in_place(path, needle, replacement)
+            found, unfit = _replace_in_place(path, needle, replacement)
         except OSError as err:
             if err.errno not in (errno.ENOENT, errno.ELOOP):
                 failed.append(image_path)
@@ -101,6 +113,8 @@ def scrub(token: str, root: Path = Path("/")) -> Scrubbed:
         if found:
             files.append(image_path)
             copies += found
+        if unfit:
+            failed.append(image_path)
     return Scrubbed(tuple(files), copies, tuple(failed))
 
 
@@ -130,10 +144,11 @@ def earlier_tokens(root: Path, current: str | None = None) -> list[str]:
                 data, _ = _read(path)
             except OSError:
                 continue
-            for match in _WRAPPED_FIELD.finditer(data):
-                token = match.group(1)
-                if token != marker(len(token)):
-                    found.setdefault(token.decode("ascii"), None)
+            for text in (data, *(m.content for m in _gzip_members(data))):
+                for match in _WRAPPED_FIELD.finditer(text):
+                    token = match.group(1)
+                    if token != marker(len(token)):
+                        found.setdefault(token.decode("ascii"), None)
     except OSError:  # the walk itself
         pass
     return [t for t in found if t != current]
@@ -192,30 +207,96 @@ def _candidates(root: Path) -> Iterator[Path]:
         yield root / rel
 
 
-def _replace_in_place(path: Path, needle: bytes, replacement: bytes) -> int:
-    """Overwrite each occurrence of `needle` in the regular file `path`; their number.
+def _replace_in_place(path: Path, needle: bytes, replacement: bytes) -> tuple[int, bool]:
+    """Overwrite each occurrence of `needle` in the regular file `path`, as bytes and inside
+    gzip members: the number replaced, and whether a gzip member holding it had to be left
+    as it was (scrubbed, it would not fit in its own length).
 
     Read-only first: a file without the token is never opened for writing.
     """
     data, identity = _read(path)
-    offsets = []
-    start = data.find(needle)
-    while start >= 0:
-        offsets.append(start)
-        start = data.find(needle, start + len(needle))
-    if not offsets:
-        return 0
+    patches = [(offset, replacement) for offset in _offsets(data, needle)]
+    copies, unfit = len(patches), False
+    for member in _gzip_members(data):
+        found = len(_offsets(member.content, needle))
+        if not found:
+            continue
+        scrubbed = gzip.compress(
+            member.content.replace(needle, replacement), compresslevel=9, mtime=0
+        )
+        if len(scrubbed) > member.length:
+            unfit = True
+            continue
+        patches.append((member.offset, scrubbed.ljust(member.length, b"\0")))
+        copies += found
+    if not patches:
+        return 0, unfit
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != identity:
             raise OSError(errno.ESTALE, "replaced while being scrubbed")
-        for offset in offsets:
-            os.pwrite(fd, replacement, offset)
+        for offset, patch in patches:
+            os.pwrite(fd, patch, offset)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return len(offsets)
+    return copies, unfit
+
+
+def _offsets(data: bytes, needle: bytes) -> list[int]:
+    """Where `needle` starts in `data`, occurrences not overlapping."""
+    offsets = []
+    start = data.find(needle)
+    while start >= 0:
+        offsets.append(start)
+        start = data.find(needle, start + len(needle))
+    return offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class _GzipMember:
+    offset: int  # of its first byte in the file
+    length: int  # compressed, header and trailer included
+    content: bytes
+
+
+def _gzip_members(data: bytes) -> Iterator[_GzipMember]:
+    """The complete gzip members in `data` (a whole file or embedded, as in a pickle) whose
+    content is at most MAX_BYTES; what is not one (a chance magic) is passed over."""
+    view = memoryview(data)
+    start = data.find(_GZIP_MAGIC)
+    while start >= 0:
+        member = _inflate(view, start)
+        if member is not None:
+            yield member
+            start = data.find(_GZIP_MAGIC, start + member.length)
+        else:
+            start = data.find(_GZIP_MAGIC, start + 1)
+
+
+def _inflate(view: memoryview, start: int) -> _GzipMember | None:
+    """The gzip member starting at `start`, or None. Fed in small chunks, so that neither
+    zlib's unconsumed input nor its unused data is ever a copy of the rest of a big file."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pieces: list[bytes] = []
+    size = 0
+    position = start
+    try:
+        while not inflater.eof and position < len(view):
+            chunk = view[position : position + _INFLATE_CHUNK]
+            position += len(chunk)
+            piece = inflater.decompress(chunk, MAX_BYTES + 1 - size)
+            size += len(piece)
+            if inflater.unconsumed_tail or size > MAX_BYTES:
+                return None  # bigger than anything cloud-init keeps
+            pieces.append(piece)
+    except zlib.error:
+        return None
+    if not inflater.eof:
+        return None
+    end = position - len(inflater.unused_data)
+    return _GzipMember(start, end - start, b"".join(pieces))
 
 
 def _read(path: Path) -> tuple[bytes, tuple[int, int]]:

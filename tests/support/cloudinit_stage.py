@@ -12,7 +12,8 @@ the instance directory, store the raw and processed user-data, pickle the dataso
 `obj.pkl` and consume the user-data (`cloud-config.txt`). `next-boot` is the init stage of the
 same instance's next boot: the datasource comes back from `obj.pkl`, and the user-data files
 are written again from it. `query` prints, as JSON, what cloud-init would work with: the raw
-user-data from the cached datasource, its processed parts, and the merged cloud-config.
+user-data from the cached datasource (decompressed by cloud-init if it came gzip-compressed),
+its processed parts, and the merged cloud-config.
 
 No write may land outside ROOT: `util.write_file` is guarded (the stage code falls back to
 /var/lib/cloud when its configuration is re-read).
@@ -95,6 +96,9 @@ def query(root: str) -> dict[str, Any]:
     if datasource is None:
         raise SystemExit("no cached datasource (obj.pkl) to restore")
     raw = datasource.get_userdata_raw()
+    compressed = isinstance(raw, bytes) and raw.startswith(b"\x1f\x8b")
+    if compressed:  # cloud-init's own decompression, as its user-data processor does
+        raw = util.decomp_gzip(raw, quiet=False)
     parts = [
         part.get_payload(decode=True).decode("utf-8")
         for part in datasource.get_userdata().walk()
@@ -104,6 +108,7 @@ def query(root: str) -> dict[str, Any]:
     return {
         "instance_id": datasource.get_instance_id(),
         "userdata_raw": raw.decode("utf-8") if isinstance(raw, bytes) else raw,
+        "userdata_raw_gzip": compressed,
         "parts": parts,
         "cloud_config": util.load_yaml(util.load_file(config_path)),
     }
