@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from bootsecrets import fscrypt, fscrypt_uapi
-from bootsecrets.fscrypt import KeyState
+from bootsecrets import fscrypt, fscrypt_types, fscrypt_uapi
+from bootsecrets.fscrypt_types import KeyState, Removal
 from support.loopfs import LoopFs, ext4_loop, tmpfs_mount
 
 FILE_NAME = "canary-quarterly-payroll-7f3a.csv"
@@ -107,7 +107,7 @@ def test_encrypted_directory_leaves_no_plaintext_in_the_raw_image(encfs: LoopFs)
     assert fscrypt.is_unlocked(directory)
 
     removal = fscrypt.lock(directory)
-    assert removal == fscrypt.Removal(was_present=True, files_busy=False, other_users=False)
+    assert removal == Removal(was_present=True, files_busy=False, other_users=False)
     assert removal.locked
     assert not fscrypt.is_unlocked(directory)
     listing = os.listdir(directory)
@@ -167,7 +167,7 @@ def test_a_different_key_cannot_unlock_and_is_not_left_in_the_kernel(encfs: Loop
     wrong = new_key()
     wrong_identifier = identifier_of(encfs, wrong)
 
-    with pytest.raises(fscrypt.EncryptedWithOtherKey) as raised:
+    with pytest.raises(fscrypt_types.EncryptedWithOtherKey) as raised:
         fscrypt.unlock(directory, wrong)
     assert str(directory) in str(raised.value)
     assert fscrypt.key_status(directory, wrong_identifier).state is KeyState.ABSENT
@@ -183,14 +183,14 @@ def test_a_swapped_key_of_another_directory_does_not_lock_that_directory(encfs: 
     (second / FILE_NAME).write_bytes(CONTENT)
     fscrypt.lock(first)
 
-    with pytest.raises(fscrypt.EncryptedWithOtherKey):
+    with pytest.raises(fscrypt_types.EncryptedWithOtherKey):
         fscrypt.unlock(first, second_key, other_identifiers={second_identifier})
     assert fscrypt.is_unlocked(second)
     assert (second / FILE_NAME).read_bytes() == CONTENT
 
     # Without naming it, the stray claim is taken back, which locks `second`: the reason
     # the parameter exists.
-    with pytest.raises(fscrypt.EncryptedWithOtherKey):
+    with pytest.raises(fscrypt_types.EncryptedWithOtherKey):
         fscrypt.unlock(first, second_key)
     assert not fscrypt.is_unlocked(second)
 
@@ -202,7 +202,7 @@ def test_busy_files_are_reported_on_removal_and_locked_on_retry(encfs: LoopFs) -
 
     with (directory / FILE_NAME).open("rb") as handle:
         removal = fscrypt.lock(directory)
-        assert removal == fscrypt.Removal(was_present=True, files_busy=True, other_users=False)
+        assert removal == Removal(was_present=True, files_busy=True, other_users=False)
         assert not removal.locked
         status = fscrypt.key_status(directory, identifier)
         assert status.state is KeyState.INCOMPLETELY_REMOVED
@@ -210,11 +210,11 @@ def test_busy_files_are_reported_on_removal_and_locked_on_retry(encfs: LoopFs) -
         assert handle.read() == CONTENT  # an open file stays readable until closed
 
     retried = fscrypt.lock(directory)
-    assert retried == fscrypt.Removal(was_present=True, files_busy=False, other_users=False)
+    assert retried == Removal(was_present=True, files_busy=False, other_users=False)
     assert fscrypt.key_status(directory, identifier).state is KeyState.ABSENT
     assert FILE_NAME not in os.listdir(directory)
     again = fscrypt.lock(directory)  # idempotent
-    assert again == fscrypt.Removal(was_present=False, files_busy=False, other_users=False)
+    assert again == Removal(was_present=False, files_busy=False, other_users=False)
 
 
 def test_key_status_and_claims_of_other_users(encfs: LoopFs) -> None:
@@ -222,7 +222,7 @@ def test_key_status_and_claims_of_other_users(encfs: LoopFs) -> None:
     key = new_key()
     identifier = fscrypt.provision(directory, key)
     status = fscrypt.key_status(directory, identifier)
-    assert status == fscrypt.KeyStatus(KeyState.PRESENT, added_by_self=True, user_count=1)
+    assert status == fscrypt_types.KeyStatus(KeyState.PRESENT, added_by_self=True, user_count=1)
     assert fscrypt.add_key(encfs.mountpoint, key) == identifier  # a second add: same claim
     assert fscrypt.key_status(directory, identifier).user_count == 1
 
@@ -231,18 +231,18 @@ def test_key_status_and_claims_of_other_users(encfs: LoopFs) -> None:
     encfs.mountpoint.parent.chmod(0o755)
     assert add_key_as(65534, encfs.mountpoint, key) == identifier
     status = fscrypt.key_status(directory, identifier)
-    assert status == fscrypt.KeyStatus(KeyState.PRESENT, added_by_self=True, user_count=2)
+    assert status == fscrypt_types.KeyStatus(KeyState.PRESENT, added_by_self=True, user_count=2)
 
     only_ours = fscrypt.remove_key(directory, identifier, all_users=False)
-    assert only_ours == fscrypt.Removal(was_present=True, files_busy=False, other_users=True)
+    assert only_ours == Removal(was_present=True, files_busy=False, other_users=True)
     status = fscrypt.key_status(directory, identifier)
-    assert status == fscrypt.KeyStatus(KeyState.PRESENT, added_by_self=False, user_count=1)
+    assert status == fscrypt_types.KeyStatus(KeyState.PRESENT, added_by_self=False, user_count=1)
     assert fscrypt.is_unlocked(directory)
 
     everyone = fscrypt.lock(directory)  # all users: what decommission does
-    assert everyone == fscrypt.Removal(was_present=True, files_busy=False, other_users=False)
+    assert everyone == Removal(was_present=True, files_busy=False, other_users=False)
     status = fscrypt.key_status(directory, identifier)
-    assert status == fscrypt.KeyStatus(KeyState.ABSENT, added_by_self=False, user_count=0)
+    assert status == fscrypt_types.KeyStatus(KeyState.ABSENT, added_by_self=False, user_count=0)
 
 
 def add_key_as(uid: int, path: Path, key: bytearray) -> str:
@@ -272,37 +272,37 @@ def add_key_as(uid: int, path: Path, key: bytearray) -> str:
 
 def test_support_on_an_encrypt_filesystem_for_a_path_not_created_yet(encfs: LoopFs) -> None:
     found = fscrypt.check_support(encfs.mountpoint / "not" / "yet")
-    assert found == fscrypt.Filesystem("ext4", encfs.mountpoint)
+    assert found == fscrypt_types.Filesystem("ext4", encfs.mountpoint)
 
 
 def test_ext4_without_the_encrypt_feature_is_refused(plainfs: LoopFs) -> None:
     directory = new_directory(plainfs)
-    with pytest.raises(fscrypt.FscryptUnsupported) as raised:
+    with pytest.raises(fscrypt_types.FscryptUnsupported) as raised:
         fscrypt.check_support(directory)
     assert "encrypt feature" in str(raised.value) and str(directory) in str(raised.value)
     key = new_key()
-    with pytest.raises(fscrypt.FscryptUnsupported):
+    with pytest.raises(fscrypt_types.FscryptUnsupported):
         fscrypt.provision(directory, key)
     assert fscrypt.directory_is_empty(directory)
     # The kernel agrees: adding a key there is refused with EOPNOTSUPP.
-    with pytest.raises(fscrypt.FscryptOSError) as kernel:
+    with pytest.raises(fscrypt_types.FscryptOSError) as kernel:
         fscrypt.add_key(directory, key)
     assert kernel.value.errno == errno.EOPNOTSUPP
 
 
 def test_tmpfs_is_refused(tmpfs: Path) -> None:
-    with pytest.raises(fscrypt.FscryptUnsupported) as raised:
+    with pytest.raises(fscrypt_types.FscryptUnsupported) as raised:
         fscrypt.check_support(tmpfs / "data")
     assert "tmpfs" in str(raised.value) and str(tmpfs / "data") in str(raised.value)
     # The kernel agrees: tmpfs does not implement the ioctls at all.
     (tmpfs / "data").mkdir()
-    with pytest.raises(fscrypt.FscryptUnsupported) as kernel:
+    with pytest.raises(fscrypt_types.FscryptUnsupported) as kernel:
         fscrypt.add_key(tmpfs / "data", new_key())
     assert "ENOTTY" in str(kernel.value)
 
 
 def test_other_filesystems_are_refused() -> None:
-    with pytest.raises(fscrypt.FscryptUnsupported, match="without fscrypt support"):
+    with pytest.raises(fscrypt_types.FscryptUnsupported, match="without fscrypt support"):
         fscrypt.check_support(Path("/proc/self/bootsecrets-data"))
 
 
@@ -314,7 +314,7 @@ def test_a_kernel_without_fscrypt_is_refused(encfs: LoopFs, tmp_path: Path) -> N
     (sysfs / "fs/ext4/features/metadata_csum_seed").touch()
     assert fscrypt.kernel_supports("ext4")
     assert not fscrypt.kernel_supports("ext4", sysfs)
-    with pytest.raises(fscrypt.FscryptUnsupported) as raised:
+    with pytest.raises(fscrypt_types.FscryptUnsupported) as raised:
         fscrypt.check_support(encfs.mountpoint / "data", sysfs=sysfs)
     assert "CONFIG_FS_ENCRYPTION" in str(raised.value)
 
@@ -325,14 +325,14 @@ def test_a_non_empty_directory_is_never_encrypted(encfs: LoopFs) -> None:
     key = new_key()
     identifier = identifier_of(encfs, key)
     assert not fscrypt.directory_is_empty(directory)
-    with pytest.raises(fscrypt.DirectoryNotEmpty) as raised:
+    with pytest.raises(fscrypt_types.DirectoryNotEmpty) as raised:
         fscrypt.provision(directory, key)
     assert str(directory) in str(raised.value)
     assert fscrypt.get_policy(directory) is None
     assert fscrypt.key_status(directory, identifier).state is KeyState.ABSENT
     # The kernel refuses too, on its own.
     fscrypt.add_key(directory, key)
-    with pytest.raises(fscrypt.DirectoryNotEmpty):
+    with pytest.raises(fscrypt_types.DirectoryNotEmpty):
         fscrypt.set_policy(directory, identifier)
 
 
@@ -341,12 +341,12 @@ def test_an_encrypted_directory_is_not_provisioned_again(encfs: LoopFs) -> None:
     identifier = fscrypt.provision(directory, new_key())
     other = new_key()
     other_identifier = identifier_of(encfs, other)
-    with pytest.raises(fscrypt.EncryptedWithOtherKey):
+    with pytest.raises(fscrypt_types.EncryptedWithOtherKey):
         fscrypt.provision(directory, other)
     assert fscrypt.key_status(directory, other_identifier).state is KeyState.ABSENT
     # The kernel's own check: another policy on an encrypted directory is EEXIST.
     fscrypt.add_key(directory, other)
-    with pytest.raises(fscrypt.EncryptedWithOtherKey):
+    with pytest.raises(fscrypt_types.EncryptedWithOtherKey):
         fscrypt.set_policy(directory, other_identifier)
     fscrypt.set_policy(directory, identifier)  # the same policy again: verified, no error
 
@@ -354,22 +354,22 @@ def test_an_encrypted_directory_is_not_provisioned_again(encfs: LoopFs) -> None:
 def test_missing_paths_files_and_plain_directories(encfs: LoopFs) -> None:
     (encfs.mountpoint / "lost+found").rmdir()
     identifier = fscrypt.add_key(encfs.mountpoint, new_key())
-    with pytest.raises(fscrypt.FscryptOSError) as raised:  # ext4 never encrypts its root
+    with pytest.raises(fscrypt_types.FscryptOSError) as raised:  # ext4 never encrypts its root
         fscrypt.set_policy(encfs.mountpoint, identifier)
     assert raised.value.errno == errno.EPERM and "root directory" in str(raised.value)
-    with pytest.raises(fscrypt.NotADirectory):
+    with pytest.raises(fscrypt_types.NotADirectory):
         fscrypt.provision(encfs.mountpoint / "absent", new_key())
     a_file = encfs.mountpoint / "file"
     a_file.write_bytes(b"x")
-    with pytest.raises(fscrypt.NotADirectory):
+    with pytest.raises(fscrypt_types.NotADirectory):
         fscrypt.directory_is_empty(a_file)
-    with pytest.raises(fscrypt.NotADirectory):
+    with pytest.raises(fscrypt_types.NotADirectory):
         fscrypt.get_policy(a_file)
     plain = new_directory(encfs, "plain")
     assert fscrypt.get_policy(plain) is None
-    with pytest.raises(fscrypt.NotEncrypted):
+    with pytest.raises(fscrypt_types.NotEncrypted):
         fscrypt.unlock(plain, new_key())
-    with pytest.raises(fscrypt.NotEncrypted):
+    with pytest.raises(fscrypt_types.NotEncrypted):
         fscrypt.lock(plain)
 
 
@@ -399,7 +399,7 @@ def test_the_ioctl_buffer_is_handed_over_directly_and_zeroed(
     assert bytes(seen[0]) == bytes(ctypes.sizeof(seen[0]))  # our copy is zeroed
     assert bytes(key) == before  # the caller's buffer is the caller's to zero
 
-    with pytest.raises(fscrypt.FscryptUnsupported):  # zeroed when the kernel refuses too
+    with pytest.raises(fscrypt_types.FscryptUnsupported):  # zeroed when the kernel refuses too
         fscrypt.add_key(tmpfs, key)
     assert len(seen) == 2
     assert bytes(seen[1]) == bytes(ctypes.sizeof(seen[1]))
@@ -425,7 +425,7 @@ def test_no_key_material_in_errors_or_logs(
         lambda: fscrypt.add_key(directory, key[:32]),
     ]
     for attempt in attempts:
-        with pytest.raises((fscrypt.FscryptError, ValueError)) as raised:
+        with pytest.raises((fscrypt_types.FscryptError, ValueError)) as raised:
             attempt()
         texts += [str(raised.value), repr(raised.value), repr(raised.value.args)]
     texts += [record.getMessage() for record in caplog.records]

@@ -145,6 +145,14 @@ BAD: dict[str, tuple[Any, str]] = {
     ),
     "mapper-bad": ({"a": one(mapper="-x")}, "a.mapper: must be a device-mapper name"),
     "mapper-slash": ({"a": one(mapper="a/b")}, "a.mapper: must be a device-mapper name"),
+    "mapper-control": (
+        {"a": one(mapper="control")},
+        "a.mapper: 'control' is device-mapper's own control node",
+    ),
+    "name-control-as-mapper": (
+        {"control": one()},
+        "encrypted_volumes.control: 'control' is device-mapper's own control node",
+    ),
     "format-bad": ({"a": one(format="always")}, "a.format: must be one of: if-blank, never"),
     "filesystem-bad": ({"a": one(filesystem="vfat")}, "a.filesystem: must be one of: ext4"),
     "option-comma": (

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from bootsecrets import (
     blockdev,
     fscrypt,
+    fscrypt_types,
     fsio,
     identity,
     keyrecord,
@@ -219,7 +220,7 @@ def _lock_keys(target: _Target) -> Step:
         path = target.paths.under_root(Path(host_path))
         try:
             note, ok = _lock_one(target.paths, name, path)
-        except fscrypt.FscryptError as err:
+        except fscrypt_types.FscryptError as err:
             note, ok = f"{err.problem}", False
         notes.append(f"{name} ({host_path}): {note}")
         failed = failed or not ok
@@ -231,7 +232,7 @@ def _lock_one(paths: Paths, name: str, path: Path) -> tuple[str, bool]:
     if os.path.isdir(path) and not path.is_symlink():
         try:
             policy = fscrypt.get_policy(path)
-        except fscrypt.FscryptUnsupported:
+        except fscrypt_types.FscryptUnsupported:
             return "not encrypted (its filesystem cannot be), nothing to lock", True
         identifier = policy.key_identifier if policy and policy.version == 2 else None
         where = path

@@ -13,7 +13,7 @@ import os
 import pwd
 from pathlib import Path
 
-from bootsecrets import fscrypt, keyrecord, transit
+from bootsecrets import fscrypt, fscrypt_types, keyrecord, transit
 from bootsecrets.config import Config
 from bootsecrets.context import Run
 from bootsecrets.dirconfig import EncryptedDirectory
@@ -62,9 +62,9 @@ def _check(run: Run, directory: EncryptedDirectory) -> Prepared:
     owner = _owner(run.config, directory)
     try:
         fscrypt.check_support(path)
-    except fscrypt.NotADirectory:
+    except fscrypt_types.NotADirectory:
         raise DataNotEmpty(f"{where}: it (or a parent) exists and is not a directory") from None
-    except fscrypt.FscryptError as err:
+    except fscrypt_types.FscryptError as err:
         raise EncryptionUnsupported(f"{where}: {err.problem}") from None
     exists = os.path.lexists(path)
     if exists and (path.is_symlink() or not path.is_dir()):
@@ -80,7 +80,7 @@ def _check(run: Run, directory: EncryptedDirectory) -> Prepared:
     try:
         policy = fscrypt.get_policy(path) if exists else None
         empty = not exists or fscrypt.directory_is_empty(path)
-    except (fscrypt.FscryptError, OSError) as err:
+    except (fscrypt_types.FscryptError, OSError) as err:
         raise EncryptionUnsupported(f"{where}: {problem(err)}") from None
     record_file = keyrecord.record_path(run.paths, directory.name)
     if policy is None:
@@ -103,9 +103,9 @@ def _check(run: Run, directory: EncryptedDirectory) -> Prepared:
         raise KeyMismatch(f"{where}: is encrypted with another key than {record_file} names")
     try:
         present = fscrypt.key_status(path, policy.key_identifier).state
-    except fscrypt.FscryptError as err:
+    except fscrypt_types.FscryptError as err:
         raise EncryptionUnsupported(f"{where}: {err.problem}") from None
-    unlocked = present is fscrypt.KeyState.PRESENT and not record.pending
+    unlocked = present is fscrypt_types.KeyState.PRESENT and not record.pending
     return Prepared(
         directory, path, record, DirState.UNLOCKED if unlocked else DirState.LOCKED, owner
     )
@@ -163,7 +163,7 @@ def _owner(config: Config, directory: EncryptedDirectory) -> tuple[int, int]:
 
 
 def problem(err: BaseException) -> str:
-    if isinstance(err, fscrypt.FscryptError):
+    if isinstance(err, fscrypt_types.FscryptError):
         return err.problem
     if isinstance(err, OSError):
         return f"cannot be read: {err.strerror}"

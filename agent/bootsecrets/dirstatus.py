@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bootsecrets import fscrypt, keyrecord
+from bootsecrets import fscrypt, fscrypt_types, keyrecord
 from bootsecrets.config import Config
 from bootsecrets.errors import KeyRecordInvalid
 from bootsecrets.paths import Paths
@@ -74,13 +74,13 @@ def _one(
             return report
         report["key_identifier"] = policy.key_identifier
         status = fscrypt.key_status(path, policy.key_identifier).state
-    except fscrypt.FscryptError as err:
+    except fscrypt_types.FscryptError as err:
         report["problem"] = err.problem
         return report
     report["state"] = {
-        fscrypt.KeyState.PRESENT: "unlocked",
-        fscrypt.KeyState.ABSENT: "locked",
-        fscrypt.KeyState.INCOMPLETELY_REMOVED: "locking",
+        fscrypt_types.KeyState.PRESENT: "unlocked",
+        fscrypt_types.KeyState.ABSENT: "locked",
+        fscrypt_types.KeyState.INCOMPLETELY_REMOVED: "locking",
     }[status]
     return report
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from bootsecrets import fscrypt, fsio, keyrecord, logs, transit
+from bootsecrets import fscrypt, fscrypt_types, fsio, keyrecord, logs, transit
 from bootsecrets.config import Config
 from bootsecrets.context import Run
 from bootsecrets.dircheck import DirState, Prepared, check, problem
@@ -153,7 +153,7 @@ def _provision(run: Run, vault: Vault, item: Prepared) -> KeyRecord:
     try:
         _create(item)
         identifier = fscrypt.provision(item.path, key)
-    except (fscrypt.FscryptError, OSError) as err:
+    except (fscrypt_types.FscryptError, OSError) as err:
         raise DataLocked(f"{item.what}: the kernel refused to set it up: {problem(err)}") from None
     finally:
         transit.zero(key)
@@ -190,12 +190,12 @@ def _unlock(run: Run, vault: Vault, item: Prepared, others: set[str]) -> KeyReco
     key = transit.decrypt(vault, item.transit_key, record.ciphertext, item.what)
     try:
         identifier = fscrypt.unlock(item.path, key, other_identifiers=others)
-    except fscrypt.EncryptedWithOtherKey:
+    except fscrypt_types.EncryptedWithOtherKey:
         raise DataKeyRejected(
             f"{item.what}: the key in {keyrecord.record_path(run.paths, record.name)} is not "
             "the directory's key (the record was swapped)"
         ) from None
-    except fscrypt.FscryptError as err:
+    except fscrypt_types.FscryptError as err:
         raise DataLocked(f"{item.what}: the kernel refused its key: {err.problem}") from None
     finally:
         transit.zero(key)

@@ -157,7 +157,7 @@ def _first_directory_without_encryption(root: Path) -> str | None:
     config_path = root / "etc/bootsecrets/config.yaml"
     if not config_path.is_file() or b"encrypted_directories" not in config_path.read_bytes():
         return None
-    from bootsecrets import fscrypt  # noqa: PLC0415 (see the docstring)
+    from bootsecrets import fscrypt, fscrypt_types  # noqa: PLC0415 (see the docstring)
     from bootsecrets.config import load_config  # noqa: PLC0415
     from bootsecrets.errors import ConfigError  # noqa: PLC0415
 
@@ -168,7 +168,7 @@ def _first_directory_without_encryption(root: Path) -> str | None:
     for directory in config.directories:
         try:
             fscrypt.check_support(root / directory.path.relative_to("/"))
-        except fscrypt.FscryptError:  # unsupported, or no directory to hold it
+        except fscrypt_types.FscryptError:  # unsupported, or no directory to hold it
             return str(directory.path)
     return None
 

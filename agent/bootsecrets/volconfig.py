@@ -45,6 +45,8 @@ from bootsecrets.yamldoc import Node
 
 #: device-mapper names: what `cryptsetup open` and a unit file's What= take literally.
 MAPPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}\Z")
+#: /dev/mapper/control is device-mapper's own control node, not a name a volume can take.
+RESERVED_MAPPERS = frozenset({"control"})
 #: Components of a device path: plain names (DigitalOcean: scsi-0DO_Volume_<name>).
 DEVICE_COMPONENT = re.compile(r"[A-Za-z0-9_.:@=+-]+\Z")
 #: One mount option: a flag or key=value, nothing a mount unit's Options= would split or
@@ -139,6 +141,11 @@ def parse_encrypted_volumes(
             )
         volume = _volume(child, name, services, role)
         fields = child.mapping()
+        if volume.mapper in RESERVED_MAPPERS:
+            raise fields.get("mapper", child).error(
+                f"{volume.mapper!r} is device-mapper's own control node (/dev/mapper/control): "
+                "choose another mapper name"
+            )
         for other in volumes:
             if other.device == volume.device:
                 raise fields["device"].error(f"is encrypted_volumes.{other.name}'s device too")
