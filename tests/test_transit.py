@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from bootsecrets import transit
 from bootsecrets.errors import DataKeyRejected, DataLocked, TransitKeyMissing, VaultError
-from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vault import Vault
+from bootsecrets.vaultanswers import TokenInfo
 from bootsecrets.vaultconfig import VaultSettings
 from support.openbao import CANARIES, OpenBao
 from support.transit import create_key, delete_key, droplet_policy, rotate

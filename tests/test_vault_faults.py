@@ -19,7 +19,8 @@ from bootsecrets.errors import (
     VaultUnreachable,
     WrappingTokenInvalid,
 )
-from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vault import Vault
+from bootsecrets.vaultanswers import TokenInfo
 from bootsecrets.vaultconfig import VaultSettings
 
 A = "http://vault-a.invalid:8200"

@@ -30,7 +30,8 @@ from bootsecrets.systemd import Runner, Systemctl, check_dropins, run
 if TYPE_CHECKING:
     from bootsecrets import luks
     from bootsecrets.luksformat import Stdin
-    from bootsecrets.vault import TokenInfo, Vault
+    from bootsecrets.vault import Vault
+    from bootsecrets.vaultanswers import TokenInfo
 
 log = logging.getLogger(__name__)
 

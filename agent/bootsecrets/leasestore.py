@@ -23,14 +23,14 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from bootsecrets import fsio
 from bootsecrets.config import SecretRef
 from bootsecrets.errors import LeaseIssueFailed
 from bootsecrets.leases import Certificate, Kind, Lease, Record, issued_lease
 from bootsecrets.leasespec import CertificateSpec, DatabaseSpec
-from bootsecrets.model import LeaseGrant, SecretData
+from bootsecrets.model import MAX_LEASE_SECONDS, LeaseGrant, SecretData
 from bootsecrets.paths import LEASES_FILE, Paths
 from bootsecrets.state import LeasedState
 
@@ -260,10 +260,8 @@ def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> He
         )
         return Held(ref.name, ref.full_path, version, record, data, grant.lease_id)
     expiration, not_before = data.get("expiration"), data.get("not_before", int(at))
-    if (
-        not all(isinstance(data.get(k), str) for k in ("certificate", "private_key"))
-        or not isinstance(expiration, int)
-        or not isinstance(not_before, int)
+    if not all(isinstance(data.get(k), str) for k in ("certificate", "private_key")) or not (
+        _epoch(expiration, at) and _epoch(not_before, at)
     ):
         raise LeaseIssueFailed(
             ref.name, ref.full_path, "Vault's answer has no certificate, key or validity"
@@ -284,6 +282,16 @@ def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> He
         "",
         str(data.get("serial_number", "")),
         request_of(ref),
+    )
+
+
+def _epoch(value: object, now: float) -> TypeGuard[int]:
+    """A validity bound as Vault answers it: whole seconds since 1970, at most
+    MAX_LEASE_SECONDS from now."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= now + MAX_LEASE_SECONDS
     )
 
 

@@ -21,7 +21,8 @@ from bootsecrets.errors import (
 )
 
 if TYPE_CHECKING:
-    from bootsecrets.vault import TokenInfo, Vault
+    from bootsecrets.vault import Vault
+    from bootsecrets.vaultanswers import TokenInfo
 
 log = logging.getLogger(__name__)
 

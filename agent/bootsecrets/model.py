@@ -65,6 +65,11 @@ class TemplateProblem(Exception):
         self.line = line
 
 
+#: The longest lease, and the latest certificate expiry from now, taken from Vault (100
+#: years): no Vault answers more, and a schedule past it would overflow the clock's dates.
+MAX_LEASE_SECONDS = 100 * 365 * 86400
+
+
 @dataclasses.dataclass(frozen=True)
 class LeaseGrant:
     """What Vault answered to an issue (`database/creds/<role>`, `pki/issue/<role>`):

@@ -8,7 +8,6 @@ ahead) is connect/transport.py. Nothing here puts a token, secret-id or value in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +39,16 @@ from bootsecrets.errors import (
 from bootsecrets.fsio import read_regular_file
 from bootsecrets.fsread import FileRefused
 from bootsecrets.model import SecretData
+from bootsecrets.vaultanswers import (
+    TokenInfo,
+    WrapInfo,
+    data_of,
+    kv_version,
+    looked_up_token,
+    seconds,
+    token_info,
+    wrap_info,
+)
 from bootsecrets.vaultconfig import VaultSettings
 
 log = logging.getLogger(__name__)
@@ -47,26 +56,6 @@ _T = TypeVar("_T")
 
 #: Reads in flight at once, and keep-alive connections kept for them.
 MAX_CONCURRENT_READS = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class WrapInfo:
-    creation_path: str
-    creation_ttl: int
-    creation_time: str
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenInfo:
-    """A Vault token and what is known about it. `repr` hides the token."""
-
-    token: str = dataclasses.field(repr=False)
-    accessor: str
-    ttl: int
-    renewable: bool
-    policies: tuple[str, ...] = ()
-    #: The TTL the token was created (or last renewed) with; renewal is due at half of it.
-    creation_ttl: int = 0
 
 
 class Vault:
@@ -192,12 +181,7 @@ class Vault:
                 "the wrapped secret-id is unknown to Vault: expired, already unwrapped, "
                 "or never issued"
             ) from None
-        data = data_of(response, "sys/wrapping/lookup")
-        return WrapInfo(
-            creation_path=str(data.get("creation_path", "")),
-            creation_ttl=int(data.get("creation_ttl") or 0),
-            creation_time=str(data.get("creation_time", "")),
-        )
+        return wrap_info(response)
 
     def unwrap_secret_id(self, wrapping_token: str) -> tuple[str, str]:
         """Unwrap once. Returns (secret_id, secret_id_accessor)."""
@@ -233,7 +217,7 @@ class Vault:
             raise LoginDenied(
                 f"AppRole login at auth/{mount} refused: {vault_errors(err)}"
             ) from None
-        self.token = _token_info(response.get("auth") if isinstance(response, dict) else None)
+        self.token = token_info(response.get("auth") if isinstance(response, dict) else None)
         return self.token
 
     # --- token ----------------------------------------------------------------------------
@@ -247,15 +231,7 @@ class Vault:
             )
         except CALLER_MAPS:
             raise TokenInvalid("the stored Vault token was revoked or has expired") from None
-        data = data_of(response, "auth/token/lookup-self")
-        self.token = TokenInfo(
-            token=token,
-            accessor=str(data.get("accessor", "")),
-            ttl=int(data.get("ttl") or 0),
-            renewable=bool(data.get("renewable")),
-            policies=tuple(str(p) for p in data.get("policies") or ()),
-            creation_ttl=int(data.get("creation_ttl") or 0),
-        )
+        self.token = looked_up_token(token, response)
         return self.token
 
     def renew_self(self) -> TokenInfo:
@@ -269,7 +245,7 @@ class Vault:
             )
         except CALLER_MAPS:
             raise TokenInvalid("the Vault token can no longer be renewed") from None
-        self.token = _token_info(response.get("auth") if isinstance(response, dict) else None)
+        self.token = token_info(response.get("auth") if isinstance(response, dict) else None)
         return self.token
 
     def _require_token(self) -> TokenInfo:
@@ -296,9 +272,9 @@ class Vault:
 
         def open_connections() -> list[Future[None]]:
             try:
-                seconds = self._failover.seconds_left()
+                left = self._failover.seconds_left()
                 return adapter.preconnect(
-                    address, self._verify, seconds, min(count, MAX_CONCURRENT_READS), pool.submit
+                    address, self._verify, left, min(count, MAX_CONCURRENT_READS), pool.submit
                 )
             except Exception as err:  # only an optimisation: the reads connect and report
                 log.debug("opening connections ahead of the reads failed: %s", type(err).__name__)
@@ -324,12 +300,11 @@ class Vault:
         data = data_of(response, ref.full_path)
         version = None
         if ref.engine is Engine.KV2:
-            metadata = data.get("metadata") or {}
             inner = data.get("data")
             if not isinstance(inner, dict):
                 raise SecretMissing(ref.full_path)  # deleted or destroyed version
+            version = kv_version(data.get("metadata"), f"reading {ref.full_path}")
             data = inner
-            version = int(metadata.get("version") or 0) or None
         if not all(isinstance(k, str) for k in data):
             raise VaultError(f"reading {ref.full_path}: keys are not strings")
         return SecretData(
@@ -338,7 +313,10 @@ class Vault:
             data=data,
             version=version,
             lease_id=str(payload.get("lease_id") or "") or None,
-            lease_duration=int(payload.get("lease_duration") or 0) or None,
+            lease_duration=seconds(
+                payload.get("lease_duration"), f"reading {ref.full_path}", "lease_duration"
+            )
+            or None,
         )
 
     def read_all(self, refs: Sequence[SecretRef]) -> dict[str, SecretData | BootsecretsError]:
@@ -434,26 +412,6 @@ class Vault:
             raise VaultError(f"{what}: HTTP {status}: {vault_errors(err)}") from None
         data = response.get("data") if isinstance(response, dict) else None
         return data if isinstance(data, dict) else {}
-
-
-def data_of(response: object, what: str) -> dict[str, Any]:
-    data = response.get("data") if isinstance(response, dict) else None
-    if not isinstance(data, dict):
-        raise VaultError(f"{what}: Vault's answer has no data")
-    return data
-
-
-def _token_info(auth: Mapping[str, Any] | None) -> TokenInfo:
-    if not auth or not isinstance(auth.get("client_token"), str):
-        raise VaultError("Vault's login answer has no token")
-    return TokenInfo(
-        token=auth["client_token"],
-        accessor=str(auth.get("accessor", "")),
-        ttl=int(auth.get("lease_duration") or 0),
-        renewable=bool(auth.get("renewable")),
-        policies=tuple(str(p) for p in auth.get("token_policies") or auth.get("policies") or ()),
-        creation_ttl=int(auth.get("lease_duration") or 0),
-    )
 
 
 MAX_CA_BUNDLE_BYTES = 1024 * 1024

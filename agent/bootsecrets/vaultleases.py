@@ -13,7 +13,8 @@ from bootsecrets.config import SecretRef
 from bootsecrets.connect.failover import vault_errors
 from bootsecrets.errors import CertificateRefused, PermissionDenied, VaultError, VaultUnreachable
 from bootsecrets.model import LeaseGrant
-from bootsecrets.vault import Vault, data_of
+from bootsecrets.vault import Vault
+from bootsecrets.vaultanswers import data_of, seconds
 
 
 def issue(
@@ -46,7 +47,7 @@ def issue(
     return LeaseGrant(
         data_of(response, what),
         lease_id,
-        int(payload.get("lease_duration") or 0),
+        seconds(payload.get("lease_duration"), what, "lease_duration"),
         bool(payload.get("renewable")),
     )
 
@@ -55,7 +56,9 @@ def renew_lease(vault: Vault, lease_id: str, increment: int, *, what: str) -> tu
     """`PUT sys/leases/renew/<lease_id>`: (lease_duration, renewable) as answered."""
     response = _lease_call(vault, "renew", lease_id, {"increment": increment}, what)
     payload = response if isinstance(response, dict) else {}
-    return int(payload.get("lease_duration") or 0), bool(payload.get("renewable"))
+    return seconds(payload.get("lease_duration"), what, "lease_duration"), bool(
+        payload.get("renewable")
+    )
 
 
 def revoke_lease(vault: Vault, lease_id: str, *, what: str) -> None:

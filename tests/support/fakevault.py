@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bootsecrets.config import Engine, SecretRef
-from bootsecrets.vault import TokenInfo, Vault
+from bootsecrets.vault import Vault
+from bootsecrets.vaultanswers import TokenInfo
 from bootsecrets.vaultconfig import VaultSettings
 from support.fakehttp import Handler, Reply, Request
 from support.openbao import CANARIES
