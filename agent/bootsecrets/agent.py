@@ -112,9 +112,9 @@ def revoke_leases(ctx: Context) -> None:
     """Revoke every lease the agent holds (for decommission; docs/leases.md)."""
     with Run.open(ctx, "revoke-leases") as run:
         vault, _ = authenticate(run, None, lambda: None)
-        from bootsecrets import leasing  # noqa: PLC0415 (lease code only when asked for)
+        from bootsecrets import leaserevoke  # noqa: PLC0415 (lease code only when asked for)
 
-        leasing.revoke_all(run, vault)
+        leaserevoke.revoke_all(run, vault)
         run.record(run.load_state())
 
 

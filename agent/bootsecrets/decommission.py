@@ -43,8 +43,8 @@ from bootsecrets import (
     fsio,
     identity,
     keyrecord,
+    leaserevoke,
     leasestore,
-    leasing,
     voldecommission,
 )
 from bootsecrets.config import Config, RebootPolicy
@@ -351,7 +351,7 @@ def _revoke_leases(target: _Target, ctx: Context, kept: identity.KeptToken | Non
         return Step("revoke-leases", "failed", str(err))
     with vault:
         vault.use_token(kept.token)
-        revoked, failed = leasing.revoke_kept(target.paths, vault)
+        revoked, failed = leaserevoke.revoke_kept(target.paths, vault)
     if failed:
         return Step(
             "revoke-leases",

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from bootsecrets import leasestore, logs, vaultleases, wakeup
+from bootsecrets import leasestore, logs, vaultleases
 from bootsecrets.config import SecretRef
 from bootsecrets.context import Run
 from bootsecrets.errors import (
@@ -53,7 +53,6 @@ from bootsecrets.leases import (
 from bootsecrets.leasespec import CertificateSpec, policy_for
 from bootsecrets.leasestore import Held, Kept
 from bootsecrets.model import SecretData
-from bootsecrets.paths import Paths
 from bootsecrets.state import State
 
 if TYPE_CHECKING:
@@ -418,52 +417,6 @@ def _holds(state: State, unit: str, name: str) -> int | None:
     if unit_state is None:
         return None
     return next((s.version for s in unit_state.secrets if s.name == name), None)
-
-
-# --- revocation on demand (decommission) ---------------------------------------------------
-
-
-def revoke_all(run: Run, vault: Vault) -> None:
-    """`bootsecrets revoke-leases`: every lease the agent holds revoked, the wake-up stopped,
-    state.json's copy updated. LeaseRevokeFailed (the first) if any could not be."""
-    revoked, failed = revoke_kept(run.paths, vault)
-    wakeup.disarm(run.systemctl)
-    run.save(
-        dataclasses.replace(
-            run.load_state(), wakeup_at=None, leases=leasestore.to_state(leasestore.load(run.paths))
-        )
-    )
-    log.info("revoked %d lease(s); %d could not be", revoked, len(failed))
-    if failed:
-        raise failed[0]
-
-
-def revoke_kept(paths: Paths, vault: Vault) -> tuple[int, list[LeaseRevokeFailed]]:
-    """Revoke every lease in `leases.json` (current, older, waiting), synchronously (each
-    database role is gone when Vault answers), and forget the revoked ones; for
-    decommission, with a Vault session on the kept token. Certificates have no lease and
-    are kept. Returns how many were revoked and what could not be (still listed)."""
-    kept = leasestore.load(paths)
-    failed: list[LeaseRevokeFailed] = []
-    revoked = 0
-    for name, path, lease_id in kept.lease_ids():
-        try:
-            vaultleases.revoke_lease(vault, lease_id, what=f"revoke a lease of {path}")
-        except BootsecretsError as err:
-            failed.append(LeaseRevokeFailed(name, path, f"not revoked ({err})"))
-            continue
-
-        def gone(held: Held, lease_id: str = lease_id) -> bool:
-            return held.lease_id == lease_id
-
-        kept = Kept(
-            current={n: h for n, h in kept.current.items() if not gone(h)},
-            older={n: tuple(h for h in hs if not gone(h)) for n, hs in kept.older.items()},
-            revoke=tuple(r for r in kept.revoke if r.lease_id != lease_id),
-        )
-        leasestore.save(paths, kept)
-        revoked += 1
-    return revoked, failed
 
 
 def _when(at: float) -> str:
