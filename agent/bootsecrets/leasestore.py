@@ -32,7 +32,7 @@ from bootsecrets.leases import Certificate, Kind, Lease, Record, issued_lease
 from bootsecrets.leasespec import CertificateSpec, DatabaseSpec
 from bootsecrets.model import MAX_LEASE_SECONDS, LeaseGrant, SecretData
 from bootsecrets.paths import LEASES_FILE, Paths
-from bootsecrets.state import LeasedState
+from bootsecrets.state import LATEST, LeasedState
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load(paths: Paths) -> Kept:
             current={n: _held(n, h) for n, h in doc["current"].items()},
             older={n: tuple(_held(n, h) for h in hs) for n, hs in doc["older"].items()},
             revoke=tuple(
-                Retired(r["name"], r["path"], r["lease_id"], float(r["expires_at"]))
+                Retired(str(r["name"]), str(r["path"]), str(r["lease_id"]), _time(r["expires_at"]))
                 for r in doc["revoke"]
             ),
         )
@@ -225,22 +225,57 @@ def _doc(held: Held) -> dict[str, Any]:
 
 
 def _held(name: str, doc: Mapping[str, Any]) -> Held:
-    fields = dict(doc["record"])
-    record: Record = (
-        Lease(name=name, **fields)
-        if doc["kind"] == Kind.LEASE.value
-        else Certificate(name=name, **fields)
-    )
+    """One kept secret, every field checked: ValueError (or KeyError, TypeError) for one
+    that is missing, unknown or of the wrong type, so that the file is dropped as unreadable
+    instead of failing the run in the schedule's arithmetic or a date."""
+    kind = Kind(doc["kind"])
+    version, data, serial = doc["version"], doc["data"], doc.get("serial_number")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("version")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError("data")
+    if serial is not None and not isinstance(serial, str):
+        raise ValueError("serial_number")
     return Held(
         name,
         str(doc["path"]),
-        int(doc["version"]),
-        record,
-        dict(doc["data"]),
+        version,
+        _record(name, Lease if kind is Kind.LEASE else Certificate, doc["record"]),
+        data,
         str(doc["lease_id"]),
-        doc.get("serial_number"),
+        serial,
         str(doc.get("request", "")),
     )
+
+
+def _record(name: str, kind: type[Record], fields: Mapping[str, Any]) -> Record:
+    """A Lease or Certificate from its kept fields: booleans where the type says so, else
+    times and durations (None where the type allows it)."""
+    declared = {f.name: f for f in dataclasses.fields(kind) if f.name != "name"}
+    if not isinstance(fields, dict) or set(fields) - set(declared):
+        raise ValueError("record")
+    values: dict[str, Any] = {}
+    for field_name, field in declared.items():
+        if field_name not in fields:
+            continue  # the constructor says whether it may be left out (TypeError)
+        value = fields[field_name]
+        if field.type == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(field_name)
+            values[field_name] = value
+        elif value is None and "None" in str(field.type):
+            values[field_name] = None
+        else:
+            values[field_name] = _time(value)
+    return kind(name=name, **values)
+
+
+def _time(value: object) -> float:
+    """A kept time or duration: a number of seconds a date can hold (NaN and infinities
+    are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= LATEST:
+        raise ValueError("not a time")
+    return float(value)
 
 
 def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> Held:

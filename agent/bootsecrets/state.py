@@ -281,10 +281,15 @@ def _secrets(value: object) -> tuple[SecretState, ...]:
     )
 
 
+#: 9999-12-31T23:59:59Z, the latest time a date can hold.
+LATEST = 253402300799.0
+
+
 def _float(value: object) -> float | None:
+    """A time or a duration: seconds a date can hold, else None (NaN and infinities too)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    return float(value) if 0 <= value <= LATEST else None
 
 
 def _leased(value: object) -> LeasedState | None:
