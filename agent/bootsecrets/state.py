@@ -243,8 +243,19 @@ def _token(value: object) -> TokenState | None:
         _int(raw.get("ttl")) or 0,
         bool(raw.get("renewable")),
         str(raw.get("checked_at", "")),
-        _str(raw.get("expires_at")),
+        _date(raw.get("expires_at")),
     )
+
+
+def _date(value: object) -> str | None:
+    """An ISO 8601 date with its UTC offset, as `now()` writes them; else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value if parsed.tzinfo is not None else None
 
 
 def _unit(value: object) -> UnitState | None:

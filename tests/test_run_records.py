@@ -1,7 +1,10 @@
-"""`leases.json`, the agent's own record of the leases and certificates it holds: what it
-saves it reads back as it was; a file with a field missing, unknown or of the wrong type
-(a string for a time, a time no date can hold, NaN, a boolean for a number) is dropped as
-unreadable with a warning, never a crash later in the schedule or a date."""
+"""The agent's own records in the memory-only store, read back by a later run or `status`.
+
+`leases.json` (the leases and certificates it holds): what it saves it reads back as it was;
+a file with a field missing, unknown or of the wrong type (a string for a time, a time no
+date can hold, NaN, a boolean for a number) is dropped as unreadable with a warning, never a
+crash later in the schedule or a date. `state.json` is advisory and read tolerantly: such a
+time is dropped on its own."""
 
 from __future__ import annotations
 
@@ -132,3 +135,22 @@ def test_state_json_drops_times_no_date_can_hold(value: object) -> None:
     assert list(state.leases) == ["tls"] and state.leases["tls"].not_after is None
     good = State.from_json({"wakeup_at": NOW, "leases": {"tls": {**leased, "not_after": NOW}}})
     assert (good.wakeup_at, good.leases["tls"].not_after) == (NOW, NOW)
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "kept"),
+    [
+        ("2027-01-01T00:00:00+00:00", True),
+        ("2027-01-01T00:00:00", False),  # no offset: not comparable with the clock
+        ("soon", False),
+        (1800000000, False),
+        (None, False),
+    ],
+)
+def test_state_json_keeps_a_token_expiry_only_as_a_dated_time(
+    expires_at: object, kept: bool
+) -> None:
+    token = {"accessor": "a", "ttl": 60, "renewable": True, "expires_at": expires_at}
+    state = State.from_json({"token": token})
+    assert state.token is not None
+    assert state.token.expires_at == (expires_at if kept else None)
