@@ -4,7 +4,8 @@
 a file with a field missing, unknown or of the wrong type (a string for a time, a time no
 date can hold, NaN, a boolean for a number) is dropped as unreadable with a warning, never a
 crash later in the schedule or a date. `state.json` is advisory and read tolerantly: such a
-time is dropped on its own."""
+time is dropped on its own. The kept token and identity: a token or an address of a shape
+the agent never writes is ignored with a warning (as no token, as no kept address)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from bootsecrets import leasestore
+from bootsecrets import identity, leasestore
+from bootsecrets.config import RebootPolicy
 from bootsecrets.leases import Certificate, Lease
 from bootsecrets.leasestore import Held, Kept, Retired
 from bootsecrets.paths import Paths
@@ -27,8 +29,9 @@ NOW = 1_800_000_000.0
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> Paths:
-    paths = Paths(tmp_path)
+def paths(sandbox_root: Path) -> Paths:
+    """Under /dev/shm: the store must be memory-only."""
+    paths = Paths(sandbox_root)
     paths.store.mkdir(parents=True)
     return paths
 
@@ -154,3 +157,53 @@ def test_state_json_keeps_a_token_expiry_only_as_a_dated_time(
     state = State.from_json({"token": token})
     assert state.token is not None
     assert state.token.expires_at == (expires_at if kept else None)
+
+
+# --- the kept token and identity (identity.py) ---------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(RebootPolicy))
+def test_a_kept_token_is_read_back(paths: Paths, policy: RebootPolicy) -> None:
+    identity.save_token(policy, paths, "s.kept-1234567890", "acc", "https://vault.test:8200")
+    assert identity.load_token(policy, paths) == identity.KeptToken(
+        "s.kept-1234567890", "acc", "https://vault.test:8200"
+    )
+
+
+@pytest.mark.parametrize(
+    ("token", "address", "expected"),
+    [
+        ("s.a b-1234567890", "https://vault.test:8200", None),  # a space: no token has one
+        ("s.x\r\nX-Injected: 1", "https://vault.test:8200", None),  # a header's end
+        ("s.kept-1234567890", "file:///etc/passwd", ("s.kept-1234567890", None)),
+        ("s.kept-1234567890", "https://vault.test:8200/v1/x", ("s.kept-1234567890", None)),
+        ("s.kept-1234567890", "https://u:p@vault.test", ("s.kept-1234567890", None)),
+        ("s.kept-1234567890", 8200, ("s.kept-1234567890", None)),
+    ],
+)
+def test_a_kept_token_or_address_of_the_wrong_shape_is_ignored(
+    paths: Paths,
+    token: str,
+    address: object,
+    expected: tuple[str, None] | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = RebootPolicy.REPROVISION
+    identity.save_token(policy, paths, "s.kept-1234567890", "acc", None)
+    file = paths.runtime_token
+    file.write_text(json.dumps({"token": token, "accessor": "acc", "vault_addr": address}))
+
+    with caplog.at_level(logging.WARNING):
+        kept = identity.load_token(policy, paths)
+
+    found = None if kept is None else (kept.token, kept.vault_addr)
+    assert found == expected
+    assert "ignoring the" in caplog.text and str(file) in caplog.text
+    assert token not in caplog.text
+
+
+def test_a_kept_identity_address_of_the_wrong_shape_is_ignored(paths: Paths) -> None:
+    identity.save_identity(paths, identity.Identity("role-1", "https://vault.test:8200"))
+    assert identity.load_identity(paths) == identity.Identity("role-1", "https://vault.test:8200")
+    paths.identity.write_text(json.dumps({"role_id": "role-1", "vault_addr": "ftp://x"}))
+    assert identity.load_identity(paths) == identity.Identity("role-1", None)

@@ -14,10 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from bootsecrets.bootstrapfile import TOKEN_SHAPE
 from bootsecrets.config import RebootPolicy
+from bootsecrets.errors import ConfigError
 from bootsecrets.fsio import read_regular_file, refused, unlink_nofollow, write_private
 from bootsecrets.fsread import FileMissing, FileRefused
 from bootsecrets.paths import Paths
+from bootsecrets.vaultconfig import address, yaml_scalar
+from bootsecrets.yamldoc import Node
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,31 @@ def _text(record: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _kept_token(record: dict[str, Any], path: Path) -> str | None:
+    """The kept token if it has a token's shape (what a bootstrap accepts), else None with
+    a warning: it would fail in an HTTP header, or say something a token never says."""
+    token = _text(record, "token")
+    if token is not None and not TOKEN_SHAPE.match(token):
+        log.warning("ignoring the token kept in %s: not a token's shape", path)
+        return None
+    return token
+
+
+def _kept_address(record: dict[str, Any], path: Path) -> str | None:
+    """The kept Vault address if it is one the config would take, else None (the
+    configured addresses are used) with a warning."""
+    value = record.get("vault_addr")
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, str):
+            return address(Node(str(path), yaml_scalar(str(path)), "vault_addr"), value)
+    except ConfigError:
+        pass
+    log.warning("ignoring the Vault address kept in %s: not an address", path)
+    return None
+
+
 def save_token(
     policy: RebootPolicy, paths: Paths, token: str, accessor: str, vault_addr: str | None
 ) -> None:
@@ -86,11 +115,12 @@ def save_token(
 
 
 def load_token(policy: RebootPolicy, paths: Paths) -> KeptToken | None:
-    record = _read_json(paths, _token_path(policy, paths))
-    token = _text(record, "token") if record is not None else None
+    path = _token_path(policy, paths)
+    record = _read_json(paths, path)
+    token = _kept_token(record, path) if record is not None else None
     if record is None or token is None:
         return None
-    return KeptToken(token, _text(record, "accessor") or "", _text(record, "vault_addr"))
+    return KeptToken(token, _text(record, "accessor") or "", _kept_address(record, path))
 
 
 def forget_token(paths: Paths) -> None:
@@ -110,4 +140,4 @@ def save_identity(paths: Paths, identity: Identity) -> None:
 
 def load_identity(paths: Paths) -> Identity:
     record = _read_json(paths, paths.identity) or {}
-    return Identity(_text(record, "role_id"), _text(record, "vault_addr"))
+    return Identity(_text(record, "role_id"), _kept_address(record, paths.identity))
