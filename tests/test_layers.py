@@ -117,18 +117,22 @@ def test_model_and_errors_are_leaves() -> None:
 
 def test_the_data_flows_one_way() -> None:
     graph = package_graph()
-    assert "templates" in graph["config"] and "model" in graph["config"]
-    assert {"config", "envfile", "model", "templates"} <= graph["render"]
+    assert "serviceconfig" in graph["config"]
+    assert {"templates", "model"} <= graph["serviceconfig"]
+    assert {"serviceconfig", "envfile", "model", "templates"} <= graph["render"]
     assert graph["templates"] == {"errors", "jinja", "model"}
     assert graph["jinja"] == {"bounds", "errors", "model"}
     assert graph["bounds"] == set()
-    for layer in ("config", "templates", "jinja", "bounds", "envfile", "model"):
+    for layer in ("config", "serviceconfig", "templates", "jinja", "bounds", "envfile", "model"):
         assert not graph[layer] & {"render", "agent", "store", "vault", "status", "cli"}
 
 
-def test_config_imports_template_analysis_at_the_top() -> None:
-    top_level = {stmt.module for stmt in _tree("config").body if isinstance(stmt, ast.ImportFrom)}
-    assert "bootsecrets.templates" in top_level
+def test_the_config_imports_template_analysis_at_the_top() -> None:
+    def top_level(module: str) -> set[str | None]:
+        return {stmt.module for stmt in _tree(module).body if isinstance(stmt, ast.ImportFrom)}
+
+    assert "bootsecrets.serviceconfig" in top_level("config")
+    assert "bootsecrets.templates" in top_level("serviceconfig")
 
 
 def test_only_the_template_modules_import_jinja2() -> None:

@@ -157,7 +157,7 @@ def test_unit_names_are_judged_as_systemd_judges_them(tmp_path: Path, name: str)
     """systemd's own parser (systemd-analyze verify) judges each name: we accept exactly the
     service names it can load, except a bare template (`app@.service`), which cannot be
     started without an instance."""
-    from bootsecrets.config import UNIT_NAME, UNIT_NAME_MAX
+    from bootsecrets.serviceconfig import UNIT_NAME, UNIT_NAME_MAX
 
     ours = bool(UNIT_NAME.match(name)) and len(name) <= UNIT_NAME_MAX
     unit_file = tmp_path / name
@@ -175,7 +175,7 @@ def test_unit_names_are_judged_as_systemd_judges_them(tmp_path: Path, name: str)
 
 
 def test_the_unit_name_cases_cover_both_outcomes() -> None:
-    from bootsecrets.config import UNIT_NAME
+    from bootsecrets.serviceconfig import UNIT_NAME
 
     accepted = [n for n in UNIT_NAMES if UNIT_NAME.match(n)]
     assert len(accepted) >= 6 and len(UNIT_NAMES) - len(accepted) >= 8

@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
-from bootsecrets.config import Config, OnChange, RebootPolicy, Service, Template
+from bootsecrets.config import Config, RebootPolicy
 from bootsecrets.model import Rendered, RenderedUnit, UnitBytes
 from bootsecrets.plan import NOTHING, RefreshPlan, plan_refresh
+from bootsecrets.serviceconfig import OnChange, Service, Template
 from bootsecrets.vaultconfig import VaultSettings
 
 A, B, C = "a.service", "b.service", "c.service"

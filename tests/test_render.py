@@ -15,10 +15,11 @@ import jinja2
 import jinja2.sandbox
 import pytest
 
-from bootsecrets.config import EnvFrom, Service, Template, load_config
+from bootsecrets.config import load_config
 from bootsecrets.errors import ConfigError, EncodeError, RenderError, SecretMissing
 from bootsecrets.model import SecretData, TemplateProblem
 from bootsecrets.render import render_service
+from bootsecrets.serviceconfig import EnvFrom, Service, Template
 from bootsecrets.templates import analyze
 from systemd_envfile import parse
 

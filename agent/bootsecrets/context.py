@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bootsecrets.config import Config, Service, load_config
+from bootsecrets.config import Config, load_config
 from bootsecrets.connect import EarlyConnection
 from bootsecrets.errors import BootsecretsError, ConfigError, LockBusy, UnitFailed
 from bootsecrets.paths import Paths
+from bootsecrets.serviceconfig import Service
 from bootsecrets.state import RunRecord, State, TokenState, now
 from bootsecrets.store import FileSpec, Store
 from bootsecrets.systemd import Runner, Systemctl, check_dropins, run

@@ -46,7 +46,7 @@ from bootsecrets.errors import RenderError, SecretMissing
 from bootsecrets.model import SecretData, TemplateProblem
 
 if TYPE_CHECKING:
-    from bootsecrets.config import Template
+    from bootsecrets.serviceconfig import Template
 
 # --- the environment ----------------------------------------------------------------------------
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from bootsecrets.config import Config, OnChange
+from bootsecrets.config import Config
 from bootsecrets.model import Rendered, UnitBytes
+from bootsecrets.serviceconfig import OnChange
 
 #: What a unit has in a generation: its env file (None if none) and its credentials.
 NOTHING: UnitBytes = (None, {})

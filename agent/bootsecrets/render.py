@@ -11,10 +11,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from bootsecrets.config import EnvFrom, Service
 from bootsecrets.envfile import ENV_NAME, check_credentials, encode, is_protected, value_bytes
 from bootsecrets.errors import EncodeError, SecretMissing
 from bootsecrets.model import RenderedUnit, SecretData
+from bootsecrets.serviceconfig import EnvFrom, Service
 from bootsecrets.templates import UnitRenderer
 
 

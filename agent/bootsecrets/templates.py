@@ -23,7 +23,7 @@ from bootsecrets.model import SecretData
 
 if TYPE_CHECKING:
     from bootsecrets import jinja
-    from bootsecrets.config import Template
+    from bootsecrets.serviceconfig import Template
 
 #: `{{ secrets.<name>.<key> }}` and nothing else: the same result Jinja2 would give.
 _PLAIN_LOOKUP = re.compile(
