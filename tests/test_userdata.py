@@ -362,6 +362,30 @@ def test_members_larger_than_a_read_and_one_after_another_are_each_scrubbed(
     assert gzip.decompress(target.read_bytes()) == (first + second).replace(token.encode(), marker)
 
 
+def test_what_gzip_members_inflate_to_is_bounded_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of gzip bombs cannot hold up the boot: once its members have inflated to
+    MAX_BYTES in all, the rest of the file is not inflated (cloud-init's own files hold a
+    few KiB). Here MAX_BYTES is 1 MiB and each bomb 600 KiB of zeros."""
+    monkeypatch.setattr(userdata, "MAX_BYTES", 1 << 20)
+    first, last = token_shaped(), token_shaped()
+    bomb = b"\0" * (600 << 10)
+    members = [
+        gzip.compress(f"wrapped_secret_id: {first}\n".encode()),
+        gzip.compress(bomb),  # 600 KiB: within the budget
+        gzip.compress(bomb),  # would pass 1 MiB in all: not taken, and the budget is spent
+        gzip.compress(f"wrapped_secret_id: {last}\n".encode()),
+    ]
+    target = tmp_path / "var/lib/cloud/instances/i-1/obj.pkl"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"".join(members))
+
+    assert userdata.earlier_tokens(tmp_path) == [first]
+    monkeypatch.setattr(userdata, "MAX_BYTES", 64 << 20)
+    assert userdata.earlier_tokens(tmp_path) == [first, last]  # the control
+
+
 def test_what_only_looks_like_gzip_is_passed_over(tmp_path: Path) -> None:
     token = token_shaped()
     log = tmp_path / "var/log/cloud-init.log"

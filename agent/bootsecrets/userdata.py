@@ -29,11 +29,11 @@ went with the reboot, nothing will ever use it.
 
 User-data given gzip-compressed (cloud-init accepts it, Terraform's `cloudinit_config`
 compresses by default) holds the token only inside compressed bytes: in `user-data.txt` and in
-the pickled raw user-data. Each gzip member in a file is decompressed (bounded), scrubbed and
-compressed again; the new member is written over the old one in place and padded with zero
-bytes to the same length, which gzip readers (cloud-init's included) skip. A member that
-would come out longer than the old one is left as it is (the rest of the file is scrubbed)
-and the file is reported as failed.
+the pickled raw user-data. Each gzip member in a file is decompressed (at most MAX_BYTES in
+all per file), scrubbed and compressed again; the new member is written over the old one in
+place and padded with zero bytes to the same length, which gzip readers (cloud-init's
+included) skip. A member that would come out longer than the old one is left as it is (the
+rest of the file is scrubbed) and the file is reported as failed.
 
 Not covered: base64-encoded user-data (the token is not in it as bytes), the metadata
 service itself and Terraform's state (see cloud-init/README.md).
@@ -262,12 +262,16 @@ class _GzipMember:
 
 
 def _gzip_members(data: bytes) -> Iterator[_GzipMember]:
-    """The complete gzip members in `data` (a whole file or embedded, as in a pickle) whose
-    content is at most MAX_BYTES; what is not one (a chance magic) is passed over."""
+    """The complete gzip members in `data` (a whole file or embedded, as in a pickle), as
+    long as what they inflate to stays within MAX_BYTES for the whole file (cloud-init's
+    own files hold a few KiB; a file of gzip bombs must not hold up the boot). What is not
+    a member (a chance magic, a cut one) is passed over."""
     view = memoryview(data)
+    budget = MAX_BYTES
     start = data.find(_GZIP_MAGIC)
-    while start >= 0:
-        member = _inflate(view, start)
+    while start >= 0 and budget > 0:
+        member, inflated = _inflate(view, start, budget)
+        budget -= inflated
         if member is not None:
             yield member
             start = data.find(_GZIP_MAGIC, start + member.length)
@@ -275,9 +279,11 @@ def _gzip_members(data: bytes) -> Iterator[_GzipMember]:
             start = data.find(_GZIP_MAGIC, start + 1)
 
 
-def _inflate(view: memoryview, start: int) -> _GzipMember | None:
-    """The gzip member starting at `start`, or None. Fed in small chunks, so that neither
-    zlib's unconsumed input nor its unused data is ever a copy of the rest of a big file."""
+def _inflate(view: memoryview, start: int, limit: int) -> tuple[_GzipMember | None, int]:
+    """The gzip member starting at `start` if it inflates to at most `limit` bytes (else
+    None), and how many bytes were inflated to find out. Fed in small chunks, so that
+    neither zlib's unconsumed input nor its unused data is ever a copy of the rest of a big
+    file."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     pieces: list[bytes] = []
     size = 0
@@ -286,17 +292,17 @@ def _inflate(view: memoryview, start: int) -> _GzipMember | None:
         while not inflater.eof and position < len(view):
             chunk = view[position : position + _INFLATE_CHUNK]
             position += len(chunk)
-            piece = inflater.decompress(chunk, MAX_BYTES + 1 - size)
+            piece = inflater.decompress(chunk, limit + 1 - size)
             size += len(piece)
-            if inflater.unconsumed_tail or size > MAX_BYTES:
-                return None  # bigger than anything cloud-init keeps
+            if inflater.unconsumed_tail or size > limit:
+                return None, size
             pieces.append(piece)
     except zlib.error:
-        return None
+        return None, size
     if not inflater.eof:
-        return None
+        return None, size
     end = position - len(inflater.unused_data)
-    return _GzipMember(start, end - start, b"".join(pieces))
+    return _GzipMember(start, end - start, b"".join(pieces)), size
 
 
 def _read(path: Path) -> tuple[bytes, tuple[int, int]]:
