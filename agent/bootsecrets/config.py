@@ -1,5 +1,7 @@
-"""Image config and bootstrap: the schema, from YAML documents (yamldoc) into frozen
-dataclasses, validated once.
+"""The image config: the schema, from a YAML document (yamldoc) into frozen dataclasses,
+validated once. Its sections each have their module: `vault:` vaultconfig, `services:`
+serviceconfig, and the optional ones dirconfig, volconfig and leasespec (the bootstrap
+file is bootstrapfile's).
 
 Errors name the file, the line and the field path, never a value: a value that fails
 validation is described by its type or by what it should look like.
