@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from bootsecrets.serviceconfig import owner
 from bootsecrets.yamldoc import Node
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -34,7 +35,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 VAULT_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
 #: Directory path components: plain names, so that a path is safe in a log line and a unit.
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9_.@=+-]+\Z")
-USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
 
 #: Never encrypted, and nothing under them: memory-backed or kernel trees, the boot files,
 #: and the agent's own config and key records (an encrypted directory holding the keys that
@@ -134,12 +134,7 @@ def _directory(at: Node, name: str, services: Collection[str], role: str) -> Enc
         if "transit_key" in fields
         else role,
         units=units,
-        user=fields["user"].matching(USER_NAME, "a user name or uid")
-        if "user" in fields
-        else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid")
-        if "group" in fields
-        else "root",
+        **owner(fields),
         mode=_mode(fields["mode"]) if "mode" in fields else 0o700,
     )
 

@@ -32,7 +32,7 @@ from bootsecrets.leases import Certificate, Kind, Lease, Record, issued_lease
 from bootsecrets.leasespec import CertificateSpec, DatabaseSpec
 from bootsecrets.model import MAX_LEASE_SECONDS, LeaseGrant, SecretData
 from bootsecrets.paths import LEASES_FILE, Paths
-from bootsecrets.state import LATEST, LeasedState
+from bootsecrets.state import LeasedState, time_value
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,11 @@ def _record(name: str, kind: type[Record], fields: Mapping[str, Any]) -> Record:
 
 
 def _time(value: object) -> float:
-    """A kept time or duration: a number of seconds a date can hold (NaN and infinities
-    are not)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= LATEST:
+    """A kept time or duration (state.time_value); ValueError for anything else."""
+    seconds = time_value(value)
+    if seconds is None:
         raise ValueError("not a time")
-    return float(value)
+    return seconds
 
 
 def from_grant(ref: SecretRef, grant: LeaseGrant, at: float, version: int) -> Held:

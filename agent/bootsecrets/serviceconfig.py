@@ -38,6 +38,18 @@ CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z|[0-9]+\Z")
 
 
+def owner(fields: Mapping[str, Node]) -> dict[str, str]:
+    """The `user` and `group` of a service, directory or volume (root when not given)."""
+    return {
+        "user": fields["user"].matching(USER_NAME, "a user name or uid")
+        if "user" in fields
+        else "root",
+        "group": fields["group"].matching(USER_NAME, "a group name or gid")
+        if "group" in fields
+        else "root",
+    }
+
+
 class OnChange(enum.Enum):
     RESTART = "restart"
     RELOAD = "reload"
@@ -158,12 +170,7 @@ def parse_service(at: Node, unit: str, secrets: Mapping[str, SecretRef]) -> Serv
         environment=environment,
         environment_from=environment_from,
         credentials=credentials,
-        user=fields["user"].matching(USER_NAME, "a user name or uid")
-        if "user" in fields
-        else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid")
-        if "group" in fields
-        else "root",
+        **owner(fields),
         mode=mode,
         on_change=on_change,
         required=fields["required"].boolean() if "required" in fields else True,

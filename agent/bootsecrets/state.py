@@ -205,7 +205,7 @@ class State:
                 for n, v in _mapping(data.get("leases")).items()
                 if isinstance(n, str) and (leased := _leased(v)) is not None
             },
-            wakeup_at=_float(data.get("wakeup_at")),
+            wakeup_at=time_value(data.get("wakeup_at")),
         )
 
 
@@ -293,19 +293,19 @@ def _secrets(value: object) -> tuple[SecretState, ...]:
 
 
 #: 9999-12-31T23:59:59Z, the latest time a date can hold.
-LATEST = 253402300799.0
+_LATEST = 253402300799.0
 
 
-def _float(value: object) -> float | None:
+def time_value(value: object) -> float | None:
     """A time or a duration: seconds a date can hold, else None (NaN and infinities too)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if 0 <= value <= LATEST else None
+    return float(value) if 0 <= value <= _LATEST else None
 
 
 def _leased(value: object) -> LeasedState | None:
     raw = _mapping(value)
-    issued_at, version = _float(raw.get("issued_at")), _int(raw.get("version"))
+    issued_at, version = time_value(raw.get("issued_at")), _int(raw.get("version"))
     if issued_at is None or version is None or raw.get("kind") not in ("lease", "certificate"):
         return None
     return LeasedState(
@@ -313,14 +313,14 @@ def _leased(value: object) -> LeasedState | None:
         path=str(raw.get("path", "")),
         version=version,
         issued_at=issued_at,
-        ttl=_float(raw.get("ttl")) or 0.0,
-        lease_duration=_float(raw.get("lease_duration")) or 0.0,
+        ttl=time_value(raw.get("ttl")) or 0.0,
+        lease_duration=time_value(raw.get("lease_duration")) or 0.0,
         renewable=raw.get("renewable") is True,
         has_lease_id=raw.get("has_lease_id") is True,
-        renewed_at=_float(raw.get("renewed_at")),
-        max_expires_at=_float(raw.get("max_expires_at")),
-        not_before=_float(raw.get("not_before")),
-        not_after=_float(raw.get("not_after")),
+        renewed_at=time_value(raw.get("renewed_at")),
+        max_expires_at=time_value(raw.get("max_expires_at")),
+        not_before=time_value(raw.get("not_before")),
+        not_after=time_value(raw.get("not_after")),
         serial_number=_str(raw.get("serial_number")),
         older=_int(raw.get("older")) or 0,
         revoke_pending=_int(raw.get("revoke_pending")) or 0,

@@ -217,7 +217,7 @@ class Vault:
             raise LoginDenied(
                 f"AppRole login at auth/{mount} refused: {vault_errors(err)}"
             ) from None
-        self.token = token_info(response.get("auth") if isinstance(response, dict) else None)
+        self.token = token_info(response)
         return self.token
 
     # --- token ----------------------------------------------------------------------------
@@ -245,7 +245,7 @@ class Vault:
             )
         except CALLER_MAPS:
             raise TokenInvalid("the Vault token can no longer be renewed") from None
-        self.token = token_info(response.get("auth") if isinstance(response, dict) else None)
+        self.token = token_info(response)
         return self.token
 
     def _require_token(self) -> TokenInfo:

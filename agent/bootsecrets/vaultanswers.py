@@ -6,7 +6,6 @@ value."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 from bootsecrets.errors import VaultError
@@ -71,9 +70,10 @@ def wrap_info(response: object) -> WrapInfo:
     )
 
 
-def token_info(auth: Mapping[str, Any] | None) -> TokenInfo:
-    """The `auth` of a login or a renewal."""
-    if not auth or not isinstance(auth.get("client_token"), str):
+def token_info(response: object) -> TokenInfo:
+    """The `auth` of a login's or a renewal's answer."""
+    auth = response.get("auth") if isinstance(response, dict) else None
+    if not isinstance(auth, dict) or not isinstance(auth.get("client_token"), str):
         raise VaultError("Vault's login answer has no token")
     ttl = seconds(auth.get("lease_duration"), "auth", "lease_duration")
     return TokenInfo(

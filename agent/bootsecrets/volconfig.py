@@ -34,13 +34,13 @@ from pathlib import Path, PurePosixPath
 
 from bootsecrets.dirconfig import (
     NAME,
-    USER_NAME,
     VAULT_COMPONENT,
     EncryptedDirectory,
     _mode,
     _mount,
     _path,
 )
+from bootsecrets.serviceconfig import owner
 from bootsecrets.yamldoc import Node
 
 #: device-mapper names: what `cryptsetup open` and a unit file's What= take literally.
@@ -200,12 +200,7 @@ def _volume(at: Node, name: str, services: Collection[str], role: str) -> Encryp
         )
         if "mapper" in fields
         else name,
-        user=fields["user"].matching(USER_NAME, "a user name or uid")
-        if "user" in fields
-        else "root",
-        group=fields["group"].matching(USER_NAME, "a group name or gid")
-        if "group" in fields
-        else "root",
+        **owner(fields),
         mode=_mode(fields["mode"]) if "mode" in fields else 0o755,
         attach_timeout=fields["attach_timeout"].seconds(MAX_ATTACH_TIMEOUT)
         if "attach_timeout" in fields
